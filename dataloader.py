@@ -1,0 +1,328 @@
+"""Token shards -> training and validation batches, in an order that does not depend on the GPU count.
+
+The train shards of a data directory, concatenated in index order, are one token stream. It is cut
+into non-overlapping windows of T+1 tokens: sequence i is stream[i*(T+1) : (i+1)*(T+1)], x its first
+T tokens and y its last T. An epoch visits every sequence once, in the order of a permutation seeded
+with seed + epoch (or in stream order, the reference's, with shuffle=False); epochs follow each other
+into one endless global stream of sequences.
+
+Global batch k is global-stream sequences [k*G, (k+1)*G). Within it, micro-step m of rank r takes
+the B sequences from k*G + m*B*W + r*B, so W GPUs with A accumulation steps see exactly what one GPU
+with W*A steps sees. The loader's whole position is one number, the sequences consumed, which is why
+a run can resume on another GPU count (same G) and see the same batches.
+
+Shards are memory-mapped and the pages read are handed back to the kernel as we go, so resident
+memory stays flat however many shards are read. Each shard's header is checked when it is opened
+and its token ids against the vocabulary the first time it is read; bad data is a one-line
+DataError naming the file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import queue
+import re
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+SHARD_RE = re.compile(r"_(train|val)_(\d+)\.npy$")  # build-nanogpt's names: edufineweb_train_000001.npy
+RELEASE_EVERY = 64 << 20  # bytes mapped in, at most, between handing the pages back
+FAULT_AROUND = 2 << 20  # one page fault may map this much: a whole large folio of the page cache
+CHECK_CHUNK = 1 << 22  # tokens per step of the vocabulary check
+
+
+class DataError(ValueError):
+    """Missing, corrupt or unusable data; the message is one line that names the file."""
+
+
+def shard_paths(data_dir: str, split: str) -> list[str]:
+    """The split's shards in data_dir, in index order."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data directory {data_dir!r} does not exist: build it with "
+                        f"`python fineweb_edu.py --out {data_dir}` (add --local 'GLOB' for local text)")
+    found = []
+    for name in os.listdir(data_dir):
+        match = SHARD_RE.search(name)
+        if match and match.group(1) == split:
+            found.append((int(match.group(2)), name))
+    if not found:
+        raise DataError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir!r}: build them with "
+                        f"`python fineweb_edu.py --out {data_dir}`")
+    return [os.path.join(data_dir, name) for _, name in sorted(found)]
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def open_shard(path: str) -> np.memmap:
+    """Memory-map a shard, checking that it is a complete 1-D uint16 .npy file."""
+    try:
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable .npy token shard ({_first_line(e)}): "
+                        f"delete it and rebuild with fineweb_edu.py") from None
+    if not isinstance(tokens, np.memmap) or tokens.dtype != np.dtype("<u2") or tokens.ndim != 1:
+        raise DataError(f"{path} holds {getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
+                        f"{getattr(tokens, 'shape', '?')}, not a 1-D uint16 token array: "
+                        f"delete it and rebuild with fineweb_edu.py")
+    size = os.path.getsize(path)
+    if tokens.offset + tokens.nbytes != size:
+        raise DataError(f"{path} is {size} bytes, not the {tokens.offset + tokens.nbytes} its header "
+                        f"announces: delete it and rebuild with fineweb_edu.py")
+    return tokens
+
+
+def _allow_open_files(count: int, data_dir: str) -> None:
+    """Each memory map keeps a file descriptor open: make room for `count` of them and some spare."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count + 512
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise DataError(f"the {count} shards in {data_dir!r} need {wanted} open files but the limit is "
+                        f"{hard}: raise it (ulimit -n) or rebuild with a bigger --shard_size")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+class TokenStream:
+    """A split's shards as one token stream, read through memory maps."""
+
+    def __init__(self, data_dir: str, split: str, vocab_size: int | None = None):
+        self.paths = shard_paths(data_dir, split)
+        _allow_open_files(len(self.paths), data_dir)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.arrays = [np.asarray(s) for s in self.shards]  # plain views: slicing a memmap costs twice as much
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()  # stream offset of each shard
+        self.total = self.starts[-1]
+        self.vocab_size = vocab_size
+        self.checked = [vocab_size is None] * len(self.shards)
+        self.mapped_since_release = 0
+
+    def read(self, start: int, out: np.ndarray) -> None:
+        """Fill `out` with the stream's tokens from `start` on, across shard boundaries if need be."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        done = 0
+        while done < len(out):
+            shard = self._shard(i)
+            offset = start + done - self.starts[i]
+            take = min(len(out) - done, len(shard) - offset)
+            out[done:done + take] = shard[offset:offset + take]
+            done += take
+            i += 1
+        # a short read can map far more than its own bytes: count it as at least one fault-around
+        self.mapped_since_release += max(out.nbytes, FAULT_AROUND)
+        if self.mapped_since_release >= RELEASE_EVERY:
+            self.release()
+
+    def _shard(self, i: int) -> np.ndarray:
+        if not self.checked[i]:
+            self._check_vocab(i)
+            self.checked[i] = True
+        return self.arrays[i]
+
+    def _check_vocab(self, i: int) -> None:
+        shard = self.arrays[i]
+        for start in range(0, len(shard), CHECK_CHUNK):
+            chunk = shard[start:start + CHECK_CHUNK]
+            largest = int(chunk.max()) if len(chunk) else 0
+            _release(self.shards[i])  # a streaming read: keep only one chunk resident at a time
+            if largest >= self.vocab_size:
+                at = start + int(np.argmax(chunk >= self.vocab_size))
+                raise DataError(f"{self.paths[i]} holds token id {int(shard[at])} at position {at}, but "
+                                f"vocab_size is {self.vocab_size}: it was built with another tokenizer "
+                                f"or is corrupt; rebuild it with fineweb_edu.py")
+
+    def release(self) -> None:
+        """Hand the mapped pages back: they stay in the page cache, but leave our resident set."""
+        for shard in self.shards:
+            _release(shard)
+        self.mapped_since_release = 0
+
+
+def _release(shard: np.memmap) -> None:
+    if hasattr(mmap, "MADV_DONTNEED") and isinstance(getattr(shard, "_mmap", None), mmap.mmap):
+        shard._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def _windows(stream: TokenStream, sequence_ids: list[int], seq_len: int,
+             pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y for the given sequences: (len(ids), seq_len) int64 each, y = x shifted by one."""
+    rows = np.empty((len(sequence_ids), seq_len + 1), dtype=np.uint16)
+    for row, sequence in zip(rows, sequence_ids):
+        stream.read(sequence * (seq_len + 1), row)
+    x = torch.from_numpy(rows[:, :-1].astype(np.int64))  # (B, T), contiguous
+    y = torch.from_numpy(rows[:, 1:].astype(np.int64))
+    if pin_memory:
+        x, y = x.pin_memory(), y.pin_memory()
+    return x, y
+
+
+def _pinnable(pin_memory: bool) -> bool:
+    # pinning needs an accelerator; without one the same tensors, unpinned, are the right answer
+    return pin_memory and torch.cuda.is_available()
+
+
+class TrainLoader:
+    """This rank's training micro-batches, cut from the world-size-independent global stream."""
+
+    def __init__(self, data_dir: str, seq_len: int, micro_batch: int, global_batch: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 1337, shuffle: bool = True,
+                 vocab_size: int | None = None, pin_memory: bool = False, prefetch: bool = False,
+                 log: Callable[[str], None] = print):
+        if global_batch % (micro_batch * world_size) != 0:
+            raise ValueError(f"global_batch {global_batch} sequences is not a multiple of micro_batch "
+                             f"{micro_batch} x world_size {world_size} = {micro_batch * world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.seq_len, self.micro_batch, self.global_batch = seq_len, micro_batch, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.pin_memory = _pinnable(pin_memory)
+        self.prefetch = prefetch
+        self.log = log
+        self.stream = TokenStream(data_dir, "train", vocab_size)
+        self.sequences_per_epoch = self.stream.total // (seq_len + 1)
+        if self.sequences_per_epoch == 0:
+            raise DataError(f"the train shards in {data_dir!r} hold {self.stream.total:,} tokens, fewer "
+                            f"than seq_len + 1 = {seq_len + 1}: build more data or lower seq_len")
+        self.step = 0  # micro-steps taken by this rank; global batch step // accum_steps
+        self._orders: dict[int, np.ndarray] = {}
+        self._worker: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        order = f"shuffled with seed {seed} + epoch" if shuffle else "in stream order"
+        log(f"train data: {len(self.stream.paths)} shards, {self.stream.total:,} tokens = "
+            f"{self.sequences_per_epoch:,} sequences of {seq_len + 1} tokens per epoch, {order}; "
+            f"{global_batch} sequences per step = {self.accum_steps} micro-steps of {micro_batch} "
+            f"x {world_size} ranks")
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s sequence order; the two latest are kept, as a batch may straddle two."""
+        if epoch not in self._orders:
+            n = self.sequences_per_epoch
+            order = np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64)
+            if self.shuffle:
+                np.random.default_rng(self.seed + epoch).shuffle(order)
+            if epoch > 0:
+                how = f"a new permutation (seed {self.seed + epoch})" if self.shuffle else "stream order again"
+                self.log(f"train data: epoch {epoch} starts after {epoch * n:,} sequences, in {how}")
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def _sequence_ids(self, step: int) -> list[int]:
+        """The sequences of this rank's micro-step `step` (counted from the start of training)."""
+        batch, micro = divmod(step, self.accum_steps)
+        first = batch * self.global_batch + micro * self.micro_batch * self.world_size + self.rank * self.micro_batch
+        ids = []
+        for p in range(first, first + self.micro_batch):
+            epoch, i = divmod(p, self.sequences_per_epoch)
+            ids.append(int(self._order(epoch)[i]))
+        return ids
+
+    def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _windows(self.stream, self._sequence_ids(step), self.seq_len, self.pin_memory)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch: x, y of shape (micro_batch, seq_len), int64."""
+        if not self.prefetch:
+            batch = self._make(self.step)
+        else:
+            if self._worker is None:
+                self._start_worker()
+            batch = self._queue.get()
+            if isinstance(batch, BaseException):
+                self._worker = None
+                raise batch
+        self.step += 1
+        return batch
+
+    def _start_worker(self) -> None:
+        # Batches are a pure function of the step, so a thread can build them ahead; it has the
+        # stream to itself, and its numpy copies and page faults overlap the GPU's work.
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=4)
+        self._worker = threading.Thread(target=self._fill, args=(self.step, self._stop, self._queue),
+                                        daemon=True, name="TrainLoader prefetch")
+        self._worker.start()
+
+    def _fill(self, step: int, stop: threading.Event, out: queue.Queue) -> None:
+        while not stop.is_set():
+            try:
+                item = self._make(step)
+            except BaseException as e:  # handed to next_batch, which raises it in the training thread
+                item = e
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, BaseException):
+                return
+            step += 1
+
+    def close(self) -> None:
+        """Stop the prefetch thread, if any."""
+        if self._worker is not None:
+            self._stop.set()
+            self._worker.join()
+            self._worker = None
+
+    def state_dict(self) -> dict:
+        """The loader's position: sequences of the global stream consumed, at a global-batch boundary."""
+        batches, micro = divmod(self.step, self.accum_steps)
+        if micro:
+            raise ValueError(f"state_dict() called after micro-step {micro} of {self.accum_steps} of a "
+                             f"global batch: save between optimizer steps")
+        return {"position": batches * self.global_batch, "seed": self.seed, "seq_len": self.seq_len,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position, whatever the world size and micro-batch that saved it."""
+        for key in ("seed", "seq_len", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"the saved loader state has {key}={state[key]!r} but this loader "
+                                 f"{key}={getattr(self, key)!r}: use the saved value to resume")
+        position = int(state["position"])
+        if position % self.global_batch:
+            raise ValueError(f"saved position {position} is not a multiple of global_batch "
+                             f"{self.global_batch}: resume with the global batch that saved it")
+        self.close()
+        self.step = position // self.global_batch * self.accum_steps
+
+
+def val_batches(data_dir: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                max_sequences: int | None = None, vocab_size: int | None = None,
+                pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the fixed validation set, in micro_batch batches (the last may be smaller).
+
+    The set is the first max_sequences (default: all) non-overlapping (T+1)-token windows of the val
+    split, the same for every world size; rank r of W takes the contiguous r-th W-th of it.
+    """
+    stream = TokenStream(data_dir, "val", vocab_size)
+    count = stream.total // (seq_len + 1)
+    if count == 0:
+        raise DataError(f"the val shards in {data_dir!r} hold {stream.total:,} tokens, fewer than "
+                        f"seq_len + 1 = {seq_len + 1}: build more data or lower seq_len")
+    if max_sequences is not None:
+        count = min(count, max_sequences)
+    first, last = rank * count // world_size, (rank + 1) * count // world_size
+    pin = _pinnable(pin_memory)
+    # a generator inside, so that bad data raises at the call rather than at the first batch
+    return (_windows(stream, list(range(start, min(start + micro_batch, last))), seq_len, pin)
+            for start in range(first, last, micro_batch))

@@ -1,0 +1,380 @@
+"""The LLaMa decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Pure model code: no optimizer, no distributed code, no device strings, no printing. Build on the
+meta device and materialize where it will run:
+
+    with torch.device("meta"):
+        model = Transformer(model_config("1p7b"))
+    model.to_empty(device="cuda")
+    model.init_weights()
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
+    n_layers: int = 36
+    dim: int = 2048
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    ffn_dim: int = 5120
+    max_seq_len: int = 1024
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Scale the init of each block's output projections (wo, w2) by 1/sqrt(2 * n_layers), as in
+    # GPT-2, so the residual stream's variance does not grow with depth. Off in the paper's run.
+    depth_scaled_init: bool = False
+    loss_chunk_size: int = 4096  # rows of logits materialized at a time by the loss
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and not value > 0:
+                raise ValueError(f"ModelConfig.{f.name} must be positive, got {value}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (dim / n_heads) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # For tests and the CPU demo: ~200k parameters outside the 50304-token embeddings.
+    "tiny": dict(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=192, max_seq_len=256),
+    "124m": dict(n_layers=12, dim=768, n_heads=12, n_kv_heads=12, ffn_dim=3072),
+    "978m": dict(n_layers=36, dim=1280, n_heads=20, n_kv_heads=4, ffn_dim=5120),
+    "1p7b": dict(n_layers=36, dim=2048, n_heads=32, n_kv_heads=8, ffn_dim=5120),  # the paper's
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """A named preset, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in float32 whatever the autocast dtype: bf16 loses too much in the mean square.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """cos/sin of every (position, frequency) pair: (max_seq_len, head_dim // 2, 2), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate x: (B, T, n, head_dim) by rope: (T, head_dim // 2, 2), rotate-half convention.
+
+    The first and second halves of each head are the two coordinates of each rotated pair; this
+    is Hugging Face's convention, so their checkpoints load without permuting wq/wk.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, n, head_dim // 2) each
+    cos = rope[None, :, None, :, 0]  # (1, T, 1, head_dim // 2)
+    sin = rope[None, :, None, :, 1]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+def _sdpa_supports_gqa() -> bool:
+    try:
+        q = torch.zeros(1, 2, 1, 2)
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+_SDPA_GQA = _sdpa_supports_gqa()
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, written in place at the decoded positions."""
+
+    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.size(2)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_heads or n_kv_heads, T, head_dim)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+        # A causal mask aligned to the top left is wrong once cached keys precede the queries;
+        # during decoding (T == 1) the one new query may see every cached key.
+        causal = T > 1
+        if causal and k.size(2) != T:
+            raise ValueError("prefill with a KV cache must start at position 0")
+        if _SDPA_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        else:
+            repeat = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)  # (B, n_heads, S, head_dim)
+            v = v.repeat_interleave(repeat, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` without ever holding the full logits.
+
+    The logits of `chunk` rows at a time are computed, turned into float32 loss and (when
+    gradients are needed) into their gradient, then dropped: at micro-batch 16 x 1024 and vocab
+    50304 a float32 copy of the full logits alone would be 3.3 GB. Targets < 0 are ignored.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        input_dtype = h.dtype
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dtype), weight.to(dtype)
+        else:
+            w = weight.to(h.dtype)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n_valid = (targets >= 0).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=input_dtype, device=h.device) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        for start in range(0, h.size(0), chunk):
+            h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
+            logits = (h_c @ w.t()).float()  # (chunk, vocab)
+            valid = t_c >= 0
+            safe_t = t_c.clamp(min=0)
+            picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+            # exp and softmax are built in place in the logits buffer, the largest tensor here:
+            # one (chunk, vocab) float32 buffer per chunk instead of three.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            lse = (row_max + sum_exp.log()).squeeze(1)
+            loss = loss + ((lse - picked) * valid).sum()
+            if needs_grad:
+                # d(loss)/d(logits) = softmax - one_hot, over the valid rows, / n_valid
+                g = exp.div_(sum_exp)
+                g.scatter_add_(1, safe_t[:, None], -torch.ones_like(g[:, :1]))
+                g = g.mul_(valid[:, None] / n_valid).to(w.dtype)
+                grad_h[start : start + chunk] = g @ w
+                grad_w += (g.t() @ h_c).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
+        grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_w, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """`F.cross_entropy(h @ weight.T, targets, ignore_index=-1)` for h: (N, dim), targets: (N,)."""
+    if not torch.is_grad_enabled():
+        # Inside forward() the Function sees neither no_grad nor inference_mode, only
+        # requires_grad: detach, or evaluation computes (and drops) every gradient, ~3x the time.
+        h, weight = h.detach(), weight.detach()
+    return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from the embeddings
+        # Computed once, moved with the model, never saved: it is a function of the config.
+        self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter and buffer in place (also after `to_empty`)."""
+        cfg = self.config
+        self.rope.copy_(rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.depth_scaled_init else cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=out_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_input(self, idx: torch.Tensor, start_pos: int = 0) -> None:
+        """ValueError when idx does not fit the model (length or token ids)."""
+        cfg = self.config
+        if idx.dim() != 2:
+            raise ValueError(f"input must be (batch, seq_len) token ids, got shape {tuple(idx.shape)}")
+        if start_pos + idx.size(1) > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + idx.size(1)} tokens exceeds max_seq_len={cfg.max_seq_len}"
+            )
+        # Only where it is free: on an accelerator this would wait for the device. Training data
+        # is checked against the vocabulary where the loader opens each shard.
+        if idx.numel() and idx.device.type == "cpu":
+            top, low = int(idx.max()), int(idx.min())
+            if top >= cfg.vocab_size or low < 0:
+                bad = top if top >= cfg.vocab_size else low
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """idx: (B, T) token ids. With targets (B, T; -1 = ignore): (None, mean loss), the
+        logits never materialized in full. Without: (logits (B, T, vocab), None)."""
+        if not torch.compiler.is_compiling():
+            self.check_input(idx, start_pos)
+        T = idx.size(1)
+        rope = self.rope[start_pos : start_pos + T]
+        h = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, rope, start_pos)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h), None
+        loss = chunked_cross_entropy(
+            h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size
+        )
+        return None, loss
+
+    def setup_cache(self, batch: int, max_seq_len: int | None = None) -> None:
+        """Allocate a KV cache per layer for generation; `clear_cache()` frees it."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        dtype, device = self.output.weight.dtype, self.output.weight.device
+        for layer in self.layers:
+            att = layer.attention
+            att.cache = KVCache(batch, max_seq_len, att.n_kv_heads, att.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue idx: (B, T) by max_new_tokens. temperature 0 is greedy; otherwise sample from
+        the top_k most likely tokens (all if None), drawing from `generator` for reproducibility."""
+        T = idx.size(1)
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt of {T} tokens + {max_new_tokens} new exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        self.check_input(idx)
+        if use_cache:
+            self.setup_cache(idx.size(0), T + max_new_tokens)
+        try:
+            out, start = idx, 0
+            for _ in range(max_new_tokens):
+                logits, _ = self(out[:, start:] if use_cache else out, start_pos=start)
+                if use_cache:
+                    start = out.size(1)
+                next_token = _pick(logits[:, -1, :].float(), temperature, top_k, generator)
+                out = torch.cat([out, next_token], dim=1)
+        finally:
+            self.clear_cache()
+        return out
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """Next token per row (B, 1) from last-position logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -1,0 +1,277 @@
+"""HellaSwag rendering, batched scoring, distributed totals, the --hf CLI, input errors, compile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hellaswag
+from model import Transformer, model_config
+from tokenizer import EOT, get_encoding
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "hellaswag_sample.jsonl"
+
+
+def tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A random tiny model with GPT-2's (padded) vocabulary; a wide init so that the endings'
+    losses differ by more than float noise and the predictions depend on the tokens."""
+    torch.manual_seed(seed)
+    model = Transformer(model_config("tiny", init_std=0.1, **overrides))
+    model.init_weights()
+    return model.eval()
+
+
+def reference_predictions(model: nn.Module, examples: list[dict]) -> tuple[list[int], list[int]]:
+    """build-nanogpt's scoring, one unpadded row at a time: the plain version to compare with."""
+    enc = get_encoding()
+    preds, preds_norm = [], []
+    with torch.no_grad():
+        for example in examples:
+            ctx = enc.encode(example["ctx"])
+            sums, means = [], []
+            for ending in example["endings"]:
+                ending_tokens = enc.encode(" " + ending)
+                logits, _ = model(torch.tensor([ctx + ending_tokens]))
+                predicting = logits[0, len(ctx) - 1 : -1]  # the positions that predict the ending
+                losses = F.cross_entropy(predicting, torch.tensor(ending_tokens), reduction="none")
+                sums.append(losses.sum().item())
+                means.append(losses.mean().item())
+            preds.append(min(range(4), key=sums.__getitem__))
+            preds_norm.append(min(range(4), key=means.__getitem__))
+    return preds, preds_norm
+
+
+def test_render_masks_cover_exactly_the_endings():
+    """On the fixture, each row is encode(ctx) + encode(' ' + ending), masked exactly on the ending."""
+    enc = get_encoding()
+    examples = hellaswag.load_examples(str(FIXTURE))
+    rendered = [hellaswag.render_example(ex, enc) for ex in examples]
+    length = hellaswag.bucketed_length(max(len(c) + max(map(len, e)) for c, e in rendered))
+    tokens, mask = hellaswag.make_batch(rendered, length, 4 * len(examples))
+    for i, example in enumerate(examples):
+        for j, ending in enumerate(example["endings"]):
+            row, row_mask = tokens[4 * i + j], mask[4 * i + j]
+            ctx = enc.encode(example["ctx"])
+            assert row[row_mask].tolist() == enc.encode(" " + ending)
+            assert not row_mask[: len(ctx)].any() and row[: len(ctx)].tolist() == ctx
+            end = len(ctx) + len(enc.encode(" " + ending))
+            assert not row_mask[end:].any() and (row[end:] == EOT).all()
+
+
+def test_batched_predictions_match_one_at_a_time_reference():
+    """Per-example acc and acc_norm predictions of the batched scorer equal the plain reference's."""
+    model = tiny_model()
+    examples = hellaswag.load_examples(str(FIXTURE), limit=16)
+    # 5 does not divide 16: the last batch is padded with empty rows.
+    batched = hellaswag._predict(model, examples, "cpu", batch_size=5, max_seq_len=model.config.max_seq_len)
+    assert batched == reference_predictions(model, examples)
+
+
+def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str, limit: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        examples = hellaswag.load_examples(str(FIXTURE), limit=limit)
+        result = hellaswag.evaluate(
+            tiny_model(), examples, "cpu", batch_size=4, rank=rank, world_size=world_size, progress=False
+        )
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_same_totals_as_one(tmp_path):
+    """Two gloo ranks splitting the examples (unevenly) report the same totals as one process."""
+    limit = 15
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), limit), nprocs=2)
+    examples = hellaswag.load_examples(str(FIXTURE), limit=limit)
+    single = hellaswag.evaluate(tiny_model(), examples, "cpu", batch_size=4, progress=False)
+    assert single["n"] == limit
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
+
+
+def test_hf_cli_matches_our_model(tmp_path):
+    """`hellaswag.py --hf` on a random LlamaForCausalLM gives our model's accuracies for its weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export_hf import load_hf
+
+    cfg = model_config("tiny", n_layers=2)
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
+            initializer_range=0.1,
+        )
+    )
+    hf_dir = tmp_path / "hf"
+    hf_model.save_pretrained(hf_dir)
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable, "hellaswag.py", "--hf", str(hf_dir), "--data", str(FIXTURE), "--limit", "8",
+        "--device", "cpu", "--dtype", "float32", "--batch_size", "4", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "acc_norm" in proc.stdout
+    from_cli = json.loads(out.read_text())
+    examples = hellaswag.load_examples(str(FIXTURE), limit=8)
+    ours = hellaswag.evaluate(load_hf(str(hf_dir), "cpu").eval(), examples, "cpu", batch_size=4, progress=False)
+    assert {k: from_cli[k] for k in ("acc", "acc_norm", "n")} == ours
+
+
+def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path):
+    """`--checkpoint RUN_DIR` scores its latest step as evaluate() does and writes hellaswag.json there."""
+    import checkpoint
+
+    model = tiny_model(n_layers=2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    step_dir = checkpoint.save(tmp_path, 7, model, optimizer, {"model_config": model.config.to_dict()})
+    cmd = [
+        sys.executable, "hellaswag.py", "--checkpoint", str(tmp_path), "--data", str(FIXTURE),
+        "--limit", "8", "--device", "cpu", "--batch_size", "8",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from_cli = json.loads((step_dir / "hellaswag.json").read_text())
+    examples = hellaswag.load_examples(str(FIXTURE), limit=8)
+    ours = hellaswag.evaluate(model, examples, "cpu", batch_size=8, progress=False)
+    assert {k: from_cli[k] for k in ("acc", "acc_norm", "n")} == ours
+
+
+GOOD = FIXTURE.read_text().splitlines()[0]
+
+
+def _changed(**fields) -> str:
+    return json.dumps({**json.loads(GOOD), **fields})
+
+
+@pytest.mark.parametrize(
+    "bad_line, fragment",
+    [
+        (GOOD[:-10], "malformed JSON"),
+        (_changed(label=4), "label must be an integer in 0-3, got 4"),
+        (_changed(endings=["one", "two", "three"]), "expected 4 endings, got 3"),
+    ],
+    ids=["malformed", "label", "endings"],
+)
+def test_bad_line_is_a_one_line_error_naming_it(tmp_path, bad_line, fragment):
+    """Malformed JSON, a label outside 0-3, or 3 endings: a one-line ValueError naming the line."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([GOOD, GOOD, bad_line, GOOD]) + "\n")
+    with pytest.raises(ValueError) as info:
+        hellaswag.load_examples(str(path))
+    message = str(info.value)
+    assert f"{path} line 3" in message and fragment in message and "\n" not in message
+
+
+def test_offline_without_local_copy_is_a_one_line_error(tmp_path, monkeypatch):
+    """With no cached copy and no network, the error is one line saying to pass --data."""
+    monkeypatch.setattr(hellaswag, "DATA_DIR", tmp_path / "cache")
+    monkeypatch.setattr(hellaswag, "VAL_URL", "http://127.0.0.1:9/hellaswag_val.jsonl")  # refused at once
+    with pytest.raises(FileNotFoundError) as info:
+        hellaswag.load_examples()
+    assert "--data" in str(info.value) and "\n" not in str(info.value)
+    assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
+
+
+def test_long_context_is_cut_from_the_left():
+    """A context longer than max_seq_len keeps its last tokens, the same for all 4 rows, endings whole."""
+    enc = get_encoding()
+    ctx = " ".join(f"word{i}" for i in range(400))
+    example = {"ctx": ctx, "endings": ["a b", "c", "d e f", "g"], "label": 0}
+    ctx, endings = hellaswag.render_example(example, enc, max_seq_len=64)
+    assert endings == [enc.encode(" " + e) for e in example["endings"]]
+    assert len(ctx) + max(map(len, endings)) == 64
+    assert ctx == enc.encode(example["ctx"])[-len(ctx):]
+    # The full row is longer than the tiny model's 256 positions, which its forward would reject.
+    result = hellaswag.evaluate(tiny_model(), [example], "cpu", batch_size=1, progress=False)
+    assert result["n"] == 1
+
+
+def test_ending_longer_than_max_seq_len_is_rejected():
+    """An ending that leaves no room for context within max_seq_len is a clear ValueError."""
+    example = {"ctx": "A man walks.", "endings": ["x " * 300, "b", "c", "d"], "label": 0}
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        hellaswag.render_example(example, max_seq_len=256)
+
+
+def test_bucketed_lengths_are_few_and_bounded():
+    """Every length 1..max_seq_len maps to one of max_seq_len/64 padded lengths, >= it, <= the cap."""
+    buckets = {hellaswag.bucketed_length(n, 256) for n in range(1, 257)}
+    assert buckets == set(range(64, 257, 64))
+    assert all(n <= hellaswag.bucketed_length(n, 256) <= 256 for n in range(1, 257))
+    assert hellaswag.bucketed_length(250, 240) == 240
+
+
+class ShapeRecorder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def forward(self, idx: torch.Tensor):
+        self.shapes.add(tuple(idx.shape))
+        return self.model(idx)
+
+
+def test_compiled_model_matches_eager_on_bucketed_shapes():
+    """A torch.compile'd model predicts as eager does, called only with (4 * batch, 64k) shapes."""
+    model = tiny_model(n_layers=1)
+    examples = hellaswag.load_examples(str(FIXTURE), limit=8)
+    eager = hellaswag._predict(model, examples, "cpu", batch_size=3, max_seq_len=256)
+    recorder = ShapeRecorder(torch.compile(model))
+    compiled = hellaswag._predict(recorder, examples, "cpu", batch_size=3, max_seq_len=256)
+    assert compiled == eager
+    # 3 batches (3 + 3 + 2 examples, the last padded with empty rows), at most 2 shapes to compile.
+    assert len(recorder.shapes) <= 2
+    assert all(rows == 12 and length % 64 == 0 for rows, length in recorder.shapes)
+
+
+def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph():
+    """Each padded shape compiles once, a second eval compiles nothing, training stays one graph."""
+    stats = {"calls": 0, "compiles": 0}
+
+    def counting_backend(graph_module, example_inputs):
+        stats["compiles"] += 1
+
+        def run(*args):
+            stats["calls"] += 1
+            return graph_module(*args)
+
+        return run
+
+    model = tiny_model(n_layers=1)
+    compiled = torch.compile(model, backend=counting_backend)
+    tokens = torch.randint(0, EOT, (1, 64))
+
+    def train_step() -> dict:
+        before = dict(stats)
+        compiled(tokens, tokens)[1].backward()
+        return {k: stats[k] - before[k] for k in stats}
+
+    assert train_step() == {"calls": 1, "compiles": 1}
+    long_example = {"ctx": " ".join(f"word{i}" for i in range(50)), "endings": ["a", "b", "c", "d"], "label": 0}
+    examples = hellaswag.load_examples(str(FIXTURE), limit=7) + [long_example]  # padded to 64 and 128
+    recorder = ShapeRecorder(compiled)
+    before = dict(stats)
+    hellaswag._predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
+    assert stats["compiles"] - before["compiles"] == len(recorder.shapes) >= 2
+    before = dict(stats)
+    hellaswag._predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
+    assert stats["compiles"] == before["compiles"]
+    assert train_step() == {"calls": 1, "compiles": 0}

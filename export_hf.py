@@ -240,7 +240,9 @@ def load_hf(
             pad = tensor.new_zeros(vocab_size - tensor.size(0), tensor.size(1))
             tensor = torch.cat([tensor, pad])
         if tensor.shape != param.shape:
-            raise ValueError(f"{key} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
+            raise ValueError(
+                f"{key} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}"
+            )
         state[name] = tensor
     # rotary_emb.inv_freq appears in some older checkpoints; it is a function of the config.
     leftover = [k for k in hf_state if not k.endswith("rotary_emb.inv_freq")]
@@ -267,7 +269,8 @@ def load_weights(weights_dir: str, device: str | torch.device = "cpu") -> Transf
     cfg = ModelConfig(**json.loads((Path(weights_dir) / "model_config.json").read_text()))
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(load_file(os.path.join(weights_dir, "model.safetensors"), device=str(device)), assign=True)
+    state = load_file(os.path.join(weights_dir, "model.safetensors"), device=str(device))
+    model.load_state_dict(state, assign=True)
     model.rope = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
     return model
 
@@ -288,7 +291,8 @@ def _load_checkpoint(path: str, device: str) -> Transformer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="our checkpoint directory (or one written by --from_hf) to export")
+    source.add_argument("--checkpoint",
+                        help="our checkpoint directory (or one written by --from_hf) to export")
     source.add_argument("--from_hf", help="a Hugging Face Llama directory to import into our format")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",

@@ -183,5 +183,6 @@ def test_cli_imports_then_exports(hf_dir, tmp_path, monkeypatch, capsys):
 def test_cli_help_runs():
     """`python export_hf.py --help` prints the usage and exits 0."""
     script = Path(export_hf.__file__).resolve()
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=script.parent)
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                            cwd=script.parent)
     assert result.returncode == 0 and "--from_hf" in result.stdout

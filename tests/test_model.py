@@ -83,7 +83,8 @@ def test_seeded_sampling_is_reproducible():
     prompt = torch.zeros(2, 3, dtype=torch.long)
 
     def sample(seed: int) -> torch.Tensor:
-        return model.generate(prompt, 20, temperature=1.0, top_k=100, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, 20, temperature=1.0, top_k=100, generator=generator)
 
     assert torch.equal(sample(3), sample(3))
     assert not torch.equal(sample(3), sample(4))

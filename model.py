@@ -154,11 +154,13 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_heads or n_kv_heads, T, head_dim)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
-        # A causal mask aligned to the top left is wrong once cached keys precede the queries;
-        # during decoding (T == 1) the one new query may see every cached key.
-        causal = T > 1
-        if causal and k.size(2) != T:
-            raise ValueError("prefill with a KV cache must start at position 0")
+        # The prompt (start_pos 0) gets the usual causal mask; a decoded token may see every cached
+        # key, and SDPA's top-left-aligned mask would be wrong for several new tokens at once. The
+        # choice depends on start_pos, a Python int, never on T: under torch.compile T can be
+        # symbolic, and SDPA rejects a symbolic is_causal (the whole graph would fall back).
+        causal = start_pos == 0
+        if not causal and T != 1:
+            raise ValueError(f"after the prompt, decode one token at a time (got {T} at position {start_pos})")
         if _SDPA_GQA:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         else:

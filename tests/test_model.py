@@ -238,3 +238,14 @@ def test_meta_build_then_to_empty_and_init_weights_gives_working_model():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     _, loss = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
     assert abs(loss.item() - math.log(512)) < 0.2
+
+
+def test_compiled_forward_has_no_graph_break_with_a_symbolic_length():
+    """A symbolic sequence length (dynamo's choice after a second shape) compiles without a break."""
+    torch.manual_seed(0)
+    model = Transformer(model_config("tiny", vocab_size=256))
+    model.init_weights()
+    x = torch.randint(0, 256, (2, 24))
+    torch._dynamo.mark_dynamic(x, 1)
+    explanation = torch._dynamo.explain(model)(x)  # the logits path that evaluation compiles
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -386,7 +386,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         step, tokens_seen = restore(resume_from, d, model, optimizer, loader, log)
     elif cfg.init_from and not benchmark:
-        init_weights_from(cfg.init_from, model, d, log)
+        init_weights_from(cfg.init_from, model, log)
 
     use_compile = cfg.compile and (d.device.type == "cuda" or cfg.compile_cpu)
     compiled = torch.compile(model) if use_compile else model
@@ -531,12 +531,13 @@ def restore(ckpt: Path, d: Dist, model: Transformer, optimizer, loader, log: Log
     return meta["step"], meta["tokens_seen"]
 
 
-def init_weights_from(path: str, model: Transformer, d: Dist, log: Logger) -> None:
+def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
     """Weights only: our checkpoint or a Hugging Face Llama directory; the optimizer starts fresh."""
     if (Path(path) / "config.json").is_file():
         from export_hf import load_hf  # noqa: PLC0415
 
-        source = load_hf(path, device=d.device, pad_vocab_to=model.config.vocab_size)
+        # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
+        source = load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
         theirs, ours = source.config.to_dict(), model.config.to_dict()
         diffs = [f"{k}: {theirs[k]!r} vs {ours[k]!r}" for k in ours
                  if k not in ("max_seq_len", "init_std", "depth_scaled_init", "loss_chunk_size") and theirs[k] != ours[k]]

@@ -191,7 +191,7 @@ def _ending_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed loss over its masked tokens (float32) and how many there are."""
     with torch.autocast(tokens.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits, _ = model(tokens)  # (R, T, vocab)
+        logits = model(tokens)  # (R, T, vocab)
     targets = tokens[:, 1:]  # the logits at position t predict the token at t + 1
     scored = mask[:, 1:]  # (R, T - 1)
     # Only the ending positions go through the float32 cross-entropy: a float32 copy of all the
@@ -277,7 +277,7 @@ def evaluate(
     max_seq_len: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """{"acc", "acc_norm", "n"} of `model` on `examples`; `model(idx)` returns (logits, _).
+    """{"acc", "acc_norm", "n"} of `model` on `examples`; `model(idx)` returns the logits.
 
     Each rank scores examples[rank::world_size] (batch_size examples = 4 * batch_size rows per
     forward) and the counts are summed over ranks with torch.distributed, so with world_size > 1
@@ -307,7 +307,7 @@ def evaluate(
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM called like our Transformer: model(idx) -> (logits, None).
+    """A transformers causal LM called like our Transformer: model(idx) -> logits.
 
     No attention mask is needed: padding only ever follows the real tokens."""
 
@@ -316,8 +316,8 @@ class HFCausalLM(nn.Module):
         self.hf_model = hf_model
         self.max_seq_len = getattr(hf_model.config, "max_position_embeddings", None)
 
-    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.hf_model(input_ids=idx, use_cache=False).logits, None
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=idx, use_cache=False).logits
 
 
 def load_hf_model(hf_dir: str, device: torch.device) -> HFCausalLM:

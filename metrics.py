@@ -11,6 +11,52 @@ import json
 from pathlib import Path
 
 
+# Dense bf16 tensor-core peak per GPU, in TFLOP/s, from each vendor datasheet (the figure without
+# sparsity, i.e. half the "with sparsity" one), keyed by the exact torch.cuda.get_device_name().
+# A card missing here gets no MFU unless --peak_tflops names its peak.
+PEAK_BF16_TFLOPS = {
+    # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 (624 with sparsity), SXM and PCIe alike
+    "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+    # A800: the A100's export variant, same compute (NVIDIA A800 datasheet: BF16 312)
+    "NVIDIA A800-SXM4-80GB": 312.0, "NVIDIA A800 80GB PCIe": 312.0,
+    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 SXM / 1,513 PCIe / 1,671 NVL with sparsity
+    "NVIDIA H100 80GB HBM3": 989.5, "NVIDIA H100 SXM5 80GB": 989.5,
+    "NVIDIA H100 PCIe": 756.5, "NVIDIA H100 NVL": 835.5,
+    # H800: the H100's export variant, same compute as the H100 of the same form factor
+    "NVIDIA H800": 989.5, "NVIDIA H800 PCIe": 756.5,
+    # NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 SXM / 1,671 NVL with sparsity
+    "NVIDIA H200": 989.5, "NVIDIA H200 NVL": 835.5,
+    # NVIDIA GH200 Grace Hopper datasheet: the H100/H200 SXM's BF16 1,979 with sparsity
+    "NVIDIA GH200 480GB": 989.5, "NVIDIA GH200 144G HBM3e": 989.5,
+    # NVIDIA HGX B200 datasheet: BF16 4.5 PFLOPS per GPU with sparsity
+    "NVIDIA B200": 2250.0,
+    # NVIDIA L40S datasheet: BF16 733 with sparsity; L40: 362.1 with sparsity
+    "NVIDIA L40S": 366.5, "NVIDIA L40": 181.0,
+    # RTX A6000 (the DMaS-LLaMa-Lite authors' card) and A40 datasheets: BF16 309.7 / 299.4 with sparsity
+    "NVIDIA RTX A6000": 154.8, "NVIDIA A40": 149.7,
+    # NVIDIA RTX 6000 Ada Generation datasheet: BF16 728.5 with sparsity
+    "NVIDIA RTX 6000 Ada Generation": 364.2,
+}
+
+
+def peak_flops(device_name: str | None, override_tflops: float = 0.0) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s per device or None, a note saying where it came from)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, f"peak {override_tflops:g} TFLOP/s from --peak_tflops"
+    if device_name is None:
+        return None, "no MFU on CPU"
+    if device_name in PEAK_BF16_TFLOPS:
+        return PEAK_BF16_TFLOPS[device_name] * 1e12, f"peak {PEAK_BF16_TFLOPS[device_name]:g} TFLOP/s ({device_name})"
+    return None, (f"no MFU: {device_name!r} is not in metrics.PEAK_BF16_TFLOPS; pass "
+                  f"--peak_tflops=N with its dense bf16 peak from the datasheet")
+
+
+def flops_per_token(n_params: int, n_layers: int, seq_len: int, dim: int) -> float:
+    """6N + 12 L T d: the matmul FLOPs of forward + backward per token, attention scores included."""
+    return 6 * n_params + 12 * n_layers * seq_len * dim
+
+
 class Logger:
     """Prints and records on the main process only; the others stay quiet."""
 

@@ -1,22 +1,27 @@
 """The LLaMa decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
 Pure model code: no optimizer, no distributed code, no device strings, no printing. Build on the
-meta device and materialize where it will run:
+meta device and materialize where it will run (what `build_model` does):
 
     with torch.device("meta"):
         model = Transformer(model_config("1p7b"))
     model.to_empty(device="cuda")
     model.init_weights()
+    logits = model(idx)            # (B, T, vocab)
+    loss = model(idx, targets)     # the mean loss alone, logits never held in full
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+_RUNTIME = {"runtime": True}
 
 
 @dataclass
@@ -27,19 +32,21 @@ class ModelConfig:
     n_heads: int = 32
     n_kv_heads: int = 8
     ffn_dim: int = 5120
-    max_seq_len: int = 1024
+    # Fields marked `_RUNTIME` do not change what the weights compute: a checkpoint's weights load
+    # into a model that differs from it only there (a longer context, another loss chunk).
+    max_seq_len: int = field(default=1024, metadata=_RUNTIME)
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = field(default=0.02, metadata=_RUNTIME)
     # Scale the init of each block's output projections (wo, w2) by 1/sqrt(2 * n_layers), as in
     # GPT-2, so the residual stream's variance does not grow with depth. Off in the paper's run.
-    depth_scaled_init: bool = False
-    loss_chunk_size: int = 4096  # rows of logits materialized at a time by the loss
+    depth_scaled_init: bool = field(default=False, metadata=_RUNTIME)
+    loss_chunk_size: int = field(default=4096, metadata=_RUNTIME)  # rows of logits at a time in the loss
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and not value > 0:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
                 raise ValueError(f"ModelConfig.{f.name} must be positive, got {value}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
@@ -57,6 +64,13 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def differences(self, other: dict | ModelConfig, weights_only: bool = False) -> list[str]:
+        """'name: ours vs theirs' for each field that differs; with weights_only, only the fields
+        that decide what the weights mean (not max_seq_len, init or the loss's chunking)."""
+        theirs = other.to_dict() if isinstance(other, ModelConfig) else other
+        return [f"{f.name}: {getattr(self, f.name)!r} vs {theirs.get(f.name)!r}" for f in fields(self)
+                if not (weights_only and f.metadata.get("runtime")) and theirs.get(f.name) != getattr(self, f.name)]
+
 
 PRESETS: dict[str, dict] = {
     # For tests and the CPU demo: ~200k parameters outside the 50304-token embeddings.
@@ -72,6 +86,22 @@ def model_config(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu",
+                state_dict: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """The model built on the meta device, then materialized on `device` (never a full CPU copy
+    first): freshly initialized, or holding `state_dict`'s tensors as they are (assign)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if state_dict is None:
+        model.to_empty(device=device)
+        model.init_weights()
+    else:
+        model.load_state_dict(state_dict, assign=True)
+        # The RoPE table is a non-persistent buffer, still on meta: compute it where the weights are.
+        model.rope = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
+    return model
 
 
 class RMSNorm(nn.Module):
@@ -307,9 +337,10 @@ class Transformer(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx: (B, T) token ids. With targets (B, T; -1 = ignore): (None, mean loss), the
-        logits never materialized in full. Without: (logits (B, T, vocab), None)."""
+    ) -> torch.Tensor:
+        """idx: (B, T) token ids. Without targets: the logits (B, T, vocab). With targets (B, T;
+        -1 = ignore): the mean loss alone, the logits never materialized in full. One entry
+        point for both, so DDP/FSDP and torch.compile wrap a single call."""
         if not torch.compiler.is_compiling():
             self.check_input(idx, start_pos)
         T = idx.size(1)
@@ -319,11 +350,10 @@ class Transformer(nn.Module):
             h = layer(h, rope, start_pos)
         h = self.norm(h)
         if targets is None:
-            return self.output(h), None
-        loss = chunked_cross_entropy(
+            return self.output(h)
+        return chunked_cross_entropy(
             h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size
         )
-        return None, loss
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None) -> None:
         """Allocate a KV cache per layer for generation; `clear_cache()` frees it."""
@@ -360,7 +390,7 @@ class Transformer(nn.Module):
         try:
             out, start = idx, 0
             for _ in range(max_new_tokens):
-                logits, _ = self(out[:, start:] if use_cache else out, start_pos=start)
+                logits = self(out[:, start:] if use_cache else out, start_pos=start)
                 if use_cache:
                     start = out.size(1)
                 next_token = _pick(logits[:, -1, :].float(), temperature, top_k, generator)

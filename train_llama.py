@@ -323,7 +323,7 @@ def validation_loss(model, cfg: TrainConfig, d: Dist, autocast) -> float:
                             pin_memory=d.device.type == "cuda"):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with autocast:
-            _, loss = model(x, y)
+            loss = model(x, y)
         total[0] += loss.double() * y.numel()
         total[1] += y.numel()
     if d.world_size > 1:
@@ -433,7 +433,7 @@ def train(cfg: TrainConfig) -> dict:
                 # Toggled instead of `no_sync()` so the same code runs with or without DDP.
                 train_model.require_backward_grad_sync = micro_step == accum_steps - 1
             with autocast:
-                _, loss = train_model(x, y)
+                loss = train_model(x, y)
             if step == cfg.fault_nan_step:
                 loss = loss * float("nan")
             loss = loss / accum_steps

@@ -64,7 +64,7 @@ def _build(impl: str, weights_dir: str):
     """(step function returning the loss, parameters) for `impl` with the saved weights."""
     ours = load_weights(weights_dir)
     if impl == "ours":
-        return (lambda idx, targets: ours(idx, targets)[1]), ours
+        return (lambda idx, targets: ours(idx, targets)), ours
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**hf_config(ours.config), attn_implementation="sdpa")

@@ -33,7 +33,7 @@ def bare_loop(cfg: train_llama.TrainConfig, steps: int) -> float:
         t0 = time.perf_counter()
         for _ in range(accum):
             x = torch.randint(0, model.config.vocab_size, (cfg.micro_batch, cfg.seq_len + 1), generator=generator)
-            _, loss = model(x[:, :-1], x[:, 1:])
+            loss = model(x[:, :-1], x[:, 1:])
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

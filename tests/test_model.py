@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer, apply_rope, chunked_cross_entropy, model_config, rope_table
+from model import ModelConfig, Transformer, apply_rope, build_model, chunked_cross_entropy, model_config, rope_table
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -43,7 +43,7 @@ def test_loss_at_init_is_near_log_vocab():
     model = tiny_model()
     idx = torch.randint(0, 50304, (4, 64))
     targets = torch.randint(0, 50304, (4, 64))
-    _, loss = model(idx, targets)
+    loss = model(idx, targets)
     assert abs(loss.item() - math.log(50304)) < 0.2
 
 
@@ -57,7 +57,7 @@ def test_tiny_model_overfits_one_batch():
     torch.set_num_threads(1)  # matrices this small gain nothing from threads, which stall on a busy machine
     try:
         for _ in range(60):
-            _, loss = model(idx, targets)
+            loss = model(idx, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -131,9 +131,9 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     idx = torch.randint(0, 300, (2, 40))
     targets = torch.randint(0, 300, (2, 40))
     targets[:, :3] = -1
-    logits, none = model(idx)
-    empty, loss = model(idx, targets)
-    assert none is None and empty is None
+    logits = model(idx)
+    loss = model(idx, targets)
+    assert logits.shape == (2, 40, 300) and loss.dim() == 0
     ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=0)
 
@@ -227,17 +227,37 @@ def test_depth_scaled_init_scales_output_projections(depth_scaled):
 
 
 def test_meta_build_then_to_empty_and_init_weights_gives_working_model():
-    """Meta build -> to_empty -> init_weights fills every parameter and the RoPE buffer."""
+    """build_model: meta build -> to_empty -> init_weights fills every parameter and the RoPE buffer."""
     cfg = model_config("tiny", vocab_size=512)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
     torch.manual_seed(0)
-    model.init_weights()
+    model = build_model(cfg)
     assert torch.equal(model.rope, rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    _, loss = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
+    loss = model(torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16)))
     assert abs(loss.item() - math.log(512)) < 0.2
+
+
+def test_build_model_from_a_state_dict_equals_the_source_model():
+    """build_model(cfg, state_dict=...) assigns the tensors and computes the RoPE table."""
+    source = tiny_model(vocab_size=512)
+    copy = build_model(source.config, state_dict={k: v.clone() for k, v in source.state_dict().items()})
+    idx = torch.randint(0, 512, (2, 16))
+    assert torch.equal(copy(idx), source(idx))
+
+
+def test_config_differences_can_ignore_the_fields_that_do_not_change_the_weights():
+    """differences(weights_only=True) ignores max_seq_len, init and loss chunking, not shapes."""
+    cfg = model_config("tiny")
+    runtime_only = model_config("tiny", max_seq_len=64, init_std=0.1, loss_chunk_size=7)
+    assert cfg.differences(runtime_only, weights_only=True) == []
+    assert len(cfg.differences(runtime_only)) == 3
+    assert cfg.differences(model_config("tiny", n_kv_heads=4), weights_only=True) == ["n_kv_heads: 2 vs 4"]
+
+
+def test_config_refuses_non_positive_sizes():
+    """A zero or negative size is a ValueError naming the field."""
+    with pytest.raises(ValueError, match="n_layers must be positive"):
+        model_config("tiny", n_layers=0)
 
 
 def test_compiled_forward_has_no_graph_break_with_a_symbolic_length():

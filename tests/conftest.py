@@ -1,8 +1,12 @@
-"""Shared test set-up: the repo root on sys.path and no network for anything the tests start."""
+"""Shared test set-up: the repo root on sys.path, no network for anything the tests start, and the
+fixtures several test files use."""
 
 import os
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -11,3 +15,34 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from model import Transformer, build_model, model_config  # noqa: E402
+
+
+def make_tiny_model(seed: int = 0, **overrides) -> Transformer:
+    """A seeded random `tiny` model (GPT-2's padded vocabulary unless overridden), in eval mode."""
+    torch.manual_seed(seed)
+    return build_model(model_config("tiny", **overrides)).eval()
+
+
+def make_hf_llama(cfg, seed: int = 0, **config_overrides):
+    """A random transformers LlamaForCausalLM with the shapes of our ModelConfig `cfg`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export_hf import hf_config
+
+    torch.manual_seed(seed)
+    config = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "torch_dtype")}
+    return LlamaForCausalLM(LlamaConfig(**{**config, **config_overrides})).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    """make_tiny_model as a fixture: tiny_model(seed=0, **ModelConfig overrides)."""
+    return make_tiny_model
+
+
+@pytest.fixture
+def hf_llama():
+    """make_hf_llama as a fixture: hf_llama(our ModelConfig, seed=0, **LlamaConfig overrides)."""
+    return make_hf_llama

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from model import ModelConfig, Transformer, apply_rope, build_model, chunked_cross_entropy, model_config, rope_table
 
 
+from conftest import make_tiny_model
+
+
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(model_config("tiny", **overrides))
-    model.init_weights()
-    return model
+    return make_tiny_model(seed, **overrides).train()
 
 
 def test_1p7b_preset_on_meta_has_paper_shapes_and_parameter_count():

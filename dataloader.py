@@ -12,14 +12,23 @@ with W*A steps sees. The loader's whole position is one number, the sequences co
 a run can resume on another GPU count (same G) and see the same batches.
 
 Shards are memory-mapped and the pages read are handed back to the kernel as we go, so resident
-memory stays flat however many shards are read. Each shard's header is checked when it is opened
-and its token ids against the vocabulary the first time it is read; bad data is a one-line
-DataError naming the file.
+memory stays flat however many shards are read. Each shard's header is checked when it is opened,
+and the token ids of every batch against the vocabulary as it is read (one max over the batch), so
+start-up reads nothing but headers and bad data fails at the first batch that holds it: a one-line
+DataError naming the file and the position. A shard that manifest.json lists with the same size
+and a max_token below the vocabulary is not checked at all.
+
+This module owns the shard names (shard_name, SHARD_RE) and the data's identity: data_identity()
+records each train shard's name, size and hash (the manifest's sha256, or a fingerprint sampled
+from the file), TrainLoader saves it with its position, and load_state_dict refuses to continue on
+other data unless asked to (identity_differences says what changed).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import mmap
 import os
 import queue
@@ -30,14 +39,24 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-SHARD_RE = re.compile(r"_(train|val)_(\d+)\.npy$")  # build-nanogpt's names: edufineweb_train_000001.npy
+# build-nanogpt's names, so its shards load here and ours there: shard 0 is the validation split
+SHARD_PREFIX = "edufineweb"
+SHARD_PATTERN = rf"{SHARD_PREFIX}_(val|train)_(\d{{6,}})\.npy"
+SHARD_RE = re.compile(rf"^{SHARD_PATTERN}$")
+MANIFEST = "manifest.json"
 RELEASE_EVERY = 64 << 20  # bytes mapped in, at most, between handing the pages back
 FAULT_AROUND = 2 << 20  # one page fault may map this much: a whole large folio of the page cache
-CHECK_CHUNK = 1 << 22  # tokens per step of the vocabulary check
+FINGERPRINT_EDGE = 1 << 20  # bytes hashed at each end of a shard the manifest does not vouch for...
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 8, 64 << 10  # ...and in evenly spaced blocks between
 
 
 class DataError(ValueError):
     """Missing, corrupt or unusable data; the message is one line that names the file."""
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index`: edufineweb_val_000000.npy, edufineweb_train_000001.npy, ..."""
+    return f"{SHARD_PREFIX}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
 def shard_paths(data_dir: str, split: str) -> list[str]:
@@ -47,13 +66,91 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
                         f"`python fineweb_edu.py --out {data_dir}` (add --local 'GLOB' for local text)")
     found = []
     for name in os.listdir(data_dir):
-        match = SHARD_RE.search(name)
+        match = SHARD_RE.match(name)
         if match and match.group(1) == split:
             found.append((int(match.group(2)), name))
     if not found:
-        raise DataError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir!r}: build them with "
-                        f"`python fineweb_edu.py --out {data_dir}`")
+        raise DataError(f"no {split} shards ({SHARD_PREFIX}_{split}_NNNNNN.npy) in {data_dir!r}: build "
+                        f"them with `python fineweb_edu.py --out {data_dir}`")
     return [os.path.join(data_dir, name) for _, name in sorted(found)]
+
+
+def read_manifest(data_dir: str) -> tuple[dict[str, dict], str | None]:
+    """manifest.json's shard entries by file name and the sha256 of its bytes; ({}, None) if there is none."""
+    path = os.path.join(data_dir, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return {}, None
+    try:
+        entries = {s["file"]: s for s in json.loads(raw)["shards"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is not a readable manifest ({_first_line(e)}): restore it from the build "
+                        f"that wrote the shards, or delete it") from None
+    return entries, hashlib.sha256(raw).hexdigest()
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of a shard's first and last FINGERPRINT_EDGE bytes and FINGERPRINT_BLOCKS blocks between:
+    tells rebuilt shards apart without reading whole files (a shard smaller than that is read whole)."""
+    size = os.path.getsize(path)
+    sha = hashlib.sha256(size.to_bytes(8, "little"))
+    middle = size - 2 * FINGERPRINT_EDGE
+    if middle <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+        spans = [(0, size)]
+    else:
+        step = middle // FINGERPRINT_BLOCKS
+        spans = ([(0, FINGERPRINT_EDGE)]
+                 + [(FINGERPRINT_EDGE + k * step, FINGERPRINT_BLOCK) for k in range(FINGERPRINT_BLOCKS)]
+                 + [(size - FINGERPRINT_EDGE, FINGERPRINT_EDGE)])
+    with open(path, "rb") as f:
+        for offset, length in spans:
+            f.seek(offset)
+            sha.update(f.read(length))
+    return sha.hexdigest()
+
+
+def data_identity(data_dir: str) -> dict:
+    """What a run trains on: each train shard's size and content hash, and the manifest's digest.
+
+    The hash is manifest.json's sha256 where the manifest lists the shard with the same size (no
+    read at all), else a fingerprint() of the file, so shards built by other tools are covered too.
+    """
+    entries, digest = read_manifest(data_dir)
+    shards = {}
+    for path in shard_paths(data_dir, "train"):
+        name, size = os.path.basename(path), os.path.getsize(path)
+        entry = entries.get(name, {})
+        if entry.get("bytes") == size and "sha256" in entry:
+            shards[name] = {"bytes": size, "sha256": entry["sha256"]}
+        else:
+            shards[name] = {"bytes": size, "fingerprint": fingerprint(path)}
+    return {"shards": shards, "manifest": digest}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """How `current` differs from `saved` (two data_identity() results): "added: ...", "removed: ...",
+    "changed: ...", each naming the shards; empty when they are the same data.
+
+    A shard hashed one way in one and the other way in the other (manifest.json removed or added
+    since) is compared by size; the manifests' digests are compared when both have one.
+    """
+    old, new = saved["shards"], current["shards"]
+    changed = [name for name in sorted(old.keys() & new.keys()) if not _same_content(old[name], new[name])]
+    if saved.get("manifest") and current.get("manifest") and saved["manifest"] != current["manifest"]:
+        changed.append(MANIFEST)
+    differences = []
+    for what, names in [("added", sorted(new.keys() - old.keys())),
+                        ("removed", sorted(old.keys() - new.keys())), ("changed", changed)]:
+        if names:
+            listed = ", ".join(names) if len(names) <= 3 else f"{len(names)} files, {names[0]} ... {names[-1]}"
+            differences.append(f"{what}: {listed}")
+    return differences
+
+
+def _same_content(a: dict, b: dict) -> bool:
+    return a["bytes"] == b["bytes"] and all(a[k] == b[k] for k in ("sha256", "fingerprint") if k in a and k in b)
 
 
 def _first_line(e: BaseException) -> str:
@@ -105,7 +202,11 @@ class TokenStream:
         self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()  # stream offset of each shard
         self.total = self.starts[-1]
         self.vocab_size = vocab_size
-        self.checked = [vocab_size is None] * len(self.shards)
+        entries = read_manifest(data_dir)[0] if vocab_size is not None else {}
+        # fineweb_edu.py took max_token from the very buffer it saved: a shard of that size needs no check
+        self.vouched = [vocab_size is None or _vouched(entries.get(os.path.basename(p)), p, vocab_size)
+                        for p in self.paths]
+        self.tokens_checked = 0  # token ids compared against the vocabulary so far
         self.mapped_since_release = 0
 
     def read(self, start: int, out: np.ndarray) -> None:
@@ -113,7 +214,7 @@ class TokenStream:
         i = bisect.bisect_right(self.starts, start) - 1
         done = 0
         while done < len(out):
-            shard = self._shard(i)
+            shard = self.arrays[i]
             offset = start + done - self.starts[i]
             take = min(len(out) - done, len(shard) - offset)
             out[done:done + take] = shard[offset:offset + take]
@@ -124,29 +225,43 @@ class TokenStream:
         if self.mapped_since_release >= RELEASE_EVERY:
             self.release()
 
-    def _shard(self, i: int) -> np.ndarray:
-        if not self.checked[i]:
-            self._check_vocab(i)
-            self.checked[i] = True
-        return self.arrays[i]
+    def read_windows(self, starts: list[int], length: int) -> np.ndarray:
+        """Row i = the stream's `length` tokens from starts[i], as a uint16 array, with its token ids
+        checked against the vocabulary unless the manifest vouches for every shard the rows touch."""
+        rows = np.empty((len(starts), length), dtype=np.uint16)
+        for row, start in zip(rows, starts):
+            self.read(start, row)
+        if not all(self._vouched_for(start, length) for start in starts):
+            self._check(rows, starts)
+        return rows
 
-    def _check_vocab(self, i: int) -> None:
-        shard = self.arrays[i]
-        for start in range(0, len(shard), CHECK_CHUNK):
-            chunk = shard[start:start + CHECK_CHUNK]
-            largest = int(chunk.max()) if len(chunk) else 0
-            _release(self.shards[i])  # a streaming read: keep only one chunk resident at a time
-            if largest >= self.vocab_size:
-                at = start + int(np.argmax(chunk >= self.vocab_size))
-                raise DataError(f"{self.paths[i]} holds token id {int(shard[at])} at position {at}, but "
-                                f"vocab_size is {self.vocab_size}: it was built with another tokenizer "
-                                f"or is corrupt; rebuild it with fineweb_edu.py")
+    def _vouched_for(self, start: int, length: int) -> bool:
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_right(self.starts, start + length - 1) - 1
+        return all(self.vouched[first:last + 1])
+
+    def _check(self, rows: np.ndarray, starts: list[int]) -> None:
+        # one max over the whole batch: checking only what is read keeps start-up free of full-shard scans
+        self.tokens_checked += rows.size
+        if int(rows.max(initial=0)) < self.vocab_size:
+            return
+        row, column = np.argwhere(rows >= self.vocab_size)[0]
+        at = starts[row] + int(column)
+        i = bisect.bisect_right(self.starts, at) - 1
+        raise DataError(f"{self.paths[i]} holds token id {int(rows[row, column])} at position "
+                        f"{at - self.starts[i]}, but vocab_size is {self.vocab_size}: it was built with "
+                        f"another tokenizer or is corrupt; rebuild it with fineweb_edu.py")
 
     def release(self) -> None:
         """Hand the mapped pages back: they stay in the page cache, but leave our resident set."""
         for shard in self.shards:
             _release(shard)
         self.mapped_since_release = 0
+
+
+def _vouched(entry: dict | None, path: str, vocab_size: int) -> bool:
+    return (entry is not None and entry.get("bytes") == os.path.getsize(path)
+            and isinstance(entry.get("max_token"), int) and entry["max_token"] < vocab_size)
 
 
 def _release(shard: np.memmap) -> None:
@@ -157,9 +272,7 @@ def _release(shard: np.memmap) -> None:
 def _windows(stream: TokenStream, sequence_ids: list[int], seq_len: int,
              pin_memory: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y for the given sequences: (len(ids), seq_len) int64 each, y = x shifted by one."""
-    rows = np.empty((len(sequence_ids), seq_len + 1), dtype=np.uint16)
-    for row, sequence in zip(rows, sequence_ids):
-        stream.read(sequence * (seq_len + 1), row)
+    rows = stream.read_windows([sequence * (seq_len + 1) for sequence in sequence_ids], seq_len + 1)
     x = torch.from_numpy(rows[:, :-1].astype(np.int64))  # (B, T), contiguous
     y = torch.from_numpy(rows[:, 1:].astype(np.int64))
     if pin_memory:
@@ -190,7 +303,9 @@ class TrainLoader:
         self.pin_memory = _pinnable(pin_memory)
         self.prefetch = prefetch
         self.log = log
+        self.data_dir = data_dir
         self.stream = TokenStream(data_dir, "train", vocab_size)
+        self.identity = data_identity(data_dir)  # once: the shards do not change under a running job
         self.sequences_per_epoch = self.stream.total // (seq_len + 1)
         if self.sequences_per_epoch == 0:
             raise DataError(f"the train shards in {data_dir!r} hold {self.stream.total:,} tokens, fewer "
@@ -290,14 +405,19 @@ class TrainLoader:
             raise ValueError(f"state_dict() called after micro-step {micro} of {self.accum_steps} of a "
                              f"global batch: save between optimizer steps")
         return {"position": batches * self.global_batch, "seed": self.seed, "seq_len": self.seq_len,
-                "shuffle": self.shuffle}
+                "shuffle": self.shuffle, "data": self.identity}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position, whatever the world size and micro-batch that saved it."""
+    def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
+        """Continue from a saved position, whatever the world size and micro-batch that saved it.
+
+        The data must be the data the state was saved on (see data_identity); with accept_new_data
+        a difference is logged instead and the run goes on from the same position in the new data.
+        """
         for key in ("seed", "seq_len", "shuffle"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"the saved loader state has {key}={state[key]!r} but this loader "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
+        self._check_same_data(state.get("data"), accept_new_data)
         position = int(state["position"])
         if position % self.global_batch:
             raise ValueError(f"saved position {position} is not a multiple of global_batch "
@@ -305,24 +425,60 @@ class TrainLoader:
         self.close()
         self.step = position // self.global_batch * self.accum_steps
 
+    def _check_same_data(self, saved: dict | None, accept_new_data: bool) -> None:
+        if saved is None:
+            self.log(f"train data: the checkpoint records no data identity (it predates them), so it could "
+                     f"not be checked that {self.data_dir} holds the data it was trained on")
+            return
+        differences = identity_differences(saved, self.identity)
+        if not differences:
+            return
+        listed = "; ".join(differences)
+        if not accept_new_data:
+            raise DataError(f"the data in {self.data_dir} differs from the checkpoint's ({listed}): rebuild or "
+                            f"restore the original shards, or pass --accept_new_data=true to continue on this "
+                            f"data (from this position on, the order is the new data's permutation)")
+        self.log(f"train data: the data in {self.data_dir} differs from the checkpoint's ({listed}); "
+                 f"continuing on it as accept_new_data asks, from the same position in its own order")
+
+
+class ValLoader:
+    """This rank's share of the fixed validation set, in micro_batch batches (the last may be smaller).
+
+    The set is the first max_sequences (default: all) non-overlapping (T+1)-token windows of the val
+    split, the same for every world size; rank r of W takes the contiguous r-th W-th of it. The
+    stream is opened once, here, so missing or broken val data fails at construction; each
+    iteration yields the same batches again.
+    """
+
+    def __init__(self, data_dir: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 max_sequences: int | None = None, vocab_size: int | None = None, pin_memory: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.stream = TokenStream(data_dir, "val", vocab_size)
+        count = self.stream.total // (seq_len + 1)
+        if count == 0:
+            raise DataError(f"the val shards in {data_dir!r} hold {self.stream.total:,} tokens, fewer than "
+                            f"seq_len + 1 = {seq_len + 1}: build more data or lower seq_len")
+        if max_sequences is not None:
+            count = min(count, max_sequences)
+        self.first, self.last = rank * count // world_size, (rank + 1) * count // world_size
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.pin_memory = _pinnable(pin_memory)
+
+    def __len__(self) -> int:
+        return -(-(self.last - self.first) // self.micro_batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(self.first, self.last, self.micro_batch):
+            ids = list(range(start, min(start + self.micro_batch, self.last)))
+            yield _windows(self.stream, ids, self.seq_len, self.pin_memory)
+        self.stream.release()  # between evaluations the val pages need not stay resident
+
 
 def val_batches(data_dir: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                 max_sequences: int | None = None, vocab_size: int | None = None,
                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the fixed validation set, in micro_batch batches (the last may be smaller).
-
-    The set is the first max_sequences (default: all) non-overlapping (T+1)-token windows of the val
-    split, the same for every world size; rank r of W takes the contiguous r-th W-th of it.
-    """
-    stream = TokenStream(data_dir, "val", vocab_size)
-    count = stream.total // (seq_len + 1)
-    if count == 0:
-        raise DataError(f"the val shards in {data_dir!r} hold {stream.total:,} tokens, fewer than "
-                        f"seq_len + 1 = {seq_len + 1}: build more data or lower seq_len")
-    if max_sequences is not None:
-        count = min(count, max_sequences)
-    first, last = rank * count // world_size, (rank + 1) * count // world_size
-    pin = _pinnable(pin_memory)
-    # a generator inside, so that bad data raises at the call rather than at the first batch
-    return (_windows(stream, list(range(start, min(start + micro_batch, last))), seq_len, pin)
-            for start in range(first, last, micro_batch))
+    """One pass over ValLoader(...) with the same arguments; bad data raises here, at the call."""
+    return iter(ValLoader(data_dir, seq_len, micro_batch, rank, world_size, max_sequences, vocab_size,
+                          pin_memory))

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import sys
 
@@ -8,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataloader  # noqa: E402
-from dataloader import DataError, TrainLoader, val_batches  # noqa: E402
+from dataloader import DataError, TrainLoader, ValLoader, data_identity, shard_name, val_batches  # noqa: E402
 
 T = 8  # sequence length: windows of 9 tokens
 TRAIN_LENGTHS = [1000, 777, 1500]  # uneven, so windows straddle shard boundaries
@@ -73,7 +75,8 @@ def test_resume_on_another_world_size_reproduces_the_rest(data):
     """A position saved on 2 ranks and loaded on 4 yields exactly the batches of an unbroken run."""
     straight, _ = global_batches(data, 1, micro_batch=2, global_batch=8, steps=15)
     first, state = global_batches(data, 2, micro_batch=2, global_batch=8, steps=5)
-    assert state == {"position": 40, "seed": 1337, "seq_len": T, "shuffle": True}
+    assert {k: v for k, v in state.items() if k != "data"} == {"position": 40, "seed": 1337, "seq_len": T,
+                                                               "shuffle": True}
     rest, _ = global_batches(data, 4, micro_batch=2, global_batch=8, steps=10, state=state)
     assert all(torch.equal(a, b) for a, b in zip(straight, first + rest))
 
@@ -171,8 +174,8 @@ def _wrong_dtype(tmp_path):
     return d, "edufineweb_train_000001.npy"
 
 
-def _token_too_big(tmp_path):
-    return _shards(tmp_path, np.arange(100), np.r_[np.arange(100), 50300, 0]), "50300"
+def _token_too_big(tmp_path):  # two windows of T+1, both in the first batch of 2
+    return _shards(tmp_path, np.arange(100), np.r_[np.arange(10), 50300, np.arange(7)]), "50300 at position 10"
 
 
 def _too_short(tmp_path):
@@ -199,8 +202,8 @@ def test_val_errors_are_one_line(tmp_path):
     d = _shards(tmp_path, np.arange(5), np.arange(100))
     with pytest.raises(DataError, match="val shards .* fewer than seq_len"):
         list(val_batches(d, T, 2))
-    _shards(tmp_path, np.r_[np.arange(100), 60000])
-    with pytest.raises(DataError, match="edufineweb_val_000000.npy holds token id 60000"):
+    _shards(tmp_path, np.r_[np.arange(50), 60000, np.arange(49)])
+    with pytest.raises(DataError, match="edufineweb_val_000000.npy holds token id 60000 at position 50"):
         list(val_batches(d, T, 2, vocab_size=50257))
 
 
@@ -215,10 +218,189 @@ def test_resident_memory_stays_flat(tmp_path, monkeypatch):
     length = 1 << 24
     d = _shards(tmp_path, np.arange(1000), np.zeros(length), np.ones(length))
     monkeypatch.setattr(dataloader, "RELEASE_EVERY", 4 << 20)
-    monkeypatch.setattr(dataloader, "CHECK_CHUNK", 1 << 20)
     loader = TrainLoader(d, 1023, 64, 64, shuffle=False, vocab_size=50257, log=lambda s: None)
     loader.next_batch()  # allocations that stay for the loader's life, before the measurement
     before = rss_mb()
     for _ in range(2 * length // (64 * 1024) - 2):
-        loader.next_batch()  # the second shard's vocabulary check, a full read, happens in here
+        loader.next_batch()
     assert rss_mb() - before < 24, "64 MB of shards were read; far less may stay resident"
+
+
+def test_shard_names_follow_build_nanogpt():
+    """shard_name gives the reference's names: shard 0 is val, the others train, six digits."""
+    assert [shard_name(i) for i in (0, 1, 12)] == [
+        "edufineweb_val_000000.npy", "edufineweb_train_000001.npy", "edufineweb_train_000012.npy"]
+    assert dataloader.SHARD_RE.match(shard_name(7)).groups() == ("train", "000007")
+
+
+# ----------------------------------------------------------------------------- token-id checks
+
+def write_manifest(data_dir, **fields) -> None:
+    """A manifest.json listing every shard in data_dir with its size, plus `fields` in each entry."""
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith(".npy"))
+    shards = [{"file": n, "bytes": os.path.getsize(os.path.join(data_dir, n)), **fields} for n in names]
+    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+        json.dump({"shards": shards}, f)
+
+
+def test_first_batch_checks_only_the_windows_it_returns(data):
+    """Start-up scans no shard: the first batch checks the ids of its own B*(T+1) tokens and no more."""
+    loader = TrainLoader(data, T, 4, 4, vocab_size=50257, log=lambda s: None)
+    assert loader.stream.tokens_checked == 0
+    loader.next_batch()
+    assert loader.stream.tokens_checked == 4 * (T + 1)
+
+
+def test_bad_token_in_a_later_shard_fails_at_the_batch_that_reads_it(tmp_path):
+    """A bad id deep in the last shard lets the batches before it through and fails the one that reads it."""
+    last = np.arange(300)
+    last[250] = 50300
+    d = _shards(tmp_path, np.arange(100), np.arange(200), np.arange(200), last)
+    loader = TrainLoader(d, T, 1, 1, shuffle=False, vocab_size=50257, log=lambda s: None)
+    for _ in range((400 + 250) // (T + 1)):  # the last shard's first 28 windows among them
+        loader.next_batch()
+    with pytest.raises(DataError, match=r"edufineweb_train_000003\.npy holds token id 50300 at position 250"):
+        loader.next_batch()
+
+
+@pytest.mark.parametrize("max_token, bytes_off, checked", [(99, 0, False), (50300, 0, True), (99, 2, True)],
+                         ids=["vouched", "max_token>=vocab", "other-size"])
+def test_manifest_max_token_skips_the_check(tmp_path, max_token, bytes_off, checked):
+    """Shards listed in manifest.json with their size and a max_token below the vocabulary are not checked."""
+    d = _shards(tmp_path, np.arange(100), np.arange(100), np.arange(100))
+    write_manifest(d, max_token=max_token)
+    manifest = json.load(open(os.path.join(d, "manifest.json")))
+    for entry in manifest["shards"]:
+        entry["bytes"] += bytes_off
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loader = TrainLoader(d, T, 2, 2, vocab_size=50257, log=lambda s: None)
+    loader.next_batch()
+    assert loader.stream.tokens_checked == (2 * (T + 1) if checked else 0)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_val_loader_opens_once_and_repeats(data, monkeypatch):
+    """Iterating a ValLoader twice yields the same batches from the one stream opened at construction."""
+    opened = []
+
+    class CountingStream(dataloader.TokenStream):
+        def __init__(self, *args, **kwargs):
+            opened.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(dataloader, "TokenStream", CountingStream)
+    val = ValLoader(data, T, 4, rank=1, world_size=2, vocab_size=50257)
+    assert len(opened) == 1
+    first, second = list(val), list(val)
+    assert len(first) == len(val) > 1
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(first, second))
+    assert len(opened) == 1
+
+
+# ----------------------------------------------------------------------------- data identity
+
+def _three_shards(tmp_path):
+    return _shards(tmp_path, np.arange(100), np.arange(200), np.arange(200, 400), np.arange(400, 600))
+
+
+def _saved_state(data_dir) -> dict:
+    loader = TrainLoader(data_dir, T, 2, 4, log=lambda s: None)
+    for _ in range(6):
+        loader.next_batch()
+    return loader.state_dict()
+
+
+def _add(d):
+    write_reference_shard(d, "train", 4, np.arange(50))
+    return "added: edufineweb_train_000004.npy"
+
+
+def _remove(d):
+    os.remove(os.path.join(d, "edufineweb_train_000002.npy"))
+    return "removed: edufineweb_train_000002.npy"
+
+
+def _rebuild(d):  # the same number of tokens, so the same size, but other tokens
+    write_reference_shard(d, "train", 2, np.arange(200)[::-1])
+    return "changed: edufineweb_train_000002.npy"
+
+
+@pytest.mark.parametrize("change", [_add, _remove, _rebuild], ids=["added", "removed", "rebuilt"])
+def test_resume_on_other_data_is_refused(tmp_path, change):
+    """A state saved on other data (a shard added, removed, or rebuilt to the same size) is a one-line DataError."""
+    d = _three_shards(tmp_path)
+    state = _saved_state(d)
+    expected = change(d)
+    loader = TrainLoader(d, T, 2, 4, log=lambda s: None)
+    with pytest.raises(DataError) as info:
+        loader.load_state_dict(state)
+    message = str(info.value)
+    assert "\n" not in message and expected in message and "--accept_new_data=true" in message
+
+
+def test_accept_new_data_continues_from_the_saved_position(tmp_path):
+    """With accept_new_data=True other data loads at the saved position, and the log names the differences."""
+    d = _three_shards(tmp_path)
+    state = _saved_state(d)
+    _add(d)
+    lines = []
+    loader = TrainLoader(d, T, 2, 4, log=lines.append)
+    loader.load_state_dict(state, accept_new_data=True)
+    assert loader.state_dict()["position"] == state["position"] == 12
+    assert loader.state_dict()["data"] == data_identity(d) != state["data"]
+    assert any("added: edufineweb_train_000004.npy" in line for line in lines)
+    loader.next_batch()
+
+
+def test_state_without_data_identity_loads_with_a_note(data):
+    """An older checkpoint's state, without "data", loads and the log says the data could not be checked."""
+    lines = []
+    loader = TrainLoader(data, T, 2, 4, log=lines.append)
+    loader.load_state_dict({"position": 8, "seed": 1337, "seq_len": T, "shuffle": True})
+    assert loader.step == 4 and "could not be checked" in lines[-1]
+
+
+class CountingOpen:
+    """Stands in for open() in dataloader, adding up the bytes read from each file."""
+
+    def __init__(self):
+        self.read = {}
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        read, name = f.read, os.path.basename(path)
+
+        def counting(*a):
+            data = read(*a)
+            self.read[name] = self.read.get(name, 0) + len(data)
+            return data
+
+        f.read = counting
+        return f
+
+
+def test_shards_without_manifest_are_fingerprinted_from_a_sample(tmp_path, monkeypatch):
+    """Without manifest.json a 16 MB shard's identity reads a few MiB of it, and a changed byte there shows."""
+    d = _shards(tmp_path, np.arange(100), np.arange(1 << 23) % 50000)
+    counting = CountingOpen()
+    monkeypatch.setattr(dataloader, "open", counting, raising=False)
+    before = data_identity(d)
+    size = os.path.getsize(os.path.join(d, "edufineweb_train_000001.npy"))
+    assert 0 < counting.read["edufineweb_train_000001.npy"] <= 3 << 20 < size // 5
+    with open(os.path.join(d, "edufineweb_train_000001.npy"), "r+b") as f:
+        f.seek(size - 1000)
+        f.write(b"\xff\xff")
+    assert dataloader.identity_differences(before, data_identity(d)) == ["changed: edufineweb_train_000001.npy"]
+
+
+def test_identity_comes_from_the_manifest_without_reading_shards(tmp_path, monkeypatch):
+    """Shards that manifest.json lists with their size take its sha256, and no shard is read."""
+    d = _three_shards(tmp_path)
+    write_manifest(d, sha256="ab" * 32)
+    counting = CountingOpen()
+    monkeypatch.setattr(dataloader, "open", counting, raising=False)
+    identity = data_identity(d)
+    assert list(counting.read) == ["manifest.json"]
+    assert {s["sha256"] for s in identity["shards"].values()} == {"ab" * 32} and len(identity["shards"]) == 3
+    assert identity["manifest"] == hashlib.sha256(open(os.path.join(d, "manifest.json"), "rb").read()).hexdigest()

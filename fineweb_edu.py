@@ -10,13 +10,16 @@ Every document becomes [<|endoftext|>] + encode_ordinary(text), so special-token
 document are plain text. The token stream is cut into shards of exactly --shard_size tokens (the
 last holds the remainder; a document may continue into the next shard) saved by np.save as uint16
 under build-nanogpt's names: edufineweb_val_000000.npy (shard 0 is the validation split), then
-edufineweb_train_000001.npy, ... so shards from build-nanogpt or DMaS-LLaMa-Lite load in
-dataloader.py and ours load in theirs. manifest.json beside them records the tokenizer, the source
-and options, and for each shard its documents, tokens, sha256 and where in the source it ends.
+edufineweb_train_000001.npy, ... (dataloader.py owns the names) so shards from build-nanogpt or
+DMaS-LLaMa-Lite load in dataloader.py and ours load in theirs. manifest.json beside them records the
+tokenizer, the source and options, and for each shard its documents, tokens, bytes, sha256, largest
+token id (max_token, which lets the loader skip its id check and resumes identify the data without
+reading it) and where in the source it ends.
 
 Rerun with the same arguments after an interruption (Ctrl-C, kill -9), it keeps the shards that
 match the manifest, skips the documents they hold and writes the rest; the result is byte-identical
-to an uninterrupted run, whatever --workers is.
+to an uninterrupted run, whatever --workers is. A rerun never deletes complete shards unless told to:
+a --max_tokens below what they hold is refused, or with --truncate cuts the build back to it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import gzip
 import hashlib
 import itertools
 import json
@@ -40,6 +44,8 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+import utils
+from dataloader import MANIFEST, SHARD_PATTERN, shard_name
 from tokenizer import EOT, get_encoding
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -48,9 +54,7 @@ SUBSET_OUT = {
     "sample-100BT": "data/edu_fineweb100B",
     "sample-350BT": "data/edu_fineweb350B",
 }
-SHARD_PREFIX = "edufineweb"
-SHARD_RE = re.compile(rf"^{SHARD_PREFIX}_(val|train)_(\d{{6}})\.npy(\.tmp)?$")
-MANIFEST = "manifest.json"
+SHARD_FILE_RE = re.compile(rf"^{SHARD_PATTERN}(\.tmp)?$")  # shards, and the partials a kill leaves
 DOCS_PER_TASK = 128  # per tokenizer task: amortizes the hand-off to a thread, still balances load
 MAX_CHARS_PER_TASK = 4_000_000  # ...but no task so large that one thread works while others idle
 
@@ -102,7 +106,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard_size", type=_count, default=100_000_000,
                         help="tokens per shard (default: 1e8, build-nanogpt's)")
     parser.add_argument("--max_tokens", type=_count, default=None,
-                        help="stop after this many tokens in all (default: the whole source)")
+                        help="stop after this many tokens in all (default: the whole source); below "
+                        "what --out's complete shards already hold, the build refuses unless --truncate")
+    parser.add_argument("--truncate", action="store_true",
+                        help="with a --max_tokens below what --out's complete shards hold: delete the "
+                        "shards beyond it and end the build at --max_tokens (without it nothing is deleted)")
     parser.add_argument("--workers", type=int, default=_cpu_count(),
                         help="tokenizer threads (default: all cores); the shards do not depend on it")
     return parser
@@ -122,10 +130,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def shard_name(index: int) -> str:
-    return f"{SHARD_PREFIX}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -168,9 +172,11 @@ def describe_source(args: argparse.Namespace, files: list[str] | None) -> dict:
 def open_documents(args: argparse.Namespace, files: list[str] | None, skip: int) -> Iterator[list[str]]:
     """Batches of document texts in source order, after the first `skip` documents.
 
-    Hub and local files go through the same `datasets` path: streaming for local files and, unless
+    The hub, parquet and plain text go through `datasets`: streaming for local files and, unless
     --no_streaming, for the hub too, so tokenizing starts without a full download first. The
-    sources are opened here, so an unreachable hub fails before any progress bar appears.
+    sources are opened here, so an unreachable hub fails before any progress bar appears. JSON
+    files are read by _json_texts: datasets' json reader turns a chunk whose column mixes types
+    into JSON-encoded strings ('"text"', '5') without a word, where we want the row named.
     """
     import datasets  # here, not at the top: --help and an already-complete build never need it
 
@@ -196,8 +202,7 @@ def _load(datasets, args: argparse.Namespace, fmt: str, group: list[str]):
         return datasets.load_dataset("parquet", data_files=group, split="train", streaming=True,
                                      cache_dir=args.cache_dir, columns=[column])
     if fmt == "json":
-        return datasets.load_dataset("json", data_files=group, split="train", streaming=True,
-                                     cache_dir=args.cache_dir)
+        return None
     # one file = one document; a stray undecodable byte should not stop a long build
     return datasets.load_dataset("text", data_files=group, split="train", streaming=True,
                                  cache_dir=args.cache_dir, sample_by="document", encoding_errors="replace")
@@ -206,18 +211,59 @@ def _load(datasets, args: argparse.Namespace, fmt: str, group: list[str]):
 def _iter_texts(args: argparse.Namespace, files: list[str] | None, opened: list, skip: int) -> Iterator[list[str]]:
     with _source_errors(args, files):
         for fmt, group, ds in opened:
-            column = "text" if fmt == "text" else args.text_column
-            for batch in ds.iter(batch_size=DOCS_PER_TASK):
-                if column not in batch:
-                    raise BuildError(f"no {column!r} in {fmt} rows (keys: {sorted(batch)}) of "
-                                     f"{group[0]}...: pass --text_column NAME")
-                texts = batch[column]
+            for texts in _batches(args, fmt, group, ds):
                 if skip:
                     dropped = min(skip, len(texts))
                     texts, skip = texts[dropped:], skip - dropped
                 if texts:
                     # A null text is an empty document: keeping it keeps document indices = row indices.
                     yield [t if t is not None else "" for t in texts]
+
+
+def _batches(args: argparse.Namespace, fmt: str, group: list[str], ds) -> Iterator[list[str | None]]:
+    if fmt == "json":
+        texts = itertools.chain.from_iterable(_json_texts(path, args.text_column) for path in group)
+        while batch := list(itertools.islice(texts, DOCS_PER_TASK)):
+            yield batch
+        return
+    column = "text" if fmt == "text" else args.text_column
+    for batch in ds.iter(batch_size=DOCS_PER_TASK):
+        if column not in batch:
+            raise BuildError(f"no {column!r} in {fmt} rows (keys: {sorted(batch)}) of {group[0]}...: "
+                             f"pass --text_column NAME")
+        yield batch[column]
+
+
+def _json_texts(path: str, column: str) -> Iterator[str | None]:
+    """`column` of each row of a JSON-lines file (blank lines skipped) or of a JSON file holding one
+    list of rows; a row without it, or whose text is not a string (null is an empty document), is a
+    BuildError naming the file and the row."""
+    try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
+            one_list = f.read(64).lstrip().startswith("[")  # a JSON list of rows, not JSON lines
+            f.seek(0)
+            if one_list:
+                rows = ((f"row {i} of {path}", row) for i, row in enumerate(json.load(f), 1))
+            else:
+                rows = ((f"line {i} of {path}", _json_line(line, i, path)) for i, line in enumerate(f, 1)
+                        if line.strip())
+            for where, row in rows:
+                if not isinstance(row, dict) or column not in row:
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise BuildError(f"{where} has no {column!r} (it holds {keys}): pass --text_column NAME")
+                if row[column] is not None and not isinstance(row[column], str):
+                    raise BuildError(f"{where} holds {type(row[column]).__name__} {repr(row[column])[:40]} in "
+                                     f"{column!r}, not a string: fix that row, or pass --text_column NAME")
+                yield row[column]
+    except (OSError, ValueError, EOFError) as e:  # unreadable, not gzip, not UTF-8, a broken JSON list
+        raise BuildError(f"cannot read {path} ({_reason(e)})") from None
+
+
+def _json_line(line: str, number: int, path: str) -> object:
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise BuildError(f"line {number} of {path} is not JSON ({_reason(e)}): fix or remove that line") from None
 
 
 @contextlib.contextmanager
@@ -228,7 +274,7 @@ def _source_errors(args: argparse.Namespace, files: list[str] | None) -> Iterato
     except BuildError:
         raise
     except Exception as e:
-        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        reason = _reason(e)
         if files is None:
             raise BuildError(
                 f"could not read {args.dataset} {args.subset} from the Hugging Face hub ({reason}); "
@@ -237,13 +283,21 @@ def _source_errors(args: argparse.Namespace, files: list[str] | None) -> Iterato
         raise BuildError(f"could not read the --local files ({reason})") from None
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def _check_parquet_column(files: list[str], column: str) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     for path in files:
-        names = pq.read_schema(path).names
-        if column not in names:
-            raise BuildError(f"{path} has no column {column!r} (columns: {names}): pass --text_column NAME")
+        schema = pq.read_schema(path)
+        if column not in schema.names:
+            raise BuildError(f"{path} has no column {column!r} (columns: {schema.names}): pass --text_column NAME")
+        kind = schema.field(column).type
+        if kind not in (pa.string(), pa.large_string(), pa.null()):
+            raise BuildError(f"{path}'s column {column!r} holds {kind}, not text: pass --text_column NAME")
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -288,14 +342,8 @@ class _HashingFile:
         return self.f.write(data)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_manifest(out_dir: str, manifest: dict) -> None:
+    utils.write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
 
 
 class ShardWriter:
@@ -357,11 +405,11 @@ class ShardWriter:
         shards.append({
             "file": name, "split": "val" if len(shards) == 0 else "train",
             "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT)),
-            "bytes": os.path.getsize(path), "sha256": hashing.sha.hexdigest(),
+            "bytes": os.path.getsize(path), "sha256": hashing.sha.hexdigest(), "max_token": int(tokens.max()),
             "next_document": next_document, "next_document_offset": next_offset,
         })
         _update_totals(self.manifest)
-        _write_json(os.path.join(self.out_dir, MANIFEST), self.manifest)
+        _write_manifest(self.out_dir, self.manifest)
 
     def finish(self) -> None:
         """Write the partial last shard, if any, and mark the build complete."""
@@ -371,7 +419,7 @@ class ShardWriter:
             self.writing.result()
         self.io.shutdown()
         self.manifest["complete"] = True
-        _write_json(os.path.join(self.out_dir, MANIFEST), self.manifest)
+        _write_manifest(self.out_dir, self.manifest)
 
     def abandon(self) -> None:
         """On an interruption: let the shard being written finish, so it is kept."""
@@ -391,7 +439,7 @@ def _update_totals(manifest: dict) -> None:
 # ----------------------------------------------------------------------------- resuming
 
 def _shard_files(out_dir: str) -> list[str]:
-    return sorted(n for n in os.listdir(out_dir) if SHARD_RE.match(n))
+    return sorted(n for n in os.listdir(out_dir) if SHARD_FILE_RE.match(n))
 
 
 def _file_matches(out_dir: str, shard: dict) -> bool:
@@ -405,9 +453,11 @@ def _file_matches(out_dir: str, shard: dict) -> bool:
     return sha.hexdigest() == shard["sha256"]
 
 
-def resume_state(out_dir: str, identity: dict, max_tokens: int | None, log: Log) -> dict:
+def resume_state(out_dir: str, identity: dict, max_tokens: int | None, log: Log, truncate: bool = False) -> dict:
     """The manifest to continue from: the shards of an earlier run that still match their
-    manifest entries and are full (a partial last shard is rebuilt), or a fresh one."""
+    manifest entries and are full (a partial last shard is rebuilt), or a fresh one. Shards past
+    max_tokens are deleted only with `truncate`, else a BuildError: finished work is not thrown away.
+    """
     fresh = {**identity, "max_tokens": max_tokens, "complete": False, "documents": 0, "tokens": 0,
              "next_document": 0, "next_document_offset": 0, "shards": []}
     path = os.path.join(out_dir, MANIFEST)
@@ -436,6 +486,11 @@ def resume_state(out_dir: str, identity: dict, max_tokens: int | None, log: Log)
     if old["complete"] and old["max_tokens"] == max_tokens and len(matching) == len(old["shards"]):
         _remove_shards(out_dir, keep={s["file"] for s in matching})
         return old
+    held = sum(s["tokens"] for s in matching)
+    if max_tokens is not None and held > max_tokens and not truncate:
+        raise BuildError(f"{out_dir} already holds {held:,} tokens in {len(matching)} shards, more than "
+                         f"--max_tokens {max_tokens:,}: rerun with a larger --max_tokens (or none) to keep "
+                         f"them, add --truncate to delete the shards beyond it, or pass another --out")
     kept: list[dict] = []
     for shard in matching:
         total = sum(s["tokens"] for s in kept) + shard["tokens"]
@@ -443,9 +498,11 @@ def resume_state(out_dir: str, identity: dict, max_tokens: int | None, log: Log)
             break
         kept.append(shard)
     _remove_shards(out_dir, keep={s["file"] for s in kept})
+    if max_tokens is not None and held > max_tokens:
+        log(f"--truncate: deleted {len(matching) - len(kept)} shards to end at --max_tokens {max_tokens:,}")
     manifest = {**fresh, "shards": kept}
     _update_totals(manifest)
-    _write_json(path, manifest)
+    _write_manifest(out_dir, manifest)
     if kept:
         log(f"resuming: kept {len(kept)} complete shards ({manifest['tokens']:,} tokens); skipping "
             f"the first {manifest['next_document']:,} documents of the source")
@@ -475,6 +532,7 @@ def _tasks(batches: Iterator[list[str]]) -> Iterator[list[str]]:
 def build(args: argparse.Namespace, log: Log = print) -> dict:
     """Tokenize the source named by `args` into shards in args.out; returns the final manifest."""
     started = time.perf_counter()
+    check_out_dir(args.out)
     files = resolve_local_files(args.local) if args.local else None
     identity = {
         "format": "np.save of 1-D uint16 arrays; <|endoftext|> before each document; shard 0 is val",
@@ -482,8 +540,7 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
         "source": describe_source(args, files), "text_column": args.text_column,
         "shard_size": args.shard_size,
     }
-    os.makedirs(args.out, exist_ok=True)
-    manifest = resume_state(args.out, identity, args.max_tokens, log)
+    manifest = resume_state(args.out, identity, args.max_tokens, log, args.truncate)
     if manifest["complete"]:
         log(f"{args.out} is already complete: {_summary(manifest, args.out)}")
         return manifest
@@ -544,6 +601,19 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
     return manifest
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Create out_dir if need be; a BuildError now, before any long work, if shards cannot be written there."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BuildError(f"--out {out_dir} is a file, not a directory: pass another --out")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise BuildError(f"cannot write to --out {out_dir} ({e.strerror or _reason(e)}): pass a writable "
+                         f"directory as --out, or fix its permissions") from None
+
+
 def _summary(manifest: dict, out_dir: str) -> str:
     shards = len(manifest["shards"])
     size = sum(s["bytes"] for s in manifest["shards"])
@@ -575,14 +645,13 @@ def build_local_corpus(out_dir: str, max_tokens: int = 1_000_000, log: Log = pri
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        build(args)
-    except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:  # a full disk, say: the complete shards are safe
-        print(f"error: {e}; the complete shards in {args.out} are kept: fix this and rerun the same "
-              f"command to resume", file=sys.stderr)
-        sys.exit(1)
+        with utils.cli_errors("fineweb_edu.py", expected=(BuildError,)):
+            try:
+                build(args)
+            except OSError as e:  # a full disk, say: the complete shards are safe, and resuming keeps them
+                reason = utils.disk_full_message(args.out, e) or _reason(e)
+                raise BuildError(f"{reason}; the complete shards in {args.out} are kept: fix this and "
+                                 f"rerun the same command to resume") from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: the complete shards in {args.out} are kept; rerun the same command to resume",
               file=sys.stderr)

@@ -115,6 +115,7 @@ def test_round_trip(corpus, clean):
         assert entry["file"] == name and entry["tokens"] == len(tokens) and entry["bytes"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
         assert entry["documents"] == int(np.count_nonzero(tokens == EOT))
+        assert entry["max_token"] == int(tokens.max())
 
 
 def test_shards_load_in_the_reference_loader_and_ours(corpus, clean):
@@ -232,7 +233,7 @@ def test_complete_build_is_not_redone(corpus, clean, capsys):
 
 @pytest.mark.parametrize("case", ["other-options", "no-files", "no-column", "shards-without-manifest"])
 def test_user_errors_are_one_line(corpus, clean, tmp_path, capsys, case):
-    """Changed options, a glob matching nothing, a missing column, shards without manifest: one line, exit 1."""
+    """Changed options, a glob matching nothing, a missing column, shards without manifest: one line, exit 2."""
     if case == "other-options":
         argv = ["--local", corpus["glob"], "--out", clean, "--shard_size", "5000"]
     elif case == "no-files":
@@ -244,9 +245,9 @@ def test_user_errors_are_one_line(corpus, clean, tmp_path, capsys, case):
         argv = ["--local", corpus["glob"], "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as info:
         fineweb_edu.main(argv + ["--cache_dir", str(tmp_path / "cache")])
-    assert info.value.code == 1
+    assert info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
+    assert err.startswith("fineweb_edu.py: error: ") and "\n" not in err
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "no_streaming"])
@@ -275,7 +276,7 @@ def test_hub_failure_is_one_line(tmp_path):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, os.path.join(REPO, "fineweb_edu.py"), "--cache_dir", "cache"],
                          env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert run.returncode == 1
+    assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "--local" in lines[0] and "HuggingFaceFW/fineweb-edu" in lines[0]
     assert os.listdir(tmp_path / "data" / "edu_fineweb10B") == [], "the default --out, and nothing in it"
@@ -287,7 +288,7 @@ def test_help_documents_every_option():
     options = [a for a in parser._actions if a.option_strings]
     assert {o for a in options for o in a.option_strings} >= {
         "--subset", "--local", "--text_column", "--out", "--shard_size", "--max_tokens", "--workers",
-        "--no_streaming", "--cache_dir", "--dataset"}
+        "--no_streaming", "--cache_dir", "--dataset", "--truncate"}
     assert all(a.help and len(a.help) > 10 for a in options)
 
 
@@ -304,3 +305,94 @@ def test_local_corpus_from_the_standard_library(tmp_path):
     assert fineweb_edu.build_local_corpus(out, max_tokens=200_000) == out
     assert time.perf_counter() - started < 0.5
     assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == stamp
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run main(argv), expecting the one-line error and exit status 2 of utils.cli_errors; return the line."""
+    with pytest.raises(SystemExit) as info:
+        fineweb_edu.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the progress bar, if it started
+    assert line.startswith("fineweb_edu.py: error: ") and "Traceback" not in err
+    return line
+
+
+def test_smaller_max_tokens_keeps_complete_shards(corpus, clean, tmp_path, capsys):
+    """A rerun with a --max_tokens below what the complete shards hold refuses in one line and deletes nothing."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(clean, out)
+    before = files_bytes(out)
+    err = one_line_error(capsys, ["--local", corpus["glob"], "--out", str(out), "--shard_size", str(SHARD),
+                                  "--max_tokens", str(2 * SHARD), "--cache_dir", clean + "_cache"])
+    assert f"more than --max_tokens {2 * SHARD:,}" in err and "--truncate" in err
+    assert files_bytes(out) == before
+
+
+def test_truncate_cuts_a_build_back_to_max_tokens(corpus, clean, tmp_path):
+    """With --truncate, a smaller --max_tokens ends byte-identical to a fresh build with that limit."""
+    import shutil
+
+    limit = 2 * SHARD + 500
+    shutil.copytree(clean, tmp_path / "cut")
+    build(tmp_path / "cut", [corpus["glob"]], "--max_tokens", str(limit), "--truncate", cache=clean)
+    build(tmp_path / "fresh", [corpus["glob"]], "--max_tokens", str(limit), cache=clean)
+    assert files_bytes(tmp_path / "cut") == files_bytes(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("bad", [5, ["a list"], {"a": "dict"}], ids=["number", "list", "dict"])
+def test_jsonl_text_that_is_not_a_string_names_file_and_row(tmp_path, capsys, bad):
+    """A jsonl row whose text is a number, a list or a dict is one line naming the file and the row."""
+    for name, texts in [("a.jsonl", ["one", None, "three"]), ("b.jsonl", ["four", bad, "six"])]:
+        (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    err = one_line_error(capsys, ["--local", str(tmp_path / "*.jsonl"), "--out", str(tmp_path / "out"),
+                                  "--cache_dir", str(tmp_path / "cache")])
+    assert f"line 2 of {tmp_path / 'b.jsonl'} holds {type(bad).__name__} " in err
+
+
+def test_null_text_is_an_empty_document(tmp_path):
+    """A jsonl row whose text is null is an empty document, so document indices stay row indices."""
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": null}\n\n{"text": "three"}\n')
+    build(tmp_path / "out", [str(tmp_path / "a.jsonl")])
+    got = np.concatenate([a for _, a in read_shards(tmp_path / "out")])
+    assert np.array_equal(got, expected_stream(["one", "", "three"]))
+
+
+def test_json_list_files_are_read_as_rows(tmp_path):
+    """A .json file holding one list of rows gives one document per row, as a JSON-lines file does."""
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=2))
+    build(tmp_path / "out", [str(tmp_path / "a.json")])
+    got = np.concatenate([a for _, a in read_shards(tmp_path / "out")])
+    assert np.array_equal(got, expected_stream(["one", "two"]))
+
+
+@pytest.mark.parametrize("case", ["out-is-a-file", "out-under-a-file"])
+def test_unusable_out_dir_fails_before_any_work(corpus, tmp_path, capsys, monkeypatch, case):
+    """An --out that is a regular file, or cannot be created, is one line before the source is read."""
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / "file" if case == "out-is-a-file" else tmp_path / "file" / "out"
+    monkeypatch.setattr(fineweb_edu, "resolve_local_files", lambda _: pytest.fail("read the source"))
+    err = one_line_error(capsys, ["--local", corpus["glob"], "--out", str(out)])
+    assert str(out) in err
+
+
+def test_full_disk_is_one_line_that_keeps_the_shards(corpus, tmp_path, capsys, monkeypatch):
+    """A disk that fills while a shard is written is one line saying so, the complete shards are kept."""
+    import errno
+
+    saved = []
+
+    def save(f, tokens):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(len(tokens))
+        np.lib.format.write_array(f, tokens)
+
+    monkeypatch.setattr(fineweb_edu.np, "save", save)
+    out = tmp_path / "out"
+    err = one_line_error(capsys, ["--local", corpus["glob"], "--out", str(out), "--shard_size", str(SHARD),
+                                  "--cache_dir", str(tmp_path / "cache")])
+    assert "disk full" in err and "complete shards" in err and "rerun the same command" in err
+    assert json.loads((out / "manifest.json").read_text())["shards"][0]["file"] == "edufineweb_val_000000.npy"

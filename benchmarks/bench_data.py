@@ -9,8 +9,9 @@ Tokenizing (one parquet in FineWeb-Edu's schema, >= 3M tokens, all methods on th
   in-process after a warm-up so imports are not counted, and as a fresh subprocess that counts them.
 Loading (one 100M-token shard, B=32 x T=1024): peak resident memory above the process's baseline
 and microseconds per batch for our memory-mapped TrainLoader, and for the reference's
-DataLoaderLite, which loads a whole shard into an int64 tensor. Each loader runs in a fresh
-subprocess so its peak is its own. Methods take turns, --repeats times; tokenizing reports the best and the median run, loading the best.
+DataLoaderLite, which loads a whole shard into an int64 tensor. The shards have no manifest.json,
+like build-nanogpt's, so our setup includes fingerprinting them and every batch's token ids are
+checked (one max per batch). Each loader runs in a fresh subprocess so its peak is its own. Methods take turns, --repeats times; tokenizing reports the best and the median run, loading the best.
 
     python benchmarks/bench_data.py
     python benchmarks/bench_data.py --parquet fineweb-edu-part.parquet   # real FineWeb-Edu text
@@ -37,6 +38,7 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dataloader import shard_name  # noqa: E402
 from tokenizer import EOT, get_encoding  # noqa: E402
 
 
@@ -149,8 +151,8 @@ def bench_tokenize(args: argparse.Namespace, work: str) -> list[str]:
                     [sys.executable, os.path.join(REPO, "fineweb_edu.py"), "--local", parquet, "--out",
                      os.path.join(work, f"cold{i}"), "--workers", str(cores), "--cache_dir",
                      os.path.join(work, "cache")], check=True, capture_output=True)))
-    assert np.array_equal(np.load(os.path.join(ref_out, "edufineweb_val_000000.npy")),
-                          np.load(os.path.join(work, "ours0", "edufineweb_val_000000.npy"))), "outputs differ"
+    assert np.array_equal(np.load(os.path.join(ref_out, shard_name(0))),
+                          np.load(os.path.join(work, "ours0", shard_name(0)))), "outputs differ"
     best = {k: min(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
 
@@ -218,9 +220,8 @@ def bench_loader(args: argparse.Namespace, work: str) -> list[str]:
     data_dir = os.path.join(work, "shards")
     os.makedirs(data_dir, exist_ok=True)
     rng = np.random.default_rng(0)
-    np.save(os.path.join(data_dir, "edufineweb_val_000000.npy"), rng.integers(0, 50257, 1_000_000, dtype=np.uint16))
-    np.save(os.path.join(data_dir, "edufineweb_train_000001.npy"),
-            rng.integers(0, 50257, args.loader_tokens, dtype=np.uint16))
+    np.save(os.path.join(data_dir, shard_name(0)), rng.integers(0, 50257, 1_000_000, dtype=np.uint16))
+    np.save(os.path.join(data_dir, shard_name(1)), rng.integers(0, 50257, args.loader_tokens, dtype=np.uint16))
     batch, seq_len = 32, 1024
     batches = args.loader_tokens // (batch * (seq_len + 1))
     lines = [f"loading: one {args.loader_tokens:,}-token shard ({args.loader_tokens * 2 / 1e6:,.0f} MB), "

@@ -128,6 +128,8 @@ def test_shards_load_in_the_reference_loader_and_ours(corpus, clean):
     loader = TrainLoader(clean, 63, 4, 4, shuffle=False, vocab_size=50257, log=lambda s: None)
     x, y = loader.next_batch()
     assert np.array_equal(x.numpy().ravel(), np.concatenate([expected[SHARD + 64 * i:][:63] for i in range(4)]))
+    assert loader.stream.tokens_checked == 0, "the manifest's max_token vouches for every shard"
+    assert all("sha256" in s for s in loader.state_dict()["data"]["shards"].values()), "identity read from it"
     x, _ = next(val_batches(clean, 63, 2))
     assert np.array_equal(x[0].numpy(), expected[:63])
 

@@ -9,12 +9,14 @@ into one endless global stream of sequences.
 Global batch k is global-stream sequences [k*G, (k+1)*G). Within it, micro-step m of rank r takes
 the B sequences from k*G + m*B*W + r*B, so W GPUs with A accumulation steps see exactly what one GPU
 with W*A steps sees. The loader's whole position is one number, the sequences consumed, which is why
-a run can resume on another GPU count (same G) and see the same batches.
+a run can resume on another GPU count (same G) and see the same batches. Validation is a fixed
+set, the val split's first windows in order: a ValLoader opens it once per run and yields this
+rank's share each time it is iterated.
 
 Shards are memory-mapped and the pages read are handed back to the kernel as we go, so resident
 memory stays flat however many shards are read. Each shard's header is checked when it is opened,
 and the token ids of every batch against the vocabulary as it is read (one max over the batch), so
-start-up reads nothing but headers and bad data fails at the first batch that holds it: a one-line
+start-up reads no shard whole and bad data fails at the first batch that holds it: a one-line
 DataError naming the file and the position. A shard that manifest.json lists with the same size
 and a max_token below the vocabulary is not checked at all.
 

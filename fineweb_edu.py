@@ -153,7 +153,7 @@ def resolve_local_files(patterns: list[str]) -> list[str]:
 
 
 def file_format(path: str) -> str:
-    """The datasets builder that reads a local file: parquet, json (lines) or text (whole file)."""
+    """How a local file is read: parquet, json (lines, or one list of rows) or text (the whole file)."""
     name = path.lower().removesuffix(".gz")
     if name.endswith(".parquet"):
         return "parquet"

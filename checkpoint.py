@@ -1,16 +1,27 @@
-"""Save and load the full training state: atomic, keep-last-k, loadable on any GPU count.
+"""Save and load the full training state: atomic, verified, keep-last-k, loadable on any GPU count.
 
 Layout of a run directory:
 
     out_dir/
       step_0001000/      model + optimizer via torch.distributed.checkpoint (.distcp + .metadata)
-        meta.json        step, tokens seen, loader position, configs, RNG states, versions
+        meta.json        step, run id, configs, the JSON states (loader, RNG, progress), and the
+                         size and checksum of every file beside it
       latest             the name of the newest complete checkpoint ("step_0001000")
+      .lock              held (flock) by the job running in out_dir
 
-A checkpoint is written as `.tmp_step_XXXXXXX`, then renamed; `latest` is replaced atomically
-after the rename. A crash at any instant therefore leaves `latest` naming a complete checkpoint.
-torch.distributed.checkpoint stores each tensor once with its global shape, so a checkpoint
-written by 8 ranks loads on 1, 2 or 4, and the same format serves FSDP if it is added later.
+The contract: `save(out_dir, step, state)` takes a mapping of named stateful objects, each with
+`state_dict()` / `load_state_dict()`. The model and optimizer, wrapped as `ModelState` and
+`OptimizerState`, go to torch.distributed.checkpoint, which stores each tensor once with its
+global shape, so a checkpoint written by 8 ranks loads on 1, 2 or 4, DDP or FSDP. Every other
+object's state_dict() is JSON and goes into meta.json under its name. `load(ckpt, state)` is
+the same mapping in reverse.
+
+Crash safety: a checkpoint is written as `.tmp_step_XXXXXXX`, its files checksummed, meta.json
+written last, then the directory is renamed; `latest` is replaced atomically after the rename.
+A crash at any instant leaves `latest` naming a complete checkpoint. A full disk removes the
+partial directory and says so in one line. Pruning removes only complete checkpoints of the same
+run older than the one just saved. Loading checks every file's size and (with verify="full")
+its checksum, and refuses non-finite tensors by name, so a corrupt checkpoint never spreads.
 
 Loading never runs code: torch.distributed.checkpoint unpickles its `.metadata` and the
 non-tensor values of a state dict with full pickle; the reader and planner below restrict the
@@ -19,15 +30,22 @@ first to the checkpoint's own metadata classes and load the second with `weights
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import os
 import pickle
 import random
+import re
 import shutil
+import socket
 import subprocess
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -38,21 +56,26 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
-    get_state_dict,
+    get_optimizer_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, build_model
+from utils import UserError, fsync_dir, write_atomic
 
 META = "meta.json"
 LATEST = "latest"
-STEP_PREFIX = "step_"
+LOCK = ".lock"
+STEP_RE = re.compile(r"step_(\d{7})")  # exactly what step_dir() writes; nothing else is ours
+BLOCK = 64 << 20  # bytes per checksum block: blocks hash in parallel threads
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or unreadable."""
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, corrupt or unusable; one line naming the file."""
 
+
+# ----------------------------------------------------------------------------- safe loading
 
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
@@ -106,13 +129,100 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+# ----------------------------------------------------------------------------- stateful objects
+
+class ModelState:
+    """The model's weights for torch.distributed.checkpoint (unwrapped module: no DDP/compile prefixes)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_model_state_dict(self.model, state)
+
+
+class OptimizerState:
+    """AdamW's moments and step counts. The hyperparameters (lr, betas, weight decay) stay those
+    of the optimizer as built from this run's config, so a deliberate change on resume holds."""
+
+    def __init__(self, model: Transformer, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        set_optimizer_state_dict(self.model, self.optimizer, state)
+        for group, fresh in zip(self.optimizer.param_groups, configured):
+            group.update(fresh)
+
+
+class RNGState:
+    """Every rank's Python, NumPy, torch and CUDA RNG states (collective: all ranks call both)."""
+
+    def state_dict(self) -> list[dict]:
+        if not dist.is_initialized():
+            return [_rng_state()]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, _rng_state())
+        return everyone
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        _set_rng_state(states[rank] if rank < len(states) else states[0])
+
+
+def _rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(saved: dict) -> None:
+    py = saved["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = saved["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8))
+
+
+def _tensor_states(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if isinstance(v, (ModelState, OptimizerState))}
+
+
+# ----------------------------------------------------------------------------- helpers
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _everyone(obj):
+    """`obj` from every rank, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def git_commit() -> str | None:
@@ -126,96 +236,251 @@ def git_commit() -> str | None:
 
 
 def step_dir(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / f"{STEP_PREFIX}{step:07d}"
+    return Path(out_dir) / f"step_{step:07d}"
 
 
-def save(out_dir: str | Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-         meta: dict, keep_last: int = 3) -> Path:
-    """Write the full training state of `step` (collective: every rank calls it)."""
+def file_checksum(path: str | Path, threads: int = 8) -> str:
+    """sha256 over the sha256 of each 64 MiB block: blocks hash in parallel (hashlib releases the
+    GIL), so one large file verifies at several times a single thread's speed."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def block(offset: int) -> bytes:
+            return hashlib.sha256(os.pread(fd, BLOCK, offset)).digest()
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            digests = list(pool.map(block, range(0, max(size, 1), BLOCK)))
+    finally:
+        os.close(fd)
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def _data_files(ckpt: Path) -> list[str]:
+    return sorted(p.name for p in ckpt.iterdir() if p.is_file() and p.name != META)
+
+
+def _checksums(ckpt: Path) -> dict[str, dict]:
+    """{file: {bytes, sha256}} of the checkpoint's files, the work split across ranks."""
+    names = _data_files(ckpt)
+    mine = {n: {"bytes": (ckpt / n).stat().st_size, "sha256": file_checksum(ckpt / n)}
+            for n in names[_rank()::_world()]}
+    merged: dict[str, dict] = {}
+    for part in _everyone(mine):
+        merged.update(part)
+    return merged
+
+
+def _floating_tensors(tree: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every floating-point tensor in nested dicts and lists."""
+    if isinstance(tree, Mapping):
+        return [item for k, v in tree.items() for item in _floating_tensors(v, f"{prefix}{k}.")]
+    if isinstance(tree, (list, tuple)):
+        return [item for i, v in enumerate(tree) for item in _floating_tensors(v, f"{prefix}{i}.")]
+    if isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        return [(prefix.rstrip("."), tree.to_local() if hasattr(tree, "to_local") else tree)]
+    return []
+
+
+def _first_nonfinite(tree: Mapping[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or inf (one device sync in all)."""
+    named = _floating_tensors(tree)
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
+def _one_bad_name(name: str | None) -> str | None:
+    """The first rank's non-None name, the same on every rank."""
+    return next((n for n in _everyone(name) if n), None)
+
+
+# ----------------------------------------------------------------------------- save
+
+def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | None = None,
+         keep_last: int = 3) -> Path:
+    """Write `state` as checkpoint `step` (collective: every rank calls it); returns its path.
+
+    CheckpointError, with the partial directory removed and the previous checkpoints intact, if a
+    tensor is not finite or the disk fills up."""
     out_dir = Path(out_dir)
-    final = step_dir(out_dir, step)
-    tmp = out_dir / f".tmp_{final.name}"
-    if _rank() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
-    if _rank() == 0:
-        meta = {**meta, "step": step, "torch_version": torch.__version__, "git_commit": git_commit()}
-        _write_atomic(tmp / META, json.dumps(meta, indent=2))
-        if final.exists():  # a step saved again, e.g. after resuming from an older checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(out_dir)
-        _write_atomic(out_dir / LATEST, final.name + "\n")
-        _prune(out_dir, keep_last)
+    final, tmp = step_dir(out_dir, step), out_dir / f".tmp_step_{step:07d}"
+    tensors = {name: obj.state_dict() for name, obj in _tensor_states(state).items()}
+    bad = _one_bad_name(_first_nonfinite(tensors))
+    if bad:
+        raise CheckpointError(f"not saving step {step}: {bad} holds NaN or inf; the last good "
+                              f"checkpoint in {out_dir} is kept")
+    # JSON states are collected on every rank (the RNG state is a collective); rank 0 writes them.
+    json_states = {name: obj.state_dict() for name, obj in state.items() if name not in tensors}
+    try:
+        if _rank() == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        dcp.save(tensors, checkpoint_id=tmp)
+        files = _checksums(tmp)
+        if _rank() == 0:
+            model = state.get("model")
+            meta = {**(meta or {}), **json_states, "step": step, "files": files,
+                    "torch_version": torch.__version__, "git_commit": git_commit(),
+                    "world_size": _world(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if isinstance(getattr(getattr(model, "model", None), "config", None), ModelConfig):
+                meta.setdefault("model_config", model.model.config.to_dict())
+            write_atomic(tmp / META, json.dumps(meta, indent=1))
+            if final.exists():  # a step saved again, e.g. after resuming from an older checkpoint
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(out_dir)
+            write_atomic(out_dir / LATEST, final.name + "\n")
+            prune(out_dir, keep_last, newest=final)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        # torch's writers report a full disk as a RuntimeError ("unexpected pos") as often as
+        # ENOSPC: the free space left at the failure tells them apart.
+        nearly_full = _free_bytes(out_dir) < 64 << 20
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(out_dir, step, e, nearly_full)) from None
     _barrier()
     return final
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _free_bytes(path: Path) -> int:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62
 
 
-def _prune(out_dir: Path, keep_last: int) -> None:
+def _save_failure(out_dir: Path, step: int, e: BaseException, nearly_full: bool) -> str:
+    if isinstance(e, CheckpointException) and e.failures:
+        first = next(iter(e.failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    if nearly_full or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return (f"saving step {step} failed: disk full in {out_dir} ({_free_bytes(out_dir) / 2**30:.2f} "
+                f"GiB free once the partial checkpoint was removed): free space, lower --keep_last or "
+                f"move --out_dir; the previous checkpoints are intact")
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return (f"saving step {step} to {out_dir} failed ({type(e).__name__}: {reason[:200]}); the partial "
+            f"checkpoint was removed and the previous ones are intact")
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints in out_dir (named exactly step_NNNNNNN, with meta.json), oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if STEP_RE.fullmatch(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune(out_dir: Path, keep_last: int, newest: Path) -> None:
+    """Delete complete checkpoints of `newest`'s run that are older than it, beyond the newest
+    `keep_last`. Checkpoints of other runs, later steps, and names that are not exactly ours
+    (`step_0000004.good`) are never touched."""
     if keep_last <= 0:
         return
-    complete = sorted(p for p in out_dir.glob(f"{STEP_PREFIX}*") if (p / META).is_file())
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    run_id = read_meta(newest).get("run_id")
+    newest_step = int(newest.name[5:])
+    ours = [p for p in complete_checkpoints(out_dir)
+            if int(p.name[5:]) <= newest_step and _run_id(p) == run_id]
+    for old in ours[:-keep_last]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_id(ckpt: Path) -> str | None:
+    try:
+        return read_meta(ckpt).get("run_id")
+    except CheckpointError:
+        return None
 
 
 def remove_incomplete(out_dir: str | Path) -> None:
     """Delete the partial checkpoints a killed run left behind (rank 0 only)."""
-    for tmp in Path(out_dir).glob(f".tmp_{STEP_PREFIX}*"):
+    for tmp in Path(out_dir).glob(".tmp_step_*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def start_over(out_dir: str | Path, how: str) -> str:
+    """Move ("archive") or delete ("delete") a run directory's checkpoints, latest and metrics,
+    so a new run can start in it; returns what was done, for the log."""
+    out_dir = Path(out_dir)
+    old = [*complete_checkpoints(out_dir), *(out_dir / n for n in (LATEST, "metrics.jsonl"))]
+    old = [p for p in old if p.exists()]
+    if how == "delete":
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return f"deleted {len(old)} old entries of {out_dir}"
+    archive = out_dir / time.strftime("archive_%Y%m%d_%H%M%S")
+    archive.mkdir()
+    for p in old:
+        os.replace(p, archive / p.name)
+    return f"moved the old checkpoints of {out_dir} to {archive}"
+
+
+# ----------------------------------------------------------------------------- find and read
+
 def resolve(path: str | Path) -> Path | None:
     """A checkpoint directory from a run directory (its `latest`) or a checkpoint directory.
-    None for a run directory with no complete checkpoint yet."""
+    None for a run directory with no complete checkpoint yet. A `latest` that is missing,
+    unreadable or names an incomplete checkpoint falls back to the newest complete one."""
     path = Path(path)
     if (path / META).is_file():
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist: pass a run directory or a step_* directory")
-    latest = path / LATEST
-    if latest.is_file():
-        ckpt = path / latest.read_text().strip()
-        if (ckpt / META).is_file():
-            return ckpt
-    # No usable `latest` (a kill between the rename and its update): the newest complete one.
-    complete = sorted(p for p in path.glob(f"{STEP_PREFIX}*") if (p / META).is_file())
+    try:
+        name = (path / LATEST).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if STEP_RE.fullmatch(name) and (path / name / META).is_file():
+        return path / name
+    complete = complete_checkpoints(path)
     return complete[-1] if complete else None
 
 
 def read_meta(ckpt: str | Path) -> dict:
     path = Path(ckpt) / META
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): it is corrupt; "
+                              f"resume from another step_* directory") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{path} is not a checkpoint's meta.json (no step); resume from another "
+                              f"step_* directory")
+    return meta
 
 
-def verify(ckpt: str | Path) -> None:
-    """CheckpointError unless every data file is at least as long as its metadata says."""
+def verify(ckpt: str | Path, full: bool = True) -> None:
+    """CheckpointError unless every file has the size (and, with full, the checksum) recorded at
+    save. Collective when distributed: the files are shared out among the ranks."""
     ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    recorded = meta.get("files")
+    if recorded is None:  # written before checksums were recorded: check sizes against DCP's metadata
+        _verify_sizes_from_metadata(ckpt)
+        return
+    names = sorted(recorded)
+    problem = None
+    for name in names[_rank()::_world()]:
+        path, want = ckpt / name, recorded[name]
+        have = path.stat().st_size if path.is_file() else None
+        if have != want["bytes"]:
+            state = "missing" if have is None else f"{have:,} bytes, not the {want['bytes']:,} recorded"
+            problem = f"checkpoint file {path} is {state}"
+        elif full and file_checksum(path) != want["sha256"]:
+            problem = f"checkpoint file {path} does not match its recorded checksum (corrupt)"
+        if problem:
+            break
+    problem = _one_bad_name(problem)
+    if problem:
+        raise CheckpointError(f"{problem}; resume from an older step_* directory (--resume=PATH)")
+
+
+def _verify_sizes_from_metadata(ckpt: Path) -> None:
     try:
         metadata = SafeReader(ckpt).read_metadata()
     except Exception as e:
@@ -233,23 +498,23 @@ def verify(ckpt: str | Path) -> None:
                                   f"resume from an older step_* directory instead")
 
 
-def load(ckpt: str | Path, model: Transformer, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load model (and optimizer) state from `ckpt` in place; returns its meta.json.
-    Collective when distributed: every rank calls it."""
+# ----------------------------------------------------------------------------- load
+
+def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full") -> dict:
+    """Load `state` (the mapping save took, or part of it) from `ckpt` in place; returns its
+    meta.json. verify_files: "full" (sizes and checksums), "size" or "none". Collective when
+    distributed: every rank calls it."""
     ckpt = Path(ckpt)
-    meta = read_meta(ckpt)
-    verify(ckpt)
+    meta = _upgrade(read_meta(ckpt))
+    if verify_files != "none":
+        verify(ckpt, full=verify_files == "full")
+    missing = [name for name in state if name not in _tensor_states(state) and name not in meta]
+    if missing:
+        raise CheckpointError(f"{ckpt / META} has no {', '.join(missing)}: it was not written by a "
+                              f"training run; use --init_from={ckpt} to start from its weights")
+    tensors = {name: obj.state_dict() for name, obj in _tensor_states(state).items()}
     try:
-        if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-            dcp.load(state, storage_reader=SafeReader(ckpt), planner=SafeLoadPlanner())
-            set_model_state_dict(model, state["model"])
-        else:
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, storage_reader=SafeReader(ckpt), planner=SafeLoadPlanner())
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+        dcp.load(tensors, storage_reader=SafeReader(ckpt), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         if isinstance(e, CheckpointException) and e.failures:
             e = next(iter(e.failures.values()))  # (exception, traceback) of the first failing rank
@@ -257,50 +522,62 @@ def load(ckpt: str | Path, model: Transformer, optimizer: torch.optim.Optimizer 
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model or is corrupt "
                               f"({type(e).__name__}: {str(e)[:300]}); resume from another "
                               f"step_* directory or check the model config") from None
+    bad = _one_bad_name(_first_nonfinite(tensors))
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} holds NaN or inf in {bad}; resume from an "
+                              f"older step_* directory (--resume=PATH)")
+    for name, obj in state.items():
+        obj.load_state_dict(tensors[name] if name in tensors else meta[name])
     return meta
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> Transformer:
-    """Our model with the weights of a checkpoint (a step directory or a run directory)."""
+def _upgrade(meta: dict) -> dict:
+    """Checkpoints written before the run's counters had their own entry kept them at the top."""
+    if "progress" not in meta and "tokens_seen" in meta:
+        meta = {**meta, "progress": {"step": meta["step"], "tokens_seen": meta["tokens_seen"]}}
+    return meta
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", verify_files: str = "size") -> Transformer:
+    """Our model with the weights of a checkpoint (a step directory or a run directory), in eval
+    mode. Sizes are checked by default; pass verify_files="full" for the checksums too."""
     ckpt = resolve(path)
     if ckpt is None:
         raise CheckpointError(f"{path} holds no checkpoint yet")
-    cfg = ModelConfig(**read_meta(ckpt)["model_config"])
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # fills the RoPE table; the weights are then overwritten
-    load(ckpt, model)
+    meta = read_meta(ckpt)
+    if "model_config" not in meta:
+        raise CheckpointError(f"{ckpt / META} has no model_config: not one of our checkpoints")
+    model = build_model(ModelConfig(**meta["model_config"]), device)  # weights overwritten below
+    load(ckpt, {"model": ModelState(model)}, verify_files)
     return model.eval()
 
 
+# ----------------------------------------------------------------------------- the run's lock
 
-def rng_state() -> dict:
-    """This process's Python, NumPy, torch and CUDA RNG states, as JSON-able lists."""
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-             "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
+class RunLock:
+    """An advisory lock on out_dir for the life of a job (rank 0 holds it). The OS releases it
+    when the process dies, so a killed job never blocks the next one."""
 
+    def __init__(self, out_dir: str | Path):
+        import fcntl  # noqa: PLC0415 - POSIX only, like the rest of the launcher story
 
-def gather_rng_states() -> list[dict]:
-    """Every rank's rng_state(), in rank order (collective when distributed)."""
-    if not dist.is_initialized():
-        return [rng_state()]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rng_state())
-    return everyone
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / LOCK
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CheckpointError(f"{out_dir} is in use by {holder}: wait for that job to end, or "
+                                  f"choose another --out_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
 
-
-def set_rng_state(saved: dict) -> None:
-    py = saved["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = saved["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8))
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()

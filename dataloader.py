@@ -43,8 +43,9 @@ import torch
 
 # build-nanogpt's names, so its shards load here and ours there: shard 0 is the validation split
 SHARD_PREFIX = "edufineweb"
-SHARD_PATTERN = rf"{SHARD_PREFIX}_(val|train)_(\d{{6,}})\.npy"
-SHARD_RE = re.compile(rf"^{SHARD_PATTERN}$")
+SHARD_PATTERN = rf"{SHARD_PREFIX}_(val|train)_(\d{{6,}})\.npy"  # what fineweb_edu.py writes
+# What the loader reads: any PREFIX_train_N.npy / PREFIX_val_N.npy, as other nanoGPT-style tools name them
+SHARD_RE = re.compile(r"^[\w.-]*?_(val|train)_(\d+)\.npy$")
 MANIFEST = "manifest.json"
 RELEASE_EVERY = 64 << 20  # bytes mapped in, at most, between handing the pages back
 FAULT_AROUND = 2 << 20  # one page fault may map this much: a whole large folio of the page cache
@@ -72,7 +73,7 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
         if match and match.group(1) == split:
             found.append((int(match.group(2)), name))
     if not found:
-        raise DataError(f"no {split} shards ({SHARD_PREFIX}_{split}_NNNNNN.npy) in {data_dir!r}: build "
+        raise DataError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir!r}: build "
                         f"them with `python fineweb_edu.py --out {data_dir}`")
     return [os.path.join(data_dir, name) for _, name in sorted(found)]
 

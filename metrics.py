@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
+import time
 from pathlib import Path
 
 
@@ -55,6 +57,47 @@ def peak_flops(device_name: str | None, override_tflops: float = 0.0) -> tuple[f
 def flops_per_token(n_params: int, n_layers: int, seq_len: int, dim: int) -> float:
     """6N + 12 L T d: the matmul FLOPs of forward + backward per token, attention scores included."""
     return 6 * n_params + 12 * n_layers * seq_len * dim
+
+
+class Throughput:
+    """Times the training step alone (evaluation, sampling and checkpoints are timed on their own)
+    and turns step times into tokens/s and MFU: the one place these figures are computed."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float | None,
+                 world_size: int, device):
+        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+        self.peak, self.world_size, self.device = peak, world_size, device
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """The step's seconds; on CUDA it waits for the device, the step's one extra sync."""
+        if self.device.type == "cuda":
+            import torch  # noqa: PLC0415 - metrics.py itself runs without torch (plots)
+
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        self.times.append(dt)
+        return dt
+
+    def tokens_per_s(self, dt: float) -> float:
+        return self.tokens_per_step / dt
+
+    def mfu(self, dt: float) -> float | None:
+        return self.flops_per_step / dt / (self.peak * self.world_size) if self.peak else None
+
+    def recent(self, n: int = 20) -> float:
+        """Median of the last n step times (for the ETA)."""
+        return statistics.median(self.times[-n:])
+
+    def steady(self) -> tuple[float, int]:
+        """(median step time after warm-up, steps it covers): the first third, compilation
+        included, is left out."""
+        steady = self.times[min(len(self.times) - 1, max(1, len(self.times) // 3)):] or [float("nan")]
+        return statistics.median(steady), len(steady)
 
 
 class Logger:
@@ -170,6 +213,65 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (run if run.is_dir() else run.parent) / "metrics.png"
     plot(rows, out)
     print(f"wrote {out} ({len(rows)} records)")
+
+
+def plot_dynamics(evals: list[dict], rows: list[dict], out_png: str | Path) -> None:
+    """The training-dynamics figure: a panel per task with each metric given, and one of the
+    validation loss, all against tokens seen.
+
+    evals: [{"step", "tokens_seen", "scores": {task: {metric: value}}}], one per checkpoint (what
+    evaluate.py --all_steps collects); rows: a run's metrics.jsonl records. A val_loss row carries
+    only its step: it is placed at the tokens seen that the train rows and checkpoints record for
+    that step (linear in between, since every step of a run has the same batch)."""
+    import math  # noqa: PLC0415
+
+    import matplotlib  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import EngFormatter  # noqa: PLC0415
+
+    known = {0: 0}
+    for r in [*rows, *evals]:
+        if r.get("tokens_seen") is not None:
+            known[r["step"]] = r["tokens_seen"]
+    known_steps = sorted(known)
+    known_tokens = [known[s] for s in known_steps]
+    # A resumed run logs again the steps after its checkpoint: the last value of a step wins.
+    val = {r["step"]: r["val_loss"] for r in rows if r.get("val_loss") is not None}
+    val_points = [(float(np.interp(s, known_steps, known_tokens)), val[s]) for s in sorted(val)]
+
+    tasks: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for e in sorted(evals, key=lambda e: e["step"]):
+        for task, values in e["scores"].items():
+            for metric, value in values.items():
+                tasks.setdefault(task, {}).setdefault(metric, []).append((e["tokens_seen"], value))
+
+    n_panels = max(1, len(tasks) + bool(val_points))
+    n_cols = min(3, n_panels)
+    n_rows = math.ceil(n_panels / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.5 * n_cols, 3.3 * n_rows), squeeze=False)
+    panels = iter(axes.flat)
+    for task, series in tasks.items():
+        ax = next(panels)
+        for metric, points in series.items():
+            ax.plot(*zip(*points), "o-", label=metric, ms=3)
+        ax.set(title=task)
+        ax.legend(fontsize="small")
+    if val_points:
+        ax = next(panels)
+        ax.plot(*zip(*val_points), "o-", ms=3, color="C3")
+        ax.set(title="validation loss")
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.set_xlabel("tokens seen")
+            ax.xaxis.set_major_formatter(EngFormatter())
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The DMaS-LLaMa-Lite run: the paper's 1.7B LLaMa on ~20B FineWeb-Edu tokens."""
 
-from train_llama import TrainConfig
+from train_config import TrainConfig
 
 
 def config() -> TrainConfig:

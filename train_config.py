@@ -1,0 +1,220 @@
+"""TrainConfig: every knob of a run, its validation, and the `--config FILE --key=value` parser.
+
+Config files import it (`from train_config import TrainConfig`) and define `config()` returning
+one; the command line overrides fields as `--key=value`, type-checked, unknown keys refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import ModelConfig, model_config
+from utils import DTYPES, UserError
+
+
+class ConfigError(UserError):
+    """A bad config or command line: one line naming the problem and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset of model.py, with optional field overrides (config files only)
+    model: str = "1p7b"
+    model_overrides: dict = field(default_factory=dict)
+    # data
+    data_dir: str = "data/edu_fineweb10B"
+    prepare_local_data: bool = False  # build a small offline corpus into data_dir if it is empty
+    shuffle: bool = True  # seeded permutation of sequences; False = the reference's file order
+    seq_len: int = 1024
+    accept_new_data: bool = False  # resume although the shards differ from the checkpoint's
+    # batch: tokens per optimizer step; the gradient accumulation follows from the GPU count
+    total_batch_tokens: int = 524_288
+    micro_batch: int = 16
+    # schedule
+    max_steps: int = 38_147  # 38,147 x 524,288 = 20.0B tokens
+    warmup_steps: int = 715
+    max_lr: float = 6e-4
+    min_lr: float = 6e-5
+    # AdamW
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+    max_skipped_steps: int = 5  # stop after this many consecutive non-finite steps
+    # evaluation and sampling (0 = never)
+    eval_interval: int = 250
+    val_sequences: int = 640  # fixed validation set: 640 x 1024 tokens, the same on any GPU count
+    sample_interval: int = 1000
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_tokens: int = 64
+    hellaswag_interval: int = 0
+    hellaswag_limit: int = 0  # 0 = all 10,042 examples
+    hellaswag_data: str = ""  # local hellaswag_val.jsonl; empty = download once and cache
+    # checkpoints
+    out_dir: str = "out/run"
+    save_interval: int = 1000
+    keep_last: int = 3  # 0 = keep every checkpoint
+    resume: str = "auto"  # "auto": out_dir's latest checkpoint if any; "never"; or a path
+    start_over: str = ""  # with resume=never in a used out_dir: "archive" or "delete" its checkpoints
+    init_from: str = ""  # weights only (our checkpoint or a Hugging Face directory)
+    stop_step: int = 0  # save and stop after this step (e.g. to fit a job's time limit)
+    verify: str = "full"  # on load: "full" checks every file's sha256, "size" only the sizes
+    # system
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in float32
+    compile: bool = True  # torch.compile on CUDA (on CPU only when compile_cpu is set)
+    compile_cpu: bool = False
+    seed: int = 1337
+    log_interval: int = 1
+    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0 = look it up by name
+    wandb: bool = False
+    wandb_project: str = "llama-fineweb"
+    tensorboard: bool = False
+    benchmark: int = 0  # >0: time this many steps on synthetic tokens, save nothing
+
+    def model_config(self) -> ModelConfig:
+        return model_config(self.model, max_seq_len=self.seq_len, **self.model_overrides)
+
+    def validate(self) -> None:
+        """ConfigError naming the first knob whose value cannot work, and what would."""
+        positive = ("seq_len", "total_batch_tokens", "micro_batch", "max_steps", "max_lr", "eps",
+                    "log_interval", "max_skipped_steps")
+        at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
+                         "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
+                         "save_interval", "keep_last", "stop_step", "peak_tflops", "benchmark")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
+        for name in at_least_zero:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)!r} must be 0 or more")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.min_lr > self.max_lr:
+            raise ConfigError(f"--min_lr={self.min_lr} is above --max_lr={self.max_lr}")
+        if self.eval_interval and self.val_sequences <= 0:
+            raise ConfigError(f"--val_sequences={self.val_sequences} must be positive when "
+                              f"--eval_interval is set (or pass --eval_interval=0 to skip validation)")
+        if self.total_batch_tokens % self.seq_len:
+            raise ConfigError(f"--total_batch_tokens={self.total_batch_tokens:,} is not a multiple of "
+                              f"--seq_len={self.seq_len}: a step holds whole sequences")
+        self._validate_choices()
+        try:
+            self.model_config()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"bad model config: {e}") from None
+
+    def _validate_choices(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device={self.device!r}: choose auto, cpu or cuda")
+        if self.verify not in ("full", "size"):
+            raise ConfigError(f"--verify={self.verify!r}: choose full (sha256 of every file) or size")
+        if self.start_over not in ("", "archive", "delete"):
+            raise ConfigError(f"--start_over={self.start_over!r}: choose archive or delete")
+        if self.start_over and self.resume != "never":
+            raise ConfigError("--start_over only applies with --resume=never")
+        if not self.resume:
+            raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
+
+
+# Knobs whose change would alter the data order or the model: a resume must not change them.
+FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
+# Knobs that define the run's length and schedule: changing them on resume is allowed, with a warning.
+SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "beta1",
+                  "beta2", "eps", "grad_clip")
+
+
+def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(refused, allowed): what differs between a checkpoint's configs and `cfg`, as
+    'knob: checkpoint X vs now Y'. Refused ones change the model or the data order."""
+    def describe(k, old, new):
+        return f"{k}: checkpoint {old!r} vs now {new!r}"
+
+    refused = [describe(k, saved_model.get(k), v) for k, v in cfg.model_config().to_dict().items()
+               if saved_model.get(k) != v]
+    refused += [describe(k, saved_train.get(k), getattr(cfg, k)) for k in FIXED_ON_RESUME
+                if saved_train.get(k) != getattr(cfg, k)]
+    allowed = [describe(k, saved_train.get(k), getattr(cfg, k)) for k in SCHEDULE_KNOBS
+               if saved_train.get(k) != getattr(cfg, k)]
+    return refused, allowed
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _parse_value(name: str, text: str, current):
+    kind = type(current)
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind in (int, float):
+        try:
+            return kind(text.replace("_", ""))
+        except ValueError:
+            if kind is int:  # 1e4 and 2.5e5 are fine where they are whole numbers
+                try:
+                    value = float(text.replace("_", ""))
+                    if value.is_integer():
+                        return int(value)
+                except ValueError:
+                    pass
+    elif kind is str:
+        return text
+    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__} (like --{name}={current!r})")
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from `--config FILE` (its `config()` function) and `--key=value` overrides,
+    validated."""
+    args = list(argv)
+    cfg = TrainConfig()
+    if "--config" in args or any(a.startswith("--config=") for a in args):
+        i = next(i for i, a in enumerate(args) if a == "--config" or a.startswith("--config="))
+        path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else "")
+        cfg = _load_config_file(path)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value (see --help)")
+        key, _, text = arg[2:].partition("=")
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else "; see --help for the knobs"
+            raise ConfigError(f"unknown config key --{key}{hint}")
+        if key == "model_overrides":
+            raise ConfigError("model_overrides can only be set in a config file")
+        setattr(cfg, key, _parse_value(key, text, getattr(cfg, key)))
+    cfg.validate()
+    return cfg
+
+
+def _load_config_file(path: str) -> TrainConfig:
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} not found (try --config configs/tiny.py)")
+    spec = importlib.util.spec_from_file_location("run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"{path} must define config() returning a TrainConfig")
+    cfg = module.config()
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, not a TrainConfig")
+    return cfg
+
+
+def usage(doc: str) -> str:
+    lines = [doc.strip(), "", "knobs (TrainConfig):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name}={default!r}")
+    return "\n".join(lines)

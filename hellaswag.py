@@ -9,6 +9,13 @@ training loop both call it.
     python hellaswag.py --checkpoint out/llama_1p7b           # its latest checkpoint
     python hellaswag.py --hf out/llama_1p7b_hf --limit 500    # a transformers model, quick estimate
     torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint out/llama_1p7b
+
+The CLI prints acc and acc_norm and writes them as JSON (atomically) to `--out`, by default
+`hellaswag.json` in the checkpoint's step directory or the `--hf` directory. Where the result
+cannot be written (`--out` is a directory, or its place is not writable) it says so before the
+evaluation, not after it. Errors a user can fix (missing or malformed data, a checkpoint or model
+that does not load, a bad --out) are one line on stderr, exit status 2; under torchrun only rank 0
+prints it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -31,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tokenizer import EOT, get_encoding
+from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, write_atomic
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hellaswag"
@@ -238,10 +247,11 @@ def _predict(
                     tokens, mask = tokens.pin_memory(), mask.pin_memory()
                 tokens = tokens.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)
-                # Without this a compiled model recompiles its second shape as dynamic, which our
-                # attention cannot trace (is_causal=T > 1 turns symbolic): dynamo then drops the
-                # whole forward to eager, for the training steps after this eval too. Static
-                # shapes compile once per bucket instead.
+                # Static: a compiled model gets one graph per padded length (a handful, fixed by
+                # the bucketing), each specialized to its sizes as training's own graph is. Without
+                # it, the first length that differs from what the model has seen makes dynamo
+                # compile one dynamic-shape graph instead (it traces: the causal mask depends on
+                # start_pos only), with kernels generic in the batch and sequence sizes.
                 torch._dynamo.mark_static(tokens)
                 sum_loss, n_tokens = _ending_losses(model, tokens, mask, autocast_dtype)
                 n_real = N_ENDINGS * len(batch)
@@ -322,12 +332,17 @@ class HFCausalLM(nn.Module):
 
 def load_hf_model(hf_dir: str, device: torch.device) -> HFCausalLM:
     """A transformers causal LM from a local directory (no hub access), wrapped as HFCausalLM."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if not Path(hf_dir, "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    # float32 weights with autocast, like our checkpoints, so --dtype means the same for both.
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
+    try:
+        # float32 weights with autocast, like our checkpoints, so --dtype means the same for both.
+        hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
+    except SafetensorError as e:  # transformers passes it on without the file's name
+        raise ValueError(f"a weights file in {hf_dir} is not readable safetensors ({e}): truncated "
+                         f"or corrupt; copy or export the model again") from None
     if hf_model.config.vocab_size <= EOT:
         raise ValueError(
             f"{hf_dir} has vocab_size={hf_model.config.vocab_size}; HellaSwag is rendered with "
@@ -342,53 +357,66 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
         return load_hf_model(args.hf, device), Path(args.hf)
     import checkpoint  # only this path needs the training-state code
 
+    # resolve() names the step directory that load_model loads (a run directory's `latest`).
+    return checkpoint.load_model(args.checkpoint, device), checkpoint.resolve(args.checkpoint)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the result cannot be written to `path`, or None: tried by creating a file beside it."""
+    if path.is_dir():
+        return f"the result path {path} is a directory: pass --out FILE.json, e.g. --out {path / 'hellaswag.json'}"
     try:
-        # resolve() names the step directory that load_model loads (a run directory's `latest`).
-        return checkpoint.load_model(args.checkpoint, device), checkpoint.resolve(args.checkpoint)
-    except checkpoint.CheckpointError as e:
-        raise ValueError(str(e)) from None  # reported like any input error: one line
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
+    return None
 
 
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def _check_output(path: Path, d: Dist) -> None:
+    """UserError on every rank when rank 0 (the one that writes) cannot write `path`: raised now,
+    not after the evaluation. Every rank gets rank 0's verdict, so none is left waiting in evaluate."""
+    problem = [_unwritable(path) if d.is_main else None]
+    if d.world_size > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise UserError(problem[0])
 
 
 def run(args: argparse.Namespace) -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = torch.device(args.device)
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    d = setup_distributed(args.device)
     try:
-        dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        dtype_name = args.dtype or ("bfloat16" if d.device.type == "cuda" else "float32")
+        autocast_dtype = None if dtype_name == "float32" else DTYPES[dtype_name]  # float32: no autocast
+        if args.out:
+            _check_output(Path(args.out), d)
         examples = load_examples(args.data, args.limit)
-        model, result_dir = _load_model(args, device)
+        model, result_dir = _load_model(args, d.device)
+        path = Path(args.out) if args.out else result_dir / "hellaswag.json"
+        if not args.out:
+            _check_output(path, d)
         max_seq_len = _model_max_seq_len(model)
         if args.compile:
             model = torch.compile(model)
         t0 = time.time()
         result = evaluate(
-            model, examples, device, batch_size=args.batch_size, autocast_dtype=DTYPES[dtype_name],
-            rank=rank, world_size=world_size, max_seq_len=max_seq_len,
+            model, examples, d.device, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
+            rank=d.rank, world_size=d.world_size, max_seq_len=max_seq_len,
         )
         seconds = time.time() - t0
-        if rank == 0:
+        if d.is_main:
             result.update(
                 source=str(args.hf or args.checkpoint), data=str(args.data or default_data_path()),
-                limit=args.limit, dtype=dtype_name, world_size=world_size, seconds=round(seconds, 2),
+                limit=args.limit, dtype=dtype_name, world_size=d.world_size, seconds=round(seconds, 2),
             )
-            path = Path(args.out) if args.out else result_dir / "hellaswag.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2) + "\n")
+            write_atomic(path, json.dumps(result, indent=2) + "\n")
             print(
                 f"hellaswag: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} on "
                 f"{result['n']} examples ({seconds:.1f} s, {result['n'] / seconds:.1f} ex/s) -> {path}"
             )
     finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 def main() -> None:
@@ -398,16 +426,17 @@ def main() -> None:
     source.add_argument("--hf", help="a local directory holding a transformers causal LM (GPT-2 vocabulary)")
     parser.add_argument("--data", help=f"a local hellaswag_val.jsonl (default: cached at {default_data_path()})")
     parser.add_argument("--limit", type=int, help="only the first N examples, for a quick estimate")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")
     parser.add_argument("--batch_size", type=int, default=16, help="examples per forward pass (4 rows each)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (default: bfloat16 on cuda)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="autocast dtype; float32 = no autocast (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--out", help="the JSON result (default: hellaswag.json in the step or --hf directory)")
     args = parser.parse_args()
-    try:
+    import checkpoint  # for its error type; the evaluation itself only needs it for --checkpoint
+
+    with cli_errors("hellaswag.py", expected=(checkpoint.CheckpointError,)):
         run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"hellaswag.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hellaswag  # noqa: E402
-from model import Transformer, model_config  # noqa: E402
+from model import Transformer, build_model, model_config  # noqa: E402
 from tokenizer import get_encoding  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "data" / "hellaswag_sample.jsonl"
@@ -74,9 +74,7 @@ def timed(fn, *args, **kwargs):
 
 def bench_cpu(repeats: int, batch_size: int) -> None:
     torch.manual_seed(0)
-    model = Transformer(model_config("tiny"))
-    model.init_weights()
-    model = PositionCounter(model.eval())
+    model = PositionCounter(build_model(model_config("tiny")).eval())
     examples = hellaswag.load_examples(str(FIXTURE)) * repeats
     n = len(examples)
     print(f"CPU, {torch.get_num_threads()} threads, tiny model (vocab 50304), {n} examples "
@@ -112,11 +110,7 @@ def bench_gpu(data: str | None, limit: int | None, batch_size: int, single_limit
         examples = (fixture * (hellaswag.N_VAL // len(fixture) + 1))[: limit or hellaswag.N_VAL]
         source = f"{FIXTURE.name} repeated"
     on_cuda = torch.device(device).type == "cuda"
-    with torch.device("meta"):
-        model = Transformer(model_config(preset))
-    model.to_empty(device=device)
-    model.init_weights()
-    model.eval()
+    model = build_model(model_config(preset), device).eval()
     print(f"{torch.cuda.get_device_name() if on_cuda else device}, random {preset} "
           f"({model.num_params() / 1e9:.3f}B params, float32 weights, bf16 autocast), "
           f"{len(examples)} examples from {source}, batch_size={batch_size}")

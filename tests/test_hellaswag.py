@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +17,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hellaswag
-from model import Transformer, model_config
+from conftest import make_tiny_model
+from model import model_config
 from tokenizer import EOT, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "hellaswag_sample.jsonl"
-
-
-def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """A random tiny model with GPT-2's (padded) vocabulary; a wide init so that the endings'
-    losses differ by more than float noise and the predictions depend on the tokens."""
-    torch.manual_seed(seed)
-    model = Transformer(model_config("tiny", init_std=0.1, **overrides))
-    model.init_weights()
-    return model.eval()
+# A wide init, so that the endings' losses differ by more than float noise and the predictions
+# depend on the tokens.
+WIDE = {"init_std": 0.1}
 
 
 def reference_predictions(model: nn.Module, examples: list[dict]) -> tuple[list[int], list[int]]:
@@ -68,9 +65,9 @@ def test_render_masks_cover_exactly_the_endings():
             assert not row_mask[end:].any() and (row[end:] == EOT).all()
 
 
-def test_batched_predictions_match_one_at_a_time_reference():
+def test_batched_predictions_match_one_at_a_time_reference(tiny_model):
     """Per-example acc and acc_norm predictions of the batched scorer equal the plain reference's."""
-    model = tiny_model()
+    model = tiny_model(**WIDE)
     examples = hellaswag.load_examples(str(FIXTURE), limit=16)
     # 5 does not divide 16: the last batch is padded with empty rows.
     batched = hellaswag._predict(model, examples, "cpu", batch_size=5, max_seq_len=model.config.max_seq_len)
@@ -83,43 +80,30 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
     try:
         examples = hellaswag.load_examples(str(FIXTURE), limit=limit)
         result = hellaswag.evaluate(
-            tiny_model(), examples, "cpu", batch_size=4, rank=rank, world_size=world_size, progress=False
+            make_tiny_model(**WIDE), examples, "cpu", batch_size=4, rank=rank, world_size=world_size, progress=False
         )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_give_the_same_totals_as_one(tmp_path):
+def test_two_processes_give_the_same_totals_as_one(tmp_path, tiny_model):
     """Two gloo ranks splitting the examples (unevenly) report the same totals as one process."""
     limit = 15
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), limit), nprocs=2)
     examples = hellaswag.load_examples(str(FIXTURE), limit=limit)
-    single = hellaswag.evaluate(tiny_model(), examples, "cpu", batch_size=4, progress=False)
+    single = hellaswag.evaluate(tiny_model(**WIDE), examples, "cpu", batch_size=4, progress=False)
     assert single["n"] == limit
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
 
 
-def test_hf_cli_matches_our_model(tmp_path):
+def test_hf_cli_matches_our_model(tmp_path, hf_llama):
     """`hellaswag.py --hf` on a random LlamaForCausalLM gives our model's accuracies for its weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from export_hf import load_hf
 
-    cfg = model_config("tiny", n_layers=2)
-    torch.manual_seed(0)
-    hf_model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False,
-            initializer_range=0.1,
-        )
-    )
     hf_dir = tmp_path / "hf"
-    hf_model.save_pretrained(hf_dir)
+    hf_llama(model_config("tiny", n_layers=2), initializer_range=0.1).save_pretrained(hf_dir)
     out = tmp_path / "result.json"
     cmd = [
         sys.executable, "hellaswag.py", "--hf", str(hf_dir), "--data", str(FIXTURE), "--limit", "8",
@@ -134,13 +118,12 @@ def test_hf_cli_matches_our_model(tmp_path):
     assert {k: from_cli[k] for k in ("acc", "acc_norm", "n")} == ours
 
 
-def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path):
+def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path, tiny_model):
     """`--checkpoint RUN_DIR` scores its latest step as evaluate() does and writes hellaswag.json there."""
     import checkpoint
 
-    model = tiny_model(n_layers=2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    step_dir = checkpoint.save(tmp_path, 7, model, optimizer, {"model_config": model.config.to_dict()})
+    model = tiny_model(n_layers=2, **WIDE)
+    step_dir = checkpoint.save(tmp_path, 7, {"model": checkpoint.ModelState(model)})
     cmd = [
         sys.executable, "hellaswag.py", "--checkpoint", str(tmp_path), "--data", str(FIXTURE),
         "--limit", "8", "--device", "cpu", "--batch_size", "8",
@@ -189,7 +172,7 @@ def test_offline_without_local_copy_is_a_one_line_error(tmp_path, monkeypatch):
     assert not any((tmp_path / "cache").iterdir())  # no partial file left behind
 
 
-def test_long_context_is_cut_from_the_left():
+def test_long_context_is_cut_from_the_left(tiny_model):
     """A context longer than max_seq_len keeps its last tokens, the same for all 4 rows, endings whole."""
     enc = get_encoding()
     ctx = " ".join(f"word{i}" for i in range(400))
@@ -199,7 +182,7 @@ def test_long_context_is_cut_from_the_left():
     assert len(ctx) + max(map(len, endings)) == 64
     assert ctx == enc.encode(example["ctx"])[-len(ctx):]
     # The full row is longer than the tiny model's 256 positions, which its forward would reject.
-    result = hellaswag.evaluate(tiny_model(), [example], "cpu", batch_size=1, progress=False)
+    result = hellaswag.evaluate(tiny_model(**WIDE), [example], "cpu", batch_size=1, progress=False)
     assert result["n"] == 1
 
 
@@ -229,9 +212,9 @@ class ShapeRecorder(nn.Module):
         return self.model(idx)
 
 
-def test_compiled_model_matches_eager_on_bucketed_shapes():
+def test_compiled_model_matches_eager_on_bucketed_shapes(tiny_model):
     """A torch.compile'd model predicts as eager does, called only with (4 * batch, 64k) shapes."""
-    model = tiny_model(n_layers=1)
+    model = tiny_model(n_layers=1, **WIDE)
     examples = hellaswag.load_examples(str(FIXTURE), limit=8)
     eager = hellaswag._predict(model, examples, "cpu", batch_size=3, max_seq_len=256)
     recorder = ShapeRecorder(torch.compile(model))
@@ -242,7 +225,7 @@ def test_compiled_model_matches_eager_on_bucketed_shapes():
     assert all(rows == 12 and length % 64 == 0 for rows, length in recorder.shapes)
 
 
-def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph():
+def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph(tiny_model):
     """Each padded shape compiles once, a second eval compiles nothing, training stays one graph."""
     stats = {"calls": 0, "compiles": 0}
 
@@ -255,7 +238,7 @@ def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph():
 
         return run
 
-    model = tiny_model(n_layers=1)
+    model = tiny_model(n_layers=1, **WIDE)
     compiled = torch.compile(model, backend=counting_backend)
     tokens = torch.randint(0, EOT, (1, 64))
 
@@ -275,3 +258,83 @@ def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph():
     hellaswag._predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
     assert stats["compiles"] == before["compiles"]
     assert train_step() == {"calls": 1, "compiles": 0}
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+
+def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "hellaswag.py", "--device", "cpu", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hellaswag.py: error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["directory", "under_a_file"])
+def test_unusable_out_is_refused_before_anything_is_loaded(tmp_path, where):
+    """--out naming a directory, or a place no file can be created, is one error line before the
+    checkpoint is even looked at (rather than a traceback after the whole evaluation)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory would have to be")
+    out = tmp_path if where == "directory" else blocker / "result.json"
+    proc = run_cli("--checkpoint", tmp_path / "no_such_run", "--data", FIXTURE, "--out", out)
+    line = one_error_line(proc.stderr)
+    assert str(out) in line and "no_such_run" not in line
+    assert proc.returncode == 2
+
+
+@pytest.fixture
+def corrupt_hf_dir(tmp_path, hf_llama):
+    """A saved LlamaForCausalLM whose model.safetensors is cut in half."""
+    path = tmp_path / "hf"
+    hf_llama(model_config("tiny", n_layers=1)).save_pretrained(path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("case", ["malformed_data", "missing_data", "missing_checkpoint", "corrupt_hf_weights"])
+def test_data_and_model_errors_are_one_line(tmp_path, request, case):
+    """A malformed or missing data file, a missing checkpoint, or truncated --hf weights: exit
+    status 2 and one line naming the problem, no traceback."""
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text(GOOD + "\n{not json\n")
+    source = ["--checkpoint", tmp_path / "no_such_run"]
+    data, fragment = FIXTURE, "no_such_run"
+    if case == "malformed_data":
+        data, fragment = bad_data, f"{bad_data} line 2"
+    elif case == "missing_data":
+        data, fragment = tmp_path / "missing.jsonl", "missing.jsonl"
+    elif case == "corrupt_hf_weights":
+        source, fragment = ["--hf", request.getfixturevalue("corrupt_hf_dir")], "not readable safetensors"
+    proc = run_cli(*source, "--data", data, "--limit", "4")
+    assert fragment in one_error_line(proc.stderr)
+    assert proc.returncode == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_torchrun_only_rank_zero_prints_the_error(tmp_path):
+    """Two ranks (torchrun's environment, gloo) failing to find the checkpoint: rank 0 prints one
+    error line, rank 1 prints nothing, both exit with status 2."""
+    world = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "hellaswag.py", "--device", "cpu", "--checkpoint", str(tmp_path / "no_such_run"),
+           "--data", str(FIXTURE)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        for rank in range(2)
+    ]
+    (_, err0), (_, err1) = (p.communicate(timeout=300) for p in procs)
+    assert err1.strip() == ""
+    assert "no_such_run" in one_error_line(err0)
+    assert [p.returncode for p in procs] == [2, 2]

@@ -510,15 +510,15 @@ def main() -> None:
 
     with cli_errors("export_hf.py"):
         dtype = DTYPES[args.dtype]
-        source = args.checkpoint or args.from_hf
-        check_output_dir(args.out, args.force, source)  # before the checkpoint is read: fail fast
+        source_dir = args.checkpoint or args.from_hf
+        check_output_dir(args.out, args.force, source_dir)  # before the checkpoint is read: fail fast
         if args.checkpoint:
             model = _load_checkpoint(args.checkpoint, args.device)
-            save_hf(model, args.out, vocab_size=args.vocab_size, dtype=dtype, force=args.force, source=source)
+            save_hf(model, args.out, vocab_size=args.vocab_size, dtype=dtype, force=args.force, source=source_dir)
             print(f"exported {model.num_params():,} parameters from {args.checkpoint} to {args.out}")
         else:
             model = load_hf(args.from_hf, args.device, pad_vocab_to=args.pad_vocab_to or None, dtype=dtype)
-            save_weights(model, args.out, force=args.force, source=source)
+            save_weights(model, args.out, force=args.force, source=source_dir)
             print(f"imported {model.num_params():,} parameters (vocab {model.config.vocab_size}) "
                   f"from {args.from_hf} to {args.out}")
 

@@ -1,16 +1,13 @@
 import hashlib
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dataloader  # noqa: E402
-from dataloader import DataError, TrainLoader, ValLoader, data_identity, shard_name, val_batches  # noqa: E402
+import dataloader
+from dataloader import DataError, TrainLoader, ValLoader, data_identity, shard_name, val_batches
 
 T = 8  # sequence length: windows of 9 tokens
 TRAIN_LENGTHS = [1000, 777, 1500]  # uneven, so windows straddle shard boundaries

@@ -11,13 +11,10 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing here may touch the network
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import fineweb_edu
+from dataloader import TrainLoader, val_batches
 
-import fineweb_edu  # noqa: E402
-from dataloader import TrainLoader, val_batches  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from tokenizer import EOT, get_encoding  # noqa: E402
 
 SHARD = 3000  # tokens per shard in the small corpus

@@ -385,3 +385,34 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
         checkpoint.load_model(mount, verify_files="full")
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_under_torchrun_an_error_is_one_line_from_rank_0(tmp_path):
+    """Two ranks that both fail: one error line (rank 0's), no worker traceback, non-zero exit."""
+    proc = run(tmp_path, Path("/nonexistent/shards"), nproc=2, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "train_llama.py: error:" in line]
+    assert len(lines) == 1 and "/nonexistent/shards" in lines[0]
+    assert 'train_llama.py", line' not in proc.stderr  # no Python traceback from a worker
+
+
+@pytest.mark.parametrize("source", ["missing", "other_model"])
+def test_init_from_errors_are_one_line(tmp_path, data_dir, capsys, source):
+    """--init_from a missing path or a checkpoint of another shape: one line, exit 2."""
+    if source == "other_model":
+        config = tmp_path / "two_layers.py"
+        config.write_text("from train_config import TrainConfig\n\n\ndef config():\n"
+                          "    return TrainConfig(model='tiny', model_overrides={'n_layers': 2})\n")
+        argv = [str(config) if a.endswith("tiny.py") else a for a in BASE]
+        subprocess.run([sys.executable, str(ROOT / "train_llama.py"), *argv, f"--data_dir={data_dir}",
+                        f"--out_dir={tmp_path / 'other'}", "--max_steps=1", "--save_interval=1"],
+                       check=True, capture_output=True, cwd=ROOT)
+        path, message = tmp_path / "other", "n_layers: 4 vs 2"
+    else:
+        path, message = tmp_path / "nothing_here", "does not exist"
+    with pytest.raises(SystemExit) as e:
+        train_llama.main([*BASE, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'new'}",
+                          f"--init_from={path}", "--max_steps=1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -173,16 +173,16 @@ def _parse_value(name: str, text: str, current):
     raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__} (like --{name}={current!r})")
 
 
-def load_config(argv: list[str]) -> TrainConfig:
-    """TrainConfig from `--config FILE` (its `config()` function) and `--key=value` overrides,
-    validated."""
+def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """A `kind` (TrainConfig or a subclass) from `--config FILE` (its `config()` function) and
+    `--key=value` overrides, validated."""
     args = list(argv)
-    cfg = TrainConfig()
+    cfg = kind()
     if "--config" in args or any(a.startswith("--config=") for a in args):
         i = next(i for i, a in enumerate(args) if a == "--config" or a.startswith("--config="))
         path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else "")
-        cfg = _load_config_file(path)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = _load_config_file(path, kind)
+    names = {f.name for f in dataclasses.fields(kind)}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"unexpected argument {arg!r}: use --key=value (see --help)")
@@ -198,23 +198,23 @@ def load_config(argv: list[str]) -> TrainConfig:
     return cfg
 
 
-def _load_config_file(path: str) -> TrainConfig:
+def _load_config_file(path: str, kind: type[TrainConfig]) -> TrainConfig:
     if not path or not Path(path).is_file():
         raise ConfigError(f"config file {path!r} not found (try --config configs/tiny.py)")
     spec = importlib.util.spec_from_file_location("run_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
-        raise ConfigError(f"{path} must define config() returning a TrainConfig")
+        raise ConfigError(f"{path} must define config() returning a {kind.__name__}")
     cfg = module.config()
-    if not isinstance(cfg, TrainConfig):
-        raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, not a TrainConfig")
+    if not isinstance(cfg, kind):
+        raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, not a {kind.__name__}")
     return cfg
 
 
-def usage(doc: str) -> str:
-    lines = [doc.strip(), "", "knobs (TrainConfig):"]
-    for f in dataclasses.fields(TrainConfig):
+def usage(doc: str, kind: type[TrainConfig] = TrainConfig) -> str:
+    lines = [doc.strip(), "", f"knobs ({kind.__name__}):"]
+    for f in dataclasses.fields(kind):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  --{f.name}={default!r}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -155,8 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(130) from None
 
 
-def train(cfg: TrainConfig) -> dict:
-    run = setup(cfg)
+def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
+    """Train as `cfg` says; returns the steady-state figures. `make_data(cfg, dist, log)` returns
+    (train loader, validation iterable) and defaults to the token shards (make_loaders):
+    finetune.py passes its instruction data. A train loader has next_batch() -> (x, y) with
+    y = -1 where no loss is taken, state_dict(), load_state_dict(state, accept_new_data) and
+    close(); the validation iterable yields (x, y) batches each time it is iterated."""
+    run = setup(cfg, make_data or make_loaders)
     try:
         while run.progress.step < run.last_step:
             lr = set_learning_rate(run)
@@ -354,8 +360,9 @@ def validation_loss(run: Run) -> float:
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with run.autocast():
             loss = run.eval_model(x, y)
-        total[0] += loss.double() * y.numel()
-        total[1] += y.numel()
+        scored = (y >= 0).sum()  # tokens with a target: all of them in pretraining
+        total[0] += loss.double() * scored
+        total[1] += scored
     if d.world_size > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -386,7 +393,7 @@ def sample_text(run: Run) -> str:
 
 # ----------------------------------------------------------------------------- setup
 
-def setup(cfg: TrainConfig) -> Run:
+def setup(cfg: TrainConfig, make_data: Callable) -> Run:
     """Process group, lock, checks, data, model, optimizer, resume, compile: a Run ready to train."""
     d = setup_distributed(cfg.device)
     benchmark = cfg.benchmark > 0
@@ -396,7 +403,7 @@ def setup(cfg: TrainConfig) -> Run:
                  tensorboard=cfg.tensorboard, config=cfg)
     run = None
     try:
-        run = build_run(cfg, d, log, lock)
+        run = build_run(cfg, d, log, lock, make_data)
         log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
@@ -414,7 +421,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise
 
 
-def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None) -> Run:
+def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,
+              make_data: Callable) -> Run:
     benchmark = cfg.benchmark > 0
     accum_steps = gradient_accumulation(cfg, d.world_size)
     seed_everything(cfg.seed)  # the same initial weights on every rank
@@ -422,7 +430,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume_from = None if benchmark else find_resume_checkpoint(cfg, d, log)
-    loader, val = (None, None) if benchmark else make_loaders(cfg, d, log)
+    loader, val = (None, None) if benchmark else make_data(cfg, d, log)
     if resume_from is not None:  # the data check comes before any heavy loading
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
     model = build_model(cfg.model_config(), d.device)

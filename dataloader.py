@@ -41,6 +41,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from utils import error_line
+
 # build-nanogpt's names, so its shards load here and ours there: shard 0 is the validation split
 SHARD_PREFIX = "edufineweb"
 SHARD_PATTERN = rf"{SHARD_PREFIX}_(val|train)_(\d{{6,}})\.npy"  # what fineweb_edu.py writes
@@ -89,7 +91,7 @@ def read_manifest(data_dir: str) -> tuple[dict[str, dict], str | None]:
     try:
         entries = {s["file"]: s for s in json.loads(raw)["shards"]}
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is not a readable manifest ({_first_line(e)}): restore it from the build "
+        raise DataError(f"{path} is not a readable manifest ({error_line(e)}): restore it from the build "
                         f"that wrote the shards, or delete it") from None
     return entries, hashlib.sha256(raw).hexdigest()
 
@@ -156,16 +158,12 @@ def _same_content(a: dict, b: dict) -> bool:
     return a["bytes"] == b["bytes"] and all(a[k] == b[k] for k in ("sha256", "fingerprint") if k in a and k in b)
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
 def open_shard(path: str) -> np.memmap:
     """Memory-map a shard, checking that it is a complete 1-D uint16 .npy file."""
     try:
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:
-        raise DataError(f"{path} is not a readable .npy token shard ({_first_line(e)}): "
+        raise DataError(f"{path} is not a readable .npy token shard ({error_line(e)}): "
                         f"delete it and rebuild with fineweb_edu.py") from None
     if not isinstance(tokens, np.memmap) or tokens.dtype != np.dtype("<u2") or tokens.ndim != 1:
         raise DataError(f"{path} holds {getattr(tokens, 'dtype', type(tokens).__name__)} of shape "

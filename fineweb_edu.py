@@ -25,13 +25,8 @@ a --max_tokens below what they hold is refused, or with --truncate cuts the buil
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
-import gzip
 import hashlib
-import itertools
 import json
-import logging
 import os
 import re
 import sys
@@ -46,6 +41,7 @@ from tqdm import tqdm
 
 import utils
 from dataloader import MANIFEST, SHARD_PATTERN, shard_name
+from text_sources import BuildError, describe_source, open_documents, resolve_local_files
 from tokenizer import EOT, get_encoding
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -55,14 +51,9 @@ SUBSET_OUT = {
     "sample-350BT": "data/edu_fineweb350B",
 }
 SHARD_FILE_RE = re.compile(rf"^{SHARD_PATTERN}(\.tmp)?$")  # shards, and the partials a kill leaves
-DOCS_PER_TASK = 128  # per tokenizer task: amortizes the hand-off to a thread, still balances load
 MAX_CHARS_PER_TASK = 4_000_000  # ...but no task so large that one thread works while others idle
 
 Log = Callable[[str], None]
-
-
-class BuildError(RuntimeError):
-    """A problem the user can fix; main() prints it as one line."""
 
 
 def _count(text: str) -> int:
@@ -130,174 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# ----------------------------------------------------------------------------- reading documents
-
-def resolve_local_files(patterns: list[str]) -> list[str]:
-    """The files the globs name, each glob's matches sorted, in glob order, without repeats."""
-    files: list[str] = []
-    seen = set()
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if os.path.isdir(pattern):
-            pattern = os.path.join(pattern, "**", "*")
-        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise BuildError(f"--local {pattern!r} matches no files")
-        for path in matches:
-            if path not in seen:
-                seen.add(path)
-                files.append(path)
-    return files
-
-
-def file_format(path: str) -> str:
-    """How a local file is read: parquet, json (lines, or one list of rows) or text (the whole file)."""
-    name = path.lower().removesuffix(".gz")
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith((".jsonl", ".json", ".ndjson")):
-        return "json"
-    return "text"
-
-
-def describe_source(args: argparse.Namespace, files: list[str] | None) -> dict:
-    """What the shards are made of, as the manifest records it; a resumed build must match."""
-    if files is None:
-        return {"type": "hub", "dataset": args.dataset, "subset": args.subset, "split": "train"}
-    return {"type": "local", "files": [{"path": p, "bytes": os.path.getsize(p)} for p in files]}
-
-
-def open_documents(args: argparse.Namespace, files: list[str] | None, skip: int) -> Iterator[list[str]]:
-    """Batches of document texts in source order, after the first `skip` documents.
-
-    The hub, parquet and plain text go through `datasets`: streaming for local files and, unless
-    --no_streaming, for the hub too, so tokenizing starts without a full download first. The
-    sources are opened here, so an unreachable hub fails before any progress bar appears. JSON
-    files are read by _json_texts: datasets' json reader turns a chunk whose column mixes types
-    into JSON-encoded strings ('"text"', '5') without a word, where we want the row named.
-    """
-    import datasets  # here, not at the top: --help and an already-complete build never need it
-
-    if files is None:
-        # A hub failure becomes one line below; the hub client's retry warnings would bury it.
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-        groups = [("hub", [args.dataset])]
-    else:
-        groups = [(fmt, list(group)) for fmt, group in itertools.groupby(files, key=file_format)]
-    with _source_errors(args, files):
-        opened = [(fmt, group, _load(datasets, args, fmt, group)) for fmt, group in groups]
-    return _iter_texts(args, files, opened, skip)
-
-
-def _load(datasets, args: argparse.Namespace, fmt: str, group: list[str]):
-    column = "text" if fmt == "text" else args.text_column
-    if fmt == "hub":
-        return datasets.load_dataset(args.dataset, name=args.subset, split="train",
-                                     streaming=not args.no_streaming, cache_dir=args.cache_dir,
-                                     columns=[column])
-    if fmt == "parquet":
-        _check_parquet_column(group, column)
-        return datasets.load_dataset("parquet", data_files=group, split="train", streaming=True,
-                                     cache_dir=args.cache_dir, columns=[column])
-    if fmt == "json":
-        return None
-    # one file = one document; a stray undecodable byte should not stop a long build
-    return datasets.load_dataset("text", data_files=group, split="train", streaming=True,
-                                 cache_dir=args.cache_dir, sample_by="document", encoding_errors="replace")
-
-
-def _iter_texts(args: argparse.Namespace, files: list[str] | None, opened: list, skip: int) -> Iterator[list[str]]:
-    with _source_errors(args, files):
-        for fmt, group, ds in opened:
-            for texts in _batches(args, fmt, group, ds):
-                if skip:
-                    dropped = min(skip, len(texts))
-                    texts, skip = texts[dropped:], skip - dropped
-                if texts:
-                    # A null text is an empty document: keeping it keeps document indices = row indices.
-                    yield [t if t is not None else "" for t in texts]
-
-
-def _batches(args: argparse.Namespace, fmt: str, group: list[str], ds) -> Iterator[list[str | None]]:
-    if fmt == "json":
-        texts = itertools.chain.from_iterable(_json_texts(path, args.text_column) for path in group)
-        while batch := list(itertools.islice(texts, DOCS_PER_TASK)):
-            yield batch
-        return
-    column = "text" if fmt == "text" else args.text_column
-    for batch in ds.iter(batch_size=DOCS_PER_TASK):
-        if column not in batch:
-            raise BuildError(f"no {column!r} in {fmt} rows (keys: {sorted(batch)}) of {group[0]}...: "
-                             f"pass --text_column NAME")
-        yield batch[column]
-
-
-def _json_texts(path: str, column: str) -> Iterator[str | None]:
-    """`column` of each row of a JSON-lines file (blank lines skipped) or of a JSON file holding one
-    list of rows; a row without it, or whose text is not a string (null is an empty document), is a
-    BuildError naming the file and the row."""
-    try:
-        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
-            one_list = f.read(64).lstrip().startswith("[")  # a JSON list of rows, not JSON lines
-            f.seek(0)
-            if one_list:
-                rows = ((f"row {i} of {path}", row) for i, row in enumerate(json.load(f), 1))
-            else:
-                rows = ((f"line {i} of {path}", _json_line(line, i, path)) for i, line in enumerate(f, 1)
-                        if line.strip())
-            for where, row in rows:
-                if not isinstance(row, dict) or column not in row:
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise BuildError(f"{where} has no {column!r} (it holds {keys}): pass --text_column NAME")
-                if row[column] is not None and not isinstance(row[column], str):
-                    raise BuildError(f"{where} holds {type(row[column]).__name__} {repr(row[column])[:40]} in "
-                                     f"{column!r}, not a string: fix that row, or pass --text_column NAME")
-                yield row[column]
-    except (OSError, ValueError, EOFError) as e:  # unreadable, not gzip, not UTF-8, a broken JSON list
-        raise BuildError(f"cannot read {path} ({_reason(e)})") from None
-
-
-def _json_line(line: str, number: int, path: str) -> object:
-    try:
-        return json.loads(line)
-    except ValueError as e:
-        raise BuildError(f"line {number} of {path} is not JSON ({_reason(e)}): fix or remove that line") from None
-
-
-@contextlib.contextmanager
-def _source_errors(args: argparse.Namespace, files: list[str] | None) -> Iterator[None]:
-    """Turn a failure to open or read the source into one BuildError line."""
-    try:
-        yield
-    except BuildError:
-        raise
-    except Exception as e:
-        reason = _reason(e)
-        if files is None:
-            raise BuildError(
-                f"could not read {args.dataset} {args.subset} from the Hugging Face hub ({reason}); "
-                f"without network, pass local files instead: python fineweb_edu.py --local "
-                f"'DIR/*.parquet' --out OUT (parquet, jsonl[.gz] or plain text files)") from None
-        raise BuildError(f"could not read the --local files ({reason})") from None
-
-
-def _reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
-def _check_parquet_column(files: list[str], column: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for path in files:
-        schema = pq.read_schema(path)
-        if column not in schema.names:
-            raise BuildError(f"{path} has no column {column!r} (columns: {schema.names}): pass --text_column NAME")
-        kind = schema.field(column).type
-        if kind not in (pa.string(), pa.large_string(), pa.null()):
-            raise BuildError(f"{path}'s column {column!r} holds {kind}, not text: pass --text_column NAME")
 
 
 # ----------------------------------------------------------------------------- tokenizing
@@ -551,11 +374,24 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
 
     batches = _tasks(open_documents(args, files, manifest["next_document"]))
     tokenizing_since = time.perf_counter()  # imports and opening the source are not throughput
-    writer = ShardWriter(args.out, args.shard_size, manifest)
     first_tokens, first_documents = manifest["tokens"], manifest["documents"]
+    _tokenize(args, batches, manifest)
+    now = time.perf_counter()
+    seconds, tokenizing = now - started, now - tokenizing_since
+    tokens, documents = manifest["tokens"] - first_tokens, manifest["documents"] - first_documents
+    log(f"done: {_summary(manifest, args.out)}; this run: {documents:,} documents, {tokens:,} tokens "
+        f"in {seconds:.1f}s ({seconds - tokenizing:.1f}s of it starting up), {tokens / tokenizing:,.0f} "
+        f"tokens/s and {documents / tokenizing:,.0f} documents/s while tokenizing")
+    return manifest
+
+
+def _tokenize(args: argparse.Namespace, batches: Iterator[list[str]], manifest: dict) -> None:
+    """Encode the batches on args.workers threads and write the tokens, in source order, into
+    shards after the ones `manifest` lists, up to --max_tokens."""
+    writer = ShardWriter(args.out, args.shard_size, manifest)
     tokens_left = None if args.max_tokens is None else args.max_tokens - manifest["tokens"]
     drop = manifest["next_document_offset"]  # tokens of the first document already in a kept shard
-    documents_seen = 0
+    documents_seen, since = 0, time.perf_counter()
     bar = tqdm(total=args.max_tokens, initial=manifest["tokens"], unit="tok", unit_scale=True,
                dynamic_ncols=True, desc="tokenizing")
 
@@ -569,8 +405,7 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
         writer.add(tokens, lengths)
         documents_seen += len(lengths)
         bar.update(len(tokens))
-        bar.set_postfix_str(f"{documents_seen / (time.perf_counter() - tokenizing_since):,.0f} docs/s",
-                            refresh=False)
+        bar.set_postfix_str(f"{documents_seen / (time.perf_counter() - since):,.0f} docs/s", refresh=False)
 
     pool = ThreadPoolExecutor(args.workers)
     pending: deque[Future] = deque()
@@ -592,13 +427,6 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
     finally:
         pool.shutdown(cancel_futures=True)
         bar.close()
-    now = time.perf_counter()
-    seconds, tokenizing = now - started, now - tokenizing_since
-    tokens, documents = manifest["tokens"] - first_tokens, manifest["documents"] - first_documents
-    log(f"done: {_summary(manifest, args.out)}; this run: {documents:,} documents, {tokens:,} tokens "
-        f"in {seconds:.1f}s ({seconds - tokenizing:.1f}s of it starting up), {tokens / tokenizing:,.0f} "
-        f"tokens/s and {documents / tokenizing:,.0f} documents/s while tokenizing")
-    return manifest
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -610,7 +438,7 @@ def check_out_dir(out_dir: str) -> None:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise BuildError(f"cannot write to --out {out_dir} ({e.strerror or _reason(e)}): pass a writable "
+        raise BuildError(f"cannot write to --out {out_dir} ({e.strerror or utils.error_line(e)}): pass a writable "
                          f"directory as --out, or fix its permissions") from None
 
 
@@ -649,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 build(args)
             except OSError as e:  # a full disk, say: the complete shards are safe, and resuming keeps them
-                reason = utils.disk_full_message(args.out, e) or _reason(e)
+                reason = utils.disk_full_message(args.out, e) or utils.error_line(e)
                 raise BuildError(f"{reason}; the complete shards in {args.out} are kept: fix this and "
                                  f"rerun the same command to resume") from None
     except KeyboardInterrupt:

@@ -29,6 +29,11 @@ class UserError(Exception):
     """A problem the user can fix; a CLI prints its message as one line and exits non-zero."""
 
 
+def error_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for wrapping a library's error into one line of ours."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 # ----------------------------------------------------------------------------- files
 
 def fsync_dir(path: str | Path) -> None:

@@ -289,6 +289,8 @@ def _pinnable(pin_memory: bool) -> bool:
 class TrainLoader:
     """This rank's training micro-batches, cut from the world-size-independent global stream."""
 
+    # Many parameters on purpose: the loader stands alone (tests, benchmarks, other scripts use it
+    # without a TrainConfig); all but the first four are keywords with defaults.
     def __init__(self, data_dir: str, seq_len: int, micro_batch: int, global_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 1337, shuffle: bool = True,
                  vocab_size: int | None = None, pin_memory: bool = False, prefetch: bool = False,
@@ -452,6 +454,7 @@ class ValLoader:
     iteration yields the same batches again.
     """
 
+    # Like TrainLoader's: usable without a TrainConfig; the last five are keywords with defaults.
     def __init__(self, data_dir: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  max_sequences: int | None = None, vocab_size: int | None = None, pin_memory: bool = False):
         if not 0 <= rank < world_size:
@@ -477,6 +480,7 @@ class ValLoader:
         self.stream.release()  # between evaluations the val pages need not stay resident
 
 
+# ValLoader's parameters, passed through.
 def val_batches(data_dir: str, seq_len: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                 max_sequences: int | None = None, vocab_size: int | None = None,
                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -213,6 +213,7 @@ def _ending_losses(
 
 
 @torch.no_grad()
+# The scoring options of evaluate(), passed through one level: a dataclass would only rename them.
 def _predict(
     model,
     examples: list[dict],
@@ -276,6 +277,8 @@ def _model_max_seq_len(model) -> int | None:
     return None
 
 
+# One public entry point for the CLI and for training, hence its keyword options (batch size,
+# autocast, rank/world size, length limit, progress bar) rather than an options object.
 def evaluate(
     model,
     examples: list[dict],

@@ -212,9 +212,9 @@ def _ending_losses(
     return sum_loss, scored.sum(dim=1)
 
 
-@torch.no_grad()
 # The scoring options of evaluate(), passed through one level: a dataclass would only rename them.
-def _predict(
+@torch.no_grad()
+def predict(
     model,
     examples: list[dict],
     device: torch.device | str,
@@ -302,7 +302,7 @@ def evaluate(
     if max_seq_len is None:
         max_seq_len = _model_max_seq_len(model)
     local = examples[rank::world_size]
-    pred, pred_norm = _predict(
+    pred, pred_norm = predict(
         model, local, device, batch_size, autocast_dtype, max_seq_len, progress=progress and rank == 0
     )
     labels = [int(ex["label"]) for ex in local]

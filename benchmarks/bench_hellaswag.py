@@ -81,14 +81,14 @@ def bench_cpu(repeats: int, batch_size: int) -> None:
           f"({n // repeats} fixture examples x {repeats})")
     # Warm-up: allocator, tokenizer, first-call overheads.
     one_at_a_time(model, examples[:4])
-    hellaswag._predict(model, examples[:batch_size], "cpu", batch_size, max_seq_len=model.config.max_seq_len)
+    hellaswag.predict(model, examples[:batch_size], "cpu", batch_size, max_seq_len=model.config.max_seq_len)
     rendered = [hellaswag.render_example(ex, get_encoding()) for ex in examples]
     real = sum(len(ctx) + len(ending) for ctx, endings in rendered for ending in endings)
     model.positions = 0
     single, single_s = timed(one_at_a_time, model, examples)
     single_positions, model.positions = model.positions, 0
     batched, batched_s = timed(
-        hellaswag._predict, model, examples, "cpu", batch_size, max_seq_len=model.config.max_seq_len
+        hellaswag.predict, model, examples, "cpu", batch_size, max_seq_len=model.config.max_seq_len
     )
     for name, seconds, positions in [
         ("one example per forward (build-nanogpt)", single_s, single_positions),

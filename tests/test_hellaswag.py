@@ -70,7 +70,7 @@ def test_batched_predictions_match_one_at_a_time_reference(tiny_model):
     model = tiny_model(**WIDE)
     examples = hellaswag.load_examples(str(FIXTURE), limit=16)
     # 5 does not divide 16: the last batch is padded with empty rows.
-    batched = hellaswag._predict(model, examples, "cpu", batch_size=5, max_seq_len=model.config.max_seq_len)
+    batched = hellaswag.predict(model, examples, "cpu", batch_size=5, max_seq_len=model.config.max_seq_len)
     assert batched == reference_predictions(model, examples)
 
 
@@ -216,9 +216,9 @@ def test_compiled_model_matches_eager_on_bucketed_shapes(tiny_model):
     """A torch.compile'd model predicts as eager does, called only with (4 * batch, 64k) shapes."""
     model = tiny_model(n_layers=1, **WIDE)
     examples = hellaswag.load_examples(str(FIXTURE), limit=8)
-    eager = hellaswag._predict(model, examples, "cpu", batch_size=3, max_seq_len=256)
+    eager = hellaswag.predict(model, examples, "cpu", batch_size=3, max_seq_len=256)
     recorder = ShapeRecorder(torch.compile(model))
-    compiled = hellaswag._predict(recorder, examples, "cpu", batch_size=3, max_seq_len=256)
+    compiled = hellaswag.predict(recorder, examples, "cpu", batch_size=3, max_seq_len=256)
     assert compiled == eager
     # 3 batches (3 + 3 + 2 examples, the last padded with empty rows), at most 2 shapes to compile.
     assert len(recorder.shapes) <= 2
@@ -252,10 +252,10 @@ def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph(tiny_model):
     examples = hellaswag.load_examples(str(FIXTURE), limit=7) + [long_example]  # padded to 64 and 128
     recorder = ShapeRecorder(compiled)
     before = dict(stats)
-    hellaswag._predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
+    hellaswag.predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
     assert stats["compiles"] - before["compiles"] == len(recorder.shapes) >= 2
     before = dict(stats)
-    hellaswag._predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
+    hellaswag.predict(recorder, examples, "cpu", batch_size=4, max_seq_len=256)
     assert stats["compiles"] == before["compiles"]
     assert train_step() == {"calls": 1, "compiles": 0}
 

@@ -416,3 +416,28 @@ def test_init_from_errors_are_one_line(tmp_path, data_dir, capsys, source):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_step_time_excludes_evaluation_and_checkpoints(tmp_path, data_dir, monkeypatch):
+    """A slow validation and save show up as eval_s / save_s, not in the step's ms or tokens/s."""
+    validation, save, real_clock = train_llama.validation_loss, train_llama.checkpoint.save, time.perf_counter
+    lost = [0.0]  # seconds the slow parts "take", added to the clock without sleeping
+
+    def slow_validation(run):
+        lost[0] += 100.0
+        return validation(run)
+
+    def slow_save(*args, **kwargs):
+        lost[0] += 100.0
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + lost[0])
+    monkeypatch.setattr(train_llama, "validation_loss", slow_validation)
+    monkeypatch.setattr(train_llama.checkpoint, "save", slow_save)
+    train_llama.main([*BASE, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=4",
+                      "--eval_interval=2", "--save_interval=2"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "ms" in r]
+    assert len(steps) == 4 and max(r["ms"] for r in steps) < 50_000
+    assert min(r["eval_s"] for r in rows if "eval_s" in r) >= 100.0
+    assert min(r["save_s"] for r in rows if "save_s" in r) >= 100.0

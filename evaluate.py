@@ -1,0 +1,466 @@
+"""EleutherAI's lm-evaluation-harness on our checkpoints: one step, every step of a run, or a
+Hugging Face Llama directory.
+
+    python evaluate.py --checkpoint out/llama_1p7b                     # its latest step
+    python evaluate.py --checkpoint out/llama_1p7b/step_0010000 --tasks hellaswag,arc_easy
+    python evaluate.py --checkpoint out/llama_1p7b --all_steps         # every step, then a plot
+    torchrun --standalone --nproc_per_node=8 evaluate.py --checkpoint out/llama_1p7b --all_steps
+    python evaluate.py --hf path/to/DMaS-LLaMa-Lite-step-43500         # a released checkpoint
+    python evaluate.py --checkpoint out/tiny --tasks my_task --include_path my_tasks/ --device cpu
+
+The default suite is zero-shot HellaSwag, ARC-Easy, ARC-Challenge, PIQA, WinoGrande, BoolQ,
+OpenBookQA and LAMBADA (OpenAI): the commonsense suite TinyLlama reports for its 1.1B model, plus
+LAMBADA as GPT-2 and Pythia report it, so our numbers sit next to theirs; TinyLlama also plots
+those seven along its pretraining run, which is what --all_steps draws. All eight are scored by
+log-likelihood (no generation, so no decoding settings) and zero-shot (no few-shot sampling). For
+the smallest models ARC-Challenge stays near chance and BoolQ near its majority class (0.62).
+
+How the model reaches lm-eval: in memory. Our weights become a `LlamaForCausalLM` that shares
+their tensors (no export directory, no second copy) and lm-eval's `HFLM` gets that object together
+with GPT-2's tokenizer built from the local vocabulary files. `--hf` loads a directory with
+transformers; either way the tokenizer is GPT-2's and the model's bos/eos/pad are forced to
+<|endoftext|> (50256): the released DMaS-LLaMa-Lite directories name eos 2 / bos 1 in
+generation_config.json, and token 2 is "#", at which generation would otherwise stop. Scores never
+read the model's ids: the tokenizer decides what lm-eval prepends (nothing, as GPT-2 adds no BOS;
+50256 before an empty context) and the end-of-text stop string of generation tasks.
+
+Scoring matches hellaswag.py: the loss summed over the choice's tokens, the choice with a leading
+space, logits over the model's whole vocabulary. `acc` therefore agrees with hellaswag.py on the same
+examples; lm-eval's `acc_norm` divides by the choice's length in characters, hellaswag.py's by its
+length in tokens, so those differ by design (and lm-eval's own `hellaswag` task also cleans the text
+and prefixes the activity label, so its numbers are not hellaswag.py's either).
+
+Outputs, for the settings (tasks, few-shot, limit, dtype) hashed into KEY: `lm_eval_KEY.json` and
+`lm_eval_KEY.md` in the step directory (or the --hf / weights directory), the table on stdout. With
+--all_steps, every step_* of the run whose `lm_eval_KEY.json` is missing is evaluated, then the run
+directory gets `lm_eval_KEY.json` (all steps), `.md` and `.png`: each task's accuracy and the
+validation loss from metrics.jsonl against tokens seen.
+
+Several GPUs: under torchrun, --all_steps gives each process its share of the checkpoints (one
+whole checkpoint per GPU at a time). lm-eval's own data-parallel route (`accelerate launch`) needs
+it to load the model from a path itself, which our in-memory hand-over rules out; splitting
+checkpoints needs no communication and scales with their number, which is what a run's curve
+needs. A single checkpoint runs on one GPU.
+
+Offline: lm-eval's tasks download their datasets from the Hugging Face hub on first use and read
+the cache afterwards (HF_DATASETS_OFFLINE=1 then works). Without network, write the task YAML and
+data files yourself and pass --include_path DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import export_hf
+import metrics
+from model import Transformer
+from tokenizer import EOT, N_VOCAB, vocab_file
+from utils import DTYPES, UserError, cli_errors, write_atomic
+
+DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",
+                 "openbookqa", "lambada_openai")
+RESULT_PREFIX = "lm_eval_"
+# lm-eval warns about these whenever it is handed a model object, which is what we intend.
+_EXPECTED_LM_EVAL_WARNINGS = ("`pretrained` model kwarg is not of type `str`",
+                              "Passed an already-initialized model through `pretrained`")
+
+
+# ----------------------------------------------------------------------------- model and tokenizer
+
+@functools.lru_cache(maxsize=4)
+def gpt2_tokenizer(model_max_length: int = 1024):
+    """GPT-2's tokenizer (bos = eos = unk = <|endoftext|>, no BOS added) from the local,
+    sha256-checked vocabulary files: nothing is downloaded."""
+    from transformers import GPT2TokenizerFast
+
+    # Positional on purpose: transformers 4.x names them vocab_file/merges_file, 5.x vocab/merges.
+    return GPT2TokenizerFast(str(vocab_file("encoder.json")), str(vocab_file("vocab.bpe")),
+                             model_max_length=model_max_length)
+
+
+def _use_gpt2_special_tokens(hf_model) -> list[str]:
+    """Point the model's bos/eos/pad ids at <|endoftext|>; the fields that named something else."""
+    changed = []
+    for holder, name in ((hf_model.config, "config.json"), (hf_model.generation_config, "generation_config.json")):
+        for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            old = getattr(holder, field, None)
+            if old is not None and old != EOT:
+                changed.append(f"{name} {field}={old}")
+            setattr(holder, field, EOT)
+    return changed
+
+
+def to_llama(model: Transformer, source: str = ""):
+    """A transformers `LlamaForCausalLM` holding `model`'s own tensors (no copy, all its
+    vocabulary rows), on their device, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = model.output.weight.device
+    config = {k: v for k, v in export_hf.hf_config(model.config).items() if k != "torch_dtype"}
+    config = LlamaConfig(**config, name_or_path=source)
+    with torch.device("meta"):
+        hf_model = LlamaForCausalLM(config)
+    hf_model.load_state_dict(export_hf.to_hf_state_dict(model), assign=True)
+    # The rotary inverse frequencies are non-persistent buffers, still on meta: rebuild them.
+    with torch.device(device):
+        hf_model.model.rotary_emb = type(hf_model.model.rotary_emb)(config=config)
+    _use_gpt2_special_tokens(hf_model)
+    return hf_model.eval()
+
+
+def load_checkpoint(path: str | Path, device: torch.device) -> tuple[object, Path, dict]:
+    """(LlamaForCausalLM, directory for the results, meta) for a run dir, a step dir, or a
+    weights dir written by `export_hf.py --from_hf`."""
+    path = Path(path)
+    if (path / "model_config.json").is_file():
+        return to_llama(export_hf.load_weights(str(path), device), str(path)), path, {}
+    try:
+        ckpt = checkpoint.resolve(path)
+        if ckpt is None:
+            raise UserError(f"{path} holds no complete checkpoint yet")
+        model = checkpoint.load_model(ckpt, device)
+        meta = checkpoint.read_meta(ckpt)
+    except checkpoint.CheckpointError as e:
+        raise UserError(str(e)) from None
+    return to_llama(model, str(ckpt)), ckpt, meta
+
+
+def load_hf_dir(hf_dir: str | Path, device: torch.device):
+    """A local transformers causal LM with GPT-2's token ids, its special ids set to GPT-2's."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(hf_dir, "config.json").is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json); "
+                        f"pass --checkpoint for our checkpoints")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
+    if hf_model.config.vocab_size < N_VOCAB:
+        raise UserError(f"{hf_dir} has vocab_size={hf_model.config.vocab_size}; the tasks are tokenized "
+                        f"with GPT-2's {N_VOCAB}-token vocabulary, so the model must use GPT-2's ids")
+    changed = _use_gpt2_special_tokens(hf_model)
+    if changed:
+        print(f"evaluate: {hf_dir}: using GPT-2's <|endoftext|> ({EOT}) for bos/eos/pad instead of "
+              f"{', '.join(changed)}", file=sys.stderr)
+    return hf_model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def _quiet_lm_eval() -> None:
+    class _DropExpected(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(_EXPECTED_LM_EVAL_WARNINGS)
+
+    logger = logging.getLogger("lm_eval")
+    logger.setLevel(logging.WARNING)
+    for name in ("lm_eval.models.huggingface", "lm_eval.evaluator"):
+        logging.getLogger(name).addFilter(_DropExpected())
+
+
+def task_manager(tasks: list[str], include_path: str | None):
+    """lm-eval's TaskManager, after checking that every task exists and its data loads (so a
+    missing dataset fails before any model is loaded)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include_path {include_path} is not a directory")
+    manager = None
+    if include_path is not None:
+        # Indexing lm-eval's own ~14,000 task YAMLs takes seconds: skip it when all tasks are local.
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not all(t in manager.all_tasks for t in tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks and not Path(t).is_file()]
+    if unknown:
+        where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks"
+        raise UserError(f"unknown task {unknown[0]!r} (not in {where}): list them with `lm-eval ls tasks`, "
+                        f"or pass --include_path DIR holding its YAML")
+    try:
+        if hasattr(manager, "load"):
+            manager.load(tasks)
+        else:  # lm-eval < 0.4.12
+            from lm_eval.tasks import get_task_dict
+
+            get_task_dict(tasks, manager)
+    except Exception as e:  # noqa: BLE001 - whatever the dataset loader raises offline, the fix is the same
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(
+            f"could not load task(s) {','.join(tasks)} ({type(e).__name__}: {reason[:200]}): lm-eval's "
+            f"tasks read their datasets from the Hugging Face hub, or its cache once downloaded; offline, "
+            f"pass --include_path DIR with a task YAML whose data files are local") from None
+    return manager
+
+
+def settings_key(settings: dict) -> str:
+    """Eight hex digits naming the settings that change scores (not batch size or device)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def result_path(directory: Path, key: str) -> Path:
+    return directory / f"{RESULT_PREFIX}{key}.json"
+
+
+def scores_of(results: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from lm-eval's results ("acc,none" -> "acc"; groups included)."""
+    scores = {}
+    for section in ("results", "groups"):
+        for task, values in results.get(section, {}).items():
+            scores[task] = {k.removesuffix(",none"): v for k, v in values.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return scores
+
+
+def run_tasks(hf_model, manager, args: argparse.Namespace) -> dict:
+    """lm-eval's results dict for one model."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    autocast = None if args.dtype == "float32" else DTYPES[args.dtype]
+    max_length = hf_model.config.max_position_embeddings
+    lm = HFLM(pretrained=hf_model, tokenizer=gpt2_tokenizer(max_length), batch_size=args.batch_size,
+              max_length=max_length, mixed_precision_dtype=autocast,
+              # log-probabilities in float32 even when the logits come out of bf16 autocast
+              softmax_dtype=torch.float32)
+    return simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                           task_manager=manager, log_samples=False)
+
+
+# ----------------------------------------------------------------------------- one checkpoint
+
+def evaluate_model(hf_model, source: Path, meta: dict, out: Path, manager, args: argparse.Namespace,
+                   settings: dict) -> dict:
+    """Run the tasks on `hf_model`, write out (JSON) and its .md table; the record written."""
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    t0 = time.time()
+    results = run_tasks(hf_model, manager, args)
+    seconds = time.time() - t0
+    record = {
+        "source": str(source), "step": meta.get("step"),
+        # older checkpoints keep tokens_seen at the top of meta.json, newer ones under "progress"
+        "tokens_seen": meta.get("progress", {}).get("tokens_seen", meta.get("tokens_seen")),
+        "settings": settings, "scores": scores_of(results),
+        "n_samples": {t: n.get("effective") for t, n in results.get("n-samples", {}).items()},
+        "lm_eval_version": lm_eval.__version__, "device": str(args.device),
+        "batch_size": args.batch_size, "seconds": round(seconds, 2),
+        "lm_eval": {k: results[k] for k in ("results", "groups", "versions", "n-shot", "higher_is_better",
+                                             "n-samples", "configs") if k in results},
+    }
+    table = make_table(results) + (make_table(results, "groups") if results.get("groups") else "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(record, indent=2, default=handle_non_serializable) + "\n")
+    write_atomic(out.with_suffix(".md"), f"# lm-eval: {source}\n\n{table}")
+    record["table"] = table
+    return record
+
+
+# ----------------------------------------------------------------------------- every step of a run
+
+def curve_metrics(values: dict[str, float]) -> list[str]:
+    """The metrics of a task worth a curve: acc and acc_norm, else its first metric."""
+    chosen = [m for m in ("acc", "acc_norm") if m in values]
+    return chosen or [m for m in values if not m.split(",")[0].endswith("_stderr")][:1]
+
+
+def curves(records: list[dict]) -> list[dict]:
+    """The records' step, tokens seen and curve metrics only (what the run table and plot show)."""
+    return [{"step": r["step"], "tokens_seen": r["tokens_seen"],
+             "scores": {t: {m: v[m] for m in curve_metrics(v)} for t, v in r["scores"].items()}}
+            for r in records]
+
+
+def run_table(records: list[dict]) -> str:
+    """Markdown: one row per step, a column per task and curve metric."""
+    columns = []
+    for record in records:
+        for task, values in record["scores"].items():
+            for metric in values:
+                if (task, metric) not in columns:
+                    columns.append((task, metric))
+    lines = ["| step | tokens seen | " + " | ".join(f"{t} {m}" for t, m in columns) + " |",
+             "|---:|---:|" + "---:|" * len(columns)]
+    for r in records:
+        cells = [f"{r['scores'].get(t, {}).get(m, float('nan')):.4f}" for t, m in columns]
+        lines.append(f"| {r['step']} | {r['tokens_seen'] or 0:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, settings: dict, key: str,
+                 rank: int, world_size: int, device: torch.device) -> Path | None:
+    """Evaluate every step_* of run_dir not yet evaluated with these settings (this process's share
+    of them under torchrun); rank 0 then writes the run's summary, table and plot."""
+    if (run_dir / checkpoint.META).is_file() or not run_dir.is_dir():
+        raise UserError(f"--all_steps needs a run directory (holding step_* checkpoints), got {run_dir}")
+    steps = checkpoint.complete_checkpoints(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir} holds no complete step_* checkpoint")
+    pending = [s for s in steps if not result_path(s, key).is_file()]
+    # Shared out by position among all steps, not among the pending ones: every rank gets the same
+    # split whatever another rank has written meanwhile, with no communication.
+    mine = [s for s in steps[rank::world_size] if s in pending]
+    if rank == 0:
+        print(f"evaluate: {len(steps)} checkpoints in {run_dir}, {len(steps) - len(pending)} already "
+              f"evaluated with these settings, {len(pending)} to evaluate on {world_size} process(es)")
+    failed, t_start = 0, time.time()
+    manager = manager_factory() if mine else None
+    for i, ckpt in enumerate(mine, 1):
+        try:
+            hf_model, _, meta = load_checkpoint(ckpt, device)
+        except UserError as e:  # one bad checkpoint should not cost the others' results
+            print(f"evaluate: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        record = evaluate_model(hf_model, ckpt, meta, result_path(ckpt, key), manager, args, settings)
+        del hf_model
+        elapsed = time.time() - t_start
+        eta = elapsed / i * (len(mine) - i)
+        line = ", ".join(f"{t} {m} {v[m]:.4f}" for t, v in record["scores"].items() for m in curve_metrics(v))
+        print(f"evaluate: [rank {rank}] {i}/{len(mine)} {ckpt.name}: {line} "
+              f"({record['seconds']:.0f} s, ETA {metrics.format_duration(eta)})", flush=True)
+    if world_size > 1:
+        # The one collective, made only now: checkpoint loading is collective whenever a process
+        # group exists, and here each process loads different checkpoints. Joining the group is
+        # where the ranks wait for the slowest one, hence the long timeout.
+        dist.init_process_group("gloo", timeout=timedelta(days=7))
+        counts = torch.tensor([failed])
+        dist.all_reduce(counts)
+        failed = int(counts.item())
+    if rank != 0:
+        return None
+    out = Path(args.out) if args.out else run_dir / f"{RESULT_PREFIX}{key}.json"
+    n_steps = write_run_summary(run_dir, steps, key, settings, out)
+    if failed:
+        raise UserError(f"{failed} checkpoint(s) could not be evaluated (reasons above); "
+                        f"the {n_steps} others are in {out}")
+    return out
+
+
+def write_run_summary(run_dir: Path, steps: list[Path], key: str, settings: dict, out: Path) -> int:
+    """The run's results for these settings (JSON), its table (.md, also printed) and the
+    training-dynamics plot (.png) at `out`; returns how many steps they hold."""
+    evaluated: dict[int, dict] = {}
+    if out.is_file():  # steps evaluated before keep_last pruned their checkpoints stay on the curve
+        previous = json.loads(out.read_text())
+        if previous.get("settings") == settings:
+            evaluated = {r["step"]: r for r in previous.get("steps", [])}
+    for step in steps:
+        if result_path(step, key).is_file():
+            r = json.loads(result_path(step, key).read_text())
+            evaluated[r["step"]] = {k: r[k] for k in ("step", "tokens_seen", "scores", "source")}
+    records = [evaluated[s] for s in sorted(evaluated)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps({"run": str(run_dir), "settings": settings, "steps": records}, indent=2) + "\n")
+    table = run_table(curves(records))
+    write_atomic(out.with_suffix(".md"), f"# lm-eval along {run_dir}\n\n{table}")
+    rows = metrics.read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    metrics.plot_dynamics(curves(records), rows, out.with_suffix(".png"))
+    print(table, end="")
+    print(f"evaluate: wrote {out}, {out.with_suffix('.md').name} and {out.with_suffix('.png').name}")
+    return len(records)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="lm-evaluation-harness on a checkpoint, a run, or a HF directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run directory (its latest step), a step_* directory, "
+                                             "or a weights directory from export_hf.py --from_hf")
+    source.add_argument("--hf", help="a local Hugging Face causal LM directory with GPT-2's vocabulary")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval task names")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 here)")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="only the first N examples of each task (a fraction if < 1): a quick estimate")
+    parser.add_argument("--batch_size", default="32", help="requests per forward, or 'auto'")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="autocast dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--include_path", default=None, help="a directory of extra task YAMLs (offline tasks)")
+    parser.add_argument("--out", default=None, help="the JSON result (default: lm_eval_KEY.json beside the "
+                                                   "checkpoint; with --all_steps, in the run directory)")
+    parser.add_argument("--all_steps", action="store_true",
+                        help="evaluate every step_* of a run directory not evaluated yet, then plot")
+    args = parser.parse_args(argv)
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks:
+        parser.error("--tasks is empty")
+    if args.limit is not None:
+        if args.limit <= 0:
+            parser.error(f"--limit must be positive, got {args.limit:g}")
+        args.limit = int(args.limit) if args.limit >= 1 else args.limit
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
+        parser.error(f"--batch_size must be a positive integer or 'auto', got {args.batch_size!r}")
+    if args.all_steps and args.hf:
+        parser.error("--all_steps needs --checkpoint RUN_DIR")
+    return args
+
+
+def _setup_processes(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): under torchrun, one process per GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device_name} but no CUDA device is visible; use --device cpu")
+    if world_size == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # lm-eval returns results only where LOCAL_RANK is 0 (it takes the others for tensor-parallel
+    # copies of one model); here every process is a whole evaluation of its own checkpoints.
+    os.environ.pop("LOCAL_RANK")
+    return rank, world_size, device
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with cli_errors("evaluate"):
+        rank, world_size, device = _setup_processes(args.device)
+        try:
+            args.device = device
+            args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+            settings = {"tasks": sorted(args.tasks), "num_fewshot": args.num_fewshot, "limit": args.limit,
+                        "dtype": args.dtype}
+            key = settings_key(settings)
+            _quiet_lm_eval()
+
+            def manager_factory():
+                return task_manager(args.tasks, args.include_path)
+
+            if args.all_steps:
+                evaluate_run(Path(args.checkpoint), manager_factory, args, settings, key, rank, world_size, device)
+                return
+            if world_size > 1:
+                raise UserError("under torchrun only --all_steps is split across processes (a checkpoint "
+                                "per GPU); evaluate one checkpoint with plain `python evaluate.py`")
+            manager = manager_factory()  # before the model: a missing dataset fails in seconds
+            if args.hf:
+                hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
+            else:
+                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device)
+            out = Path(args.out) if args.out else result_path(result_dir, key)
+            record = evaluate_model(hf_model, result_dir, meta, out, manager, args, settings)
+            print(record["table"], end="")
+            print(f"evaluate: wrote {out} and {out.with_suffix('.md').name} ({record['seconds']:.1f} s)")
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,949 @@
+"""The one-shot GPU battery: speed, memory and correctness of the real training path in one command.
+
+    python benchmarks/gpu_check.py                     # every row: about 8 minutes on one H100/H200
+    python benchmarks/gpu_check.py --rows env,loss     # some rows (--list names them)
+    python benchmarks/gpu_check.py --quick             # the tiny model, on whatever device there is
+
+GPU time comes rarely and briefly, so this is prepared and tested on the CPU: without CUDA the same
+command runs every row on the tiny model (NCCL becomes gloo, no memory cap, torch.compile with
+dynamo's "eager" backend, which counts graph breaks and recompiles as inductor would but builds no
+C++), and tests/test_gpu_check.py runs it that way. Each row runs in its own process group with its
+own timeout: a crash, an out-of-memory or a hang is that row's verdict and the others run on. Each
+row adds one JSON line to OUT/results.jsonl; the table is printed last and saved as OUT/table.txt;
+each row's stdout and stderr are in OUT/logs/. All rows share one inductor cache
+(OUT/inductor_cache), so a graph one row compiled is loaded, not compiled again, by the next.
+
+Verdicts: "ok[: details]", "warning: ...", "out of memory", "mismatch: ..." (a check ran and
+failed), "failed: ..." (the row crashed), "timeout after N s", "skipped: ...". The exit status is 1
+when any row failed, timed out or mismatched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+FIXTURE = REPO / "tests" / "data" / "hellaswag_sample.jsonl"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    """What the rows measure: fixed once by the parent, read by every row's process."""
+    device: str  # "cuda" or "cpu"
+    model: str  # the measured preset: 1p7b, or tiny in quick/CPU mode
+    seq_len: int
+    micro_batches: list[int]  # the two micro-batches of the speed rows (their slope is the activations)
+    accum: int  # micro-steps per optimizer step
+    steps: int  # timed optimizer steps after the first (compiling) one
+    backend: str  # torch.compile backend
+    mem_cap_gib: float  # the speed rows' memory cap, so a bigger card behaves like an 80 GB one
+    peak_tflops: float  # 0 = metrics.PEAK_BF16_TFLOPS by device name
+    small_seq_len: int  # the tiny model's sequence in the correctness rows
+    ddp_model: str
+    ddp_layers: int
+    ddp_micro_batch: int
+    ddp_seq_len: int
+    out: str
+    cache_dir: str
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def autocast(self):
+        # bf16 autocast on CUDA; the CPU runs float32, as train_llama.py does there.
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py: error: --device=cuda but no CUDA device is visible; drop --device")
+    out = Path(args.out).resolve()
+    common = dict(mem_cap_gib=args.mem_cap_gib, peak_tflops=args.peak_tflops, out=str(out),
+                  cache_dir=str(Path(args.cache_dir).resolve() if args.cache_dir else out / "inductor_cache"))
+    if device == "cuda" and not args.quick:
+        # 1p7b as trained; DDP on the 1p7b shapes with 2 of its 36 layers: real buckets, short compile.
+        return Plan(device=device, model="1p7b", seq_len=1024, micro_batches=[8, 16], accum=4, steps=3,
+                    backend=args.backend or "inductor", small_seq_len=256, ddp_model="1p7b", ddp_layers=2,
+                    ddp_micro_batch=4, ddp_seq_len=1024, **common)
+    if device == "cuda":
+        return Plan(device=device, model="tiny", seq_len=256, micro_batches=[8, 16], accum=4, steps=2,
+                    backend=args.backend or "inductor", small_seq_len=256, ddp_model="tiny", ddp_layers=4,
+                    ddp_micro_batch=4, ddp_seq_len=256, **common)
+    # The CPU smoke run: every path once, at the least work that still accumulates and chunks.
+    return Plan(device=device, model="tiny", seq_len=32, micro_batches=[2, 4], accum=2, steps=2,
+                backend=args.backend or "eager", small_seq_len=32, ddp_model="tiny", ddp_layers=4,
+                ddp_micro_batch=2, ddp_seq_len=32, **common)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def is_oom(e: BaseException) -> bool:
+    # inductor can wrap an allocation failure in its own exception; the message survives.
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def cap_memory(plan: Plan) -> float | None:
+    """Cap this process's CUDA allocator at plan.mem_cap_gib when the card has more; the cap or None."""
+    if not plan.cuda or plan.mem_cap_gib <= 0:
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = plan.mem_cap_gib * 2**30
+    if total <= cap:
+        return None
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    return plan.mem_cap_gib
+
+
+def first_line(text: str, limit: int = 200) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else ""
+
+
+# The line of a crash's output that names the error: a traceback's last line, the repo's one-line
+# errors, a torchrun worker's "[rank0]: ValueError: ..."; not torchrun's own summary after it.
+ERROR_LINE = re.compile(r"(Error|Exception|Exit|error)\w*: \S|exited \d+: ")
+
+
+def error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if ERROR_LINE.search(line)), lines[-1] if lines else "no output")
+
+
+def tail(path: Path, n: int = 15) -> list[str]:
+    if not path.is_file():
+        return []
+    return path.read_text(errors="replace").splitlines()[-n:]
+
+
+def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                             fused=device.type == "cuda")
+
+
+def make_batches(vocab_size: int, micro_batch: int, seq_len: int, count: int, device: torch.device,
+                 seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` (inputs, targets) pairs of random tokens, made on the device ahead of the timing."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), generator=generator)
+        batches.append((tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)))
+    return batches
+
+
+def train_step(train_model, model, optimizer, batches, autocast, ddp: bool = False) -> float:
+    """One optimizer step as train_llama.py takes it (accumulation over `batches`, clip, AdamW);
+    returns the mean loss."""
+    total = torch.zeros((), device=batches[0][0].device)
+    for i, (x, y) in enumerate(batches):
+        if ddp:
+            train_model.require_backward_grad_sync = i == len(batches) - 1
+        with autocast:
+            loss = train_model(x, y)
+        (loss / len(batches)).backward()
+        total += loss.detach() / len(batches)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item()
+
+
+def compile_stats() -> dict:
+    """Graph breaks and recompiles so far in this process, from dynamo's own bookkeeping."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    breaks = counters["graph_break"]
+    reasons = [m.recompile_reason for m in get_compilation_metrics() if getattr(m, "recompile_reason", None)]
+    return {"frames_compiled": counters["frames"]["ok"], "graph_breaks": sum(breaks.values()),
+            "graph_break_reasons": [first_line(r) for r in list(breaks)[:5]],
+            "recompiles": len(reasons), "recompile_reasons": [first_line(r) for r in reasons[:5]]}
+
+
+def top_kernels(fn, device: torch.device, n: int = 10) -> list[dict]:
+    """The n kernels (CUDA) or operators (CPU) that took the most time during fn()."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = prof.key_averages()
+    if device.type == "cuda":
+        def spent(e):
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA and spent(e) > 0]
+        events = kernels or [e for e in events if spent(e) > 0]
+    else:
+        def spent(e):
+            return e.self_cpu_time_total
+    total = sum(spent(e) for e in events) or 1
+    ranked = sorted(events, key=spent, reverse=True)[:n]
+    return [{"name": e.key[:120], "ms": round(spent(e) / 1000, 3), "calls": e.count,
+             "share": round(spent(e) / total, 4)} for e in ranked]
+
+
+def time_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of fn() over `repeats` calls after one warm-up call."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def make_shards(path: Path, tokens_per_shard: int = 50_000) -> Path:
+    """Random uint16 shards under build-nanogpt's names: one val shard, then two train shards."""
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, split in enumerate(["val", "train", "train"]):
+        tokens = rng.integers(0, 50257, size=tokens_per_shard, dtype=np.uint16)
+        np.save(path / f"edufineweb_{split}_{i:06d}.npy", tokens)
+    return path
+
+
+def run_cli(*cmds: list[str]) -> list[str]:
+    """Run some of the repo's commands side by side and return their stdouts; if one fails, show
+    the end of its output and stop this row with one line saying which and why."""
+    running = []
+    for cmd in cmds:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        running.append((cmd, subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO), out, err))
+    stdouts = []
+    for cmd, proc, out, err in running:
+        code = proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        if code != 0:
+            sys.stderr.write("\n".join((stdout + stderr).splitlines()[-20:]) + "\n")
+            script = next(Path(c).name for c in cmd if c.endswith(".py"))
+            raise SystemExit(f"{script} exited {code}: {error_line(stdout + stderr)[:200]}")
+        stdouts.append(stdout)
+    return stdouts
+
+
+def torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script, *args]
+
+
+def metric_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every logged training step in run_dir/metrics.jsonl, in file order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def tiny_train_args(plan: Plan, data_dir: Path, out_dir: Path, seq_len: int, micro_batch: int, accum: int,
+                    max_steps: int) -> list[str]:
+    return ["train_llama.py", "--config", "configs/tiny.py", "--prepare_local_data=false",
+            f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--seq_len={seq_len}",
+            f"--micro_batch={micro_batch}", f"--total_batch_tokens={micro_batch * seq_len * accum}",
+            f"--max_steps={max_steps}", "--warmup_steps=2", "--eval_interval=0", "--sample_interval=0",
+            "--save_interval=0", f"--device={plan.device}"]
+
+
+# ----------------------------------------------------------------------------- rows
+
+def row_env(plan: Plan) -> dict:
+    """Versions, the card and the peak its MFU uses, the GPT-2 vocabulary, and which SDPA backend
+    runs the model's bf16 GQA attention."""
+    import tiktoken
+
+    import metrics
+    import tokenizer
+    from model import model_config
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "tiktoken": tiktoken.__version__}
+    name = None
+    if plan.cuda:
+        props = torch.cuda.get_device_properties(0)
+        name = torch.cuda.get_device_name(0)
+        nccl = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+        info.update(device=name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version(),
+                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl))
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+    else:
+        info["device"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    peak, note = metrics.peak_flops(name, plan.peak_tflops)
+    info.update(peak_tflops=peak / 1e12 if peak else None, peak_note=note)
+    try:
+        info["gpt2_vocab"] = str(tokenizer.vocab_file("vocab.bpe").parent)
+        tokenizer.vocab_file("encoder.json")
+    except FileNotFoundError as e:
+        info["gpt2_vocab"] = None
+        info["gpt2_vocab_error"] = first_line(e)
+    cfg = model_config(plan.model, max_seq_len=plan.seq_len)
+    info["sdpa"] = sdpa_backends(cfg, plan.micro_batches[-1], plan.seq_len, torch.device(plan.device))
+    if info["gpt2_vocab"] is None:
+        verdict = "warning: no GPT-2 vocabulary, so the hellaswag and recompile rows fail: see benchmarks/README.md"
+    elif plan.cuda and peak is None:
+        verdict = f"warning: no peak for {name!r}, so MFU is null: pass --peak_tflops"
+    else:
+        verdict = f"ok: SDPA default {info['sdpa']['default']}; {note}"
+    return {**info, "config": f"{info['device']}, torch {torch.__version__}", "verdict": verdict}
+
+
+def sdpa_backends(cfg, batch: int, seq_len: int, device: torch.device) -> dict:
+    """Forward + backward of the model's attention shapes in bf16 with GQA, under each SDPA backend
+    alone (ms, or why it refused), and the backend SDPA picks by itself."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    shape_q = (batch, cfg.n_heads, seq_len, cfg.head_dim)  # (B, n_heads, T, head_dim)
+    shape_kv = (batch, cfg.n_kv_heads, seq_len, cfg.head_dim)  # (B, n_kv_heads, T, head_dim)
+    q, k, v = (torch.randn(s, generator=g).to(device, torch.bfloat16).requires_grad_()
+               for s in (shape_q, shape_kv, shape_kv))
+
+    def fwd_bwd():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+    result = {"shape": f"q {list(shape_q)}, kv {list(shape_kv)}, bf16, causal, enable_gqa"}
+    for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel(getattr(SDPBackend, backend)):
+                    result[backend.lower()] = {"ms": round(time_ms(fwd_bwd, device, 5), 3)}
+            except RuntimeError as e:
+                # SDPA says why a backend refused in warnings; the error itself only says none ran.
+                why = "; ".join(dict.fromkeys(first_line(w.message) for w in caught))
+                result[backend.lower()] = {"error": (why or first_line(e))[:300]}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fwd_bwd()
+        sync(device)
+    ops = {e.key for e in prof.key_averages()}
+    picked = [name for op, name in (("_scaled_dot_product_flash_attention", "flash"),
+                                    ("_scaled_dot_product_efficient_attention", "efficient"),
+                                    ("_scaled_dot_product_cudnn_attention", "cudnn"),
+                                    ("_scaled_dot_product_attention_math", "math"))
+              if any(o.startswith("aten::" + op) for o in ops)]
+    result["default"] = "+".join(picked) or "unknown"
+    return result
+
+
+def row_speed(plan: Plan, micro_batch: int, compiled: bool) -> dict:
+    """One training step of the measured model (accumulation, clip, fused AdamW) at one micro-batch:
+    throughput, MFU, peak memory, compile time, graph breaks, recompiles and the top kernels."""
+    import metrics
+    from model import build_model, model_config
+
+    device = torch.device(plan.device)
+    if plan.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cap = cap_memory(plan)
+    cfg = model_config(plan.model, max_seq_len=plan.seq_len)
+    how = f"compiled ({plan.backend})" if compiled else "eager"
+    result = {"config": f"{plan.model} {how}, seq {plan.seq_len} x {plan.accum} accum"
+                        + (f", cap {cap:g} GiB" if cap else ""), "micro_batch": micro_batch}
+    try:
+        torch.manual_seed(0)
+        model = build_model(cfg, device)
+        optimizer = make_optimizer(model, device)
+        train_model = torch.compile(model, backend=plan.backend) if compiled else model
+        batches = make_batches(cfg.vocab_size, micro_batch, plan.seq_len, plan.accum, device)
+
+        def step():
+            return train_step(train_model, model, optimizer, batches, plan.autocast())
+
+        t0 = time.perf_counter()
+        step()
+        first_step_s = time.perf_counter() - t0
+        # The peak after the first step: the optimizer state exists, compilation's memory is gone.
+        reset_peak(device)
+        times, loss = [], None
+        for _ in range(plan.steps):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+        peak = peak_gib(device)
+        kernels = top_kernels(step, device)
+    except Exception as e:  # an OOM is this row's answer; anything else is a crash
+        if not is_oom(e):
+            raise
+        return {**result, "peak_gib": peak_gib(device), "verdict": "out of memory", "error": first_line(e)}
+    step_s = statistics.median(times)
+    tokens_per_s = micro_batch * plan.seq_len * plan.accum / step_s
+    n_params = model.num_params()
+    flops, note = metrics.peak_flops(torch.cuda.get_device_name(device) if plan.cuda else None, plan.peak_tflops)
+    flops_per_token = metrics.flops_per_token(n_params, cfg.n_layers, plan.seq_len, cfg.dim)
+    mfu = flops_per_token * tokens_per_s / flops if flops else None
+    stats = compile_stats() if compiled else {}
+    verdict = "ok"
+    if compiled:
+        verdict = f"ok: {stats['graph_breaks']} graph breaks, {stats['recompiles']} recompiles"
+    if not np.isfinite(loss):
+        verdict = f"mismatch: loss {loss}"
+    return {**result, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_note": note, "peak_gib": peak,
+            "ms_per_step": step_s * 1000, "first_step_s": first_step_s,
+            "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": n_params,
+            "tokens_per_step": micro_batch * plan.seq_len * plan.accum, **stats, "top_kernels": kernels,
+            "verdict": verdict}
+
+
+def row_train_llama(plan: Plan) -> dict:
+    """The real script's --benchmark path (synthetic tokens, nothing written), as a user runs it."""
+    mb = plan.micro_batches[-1]
+    config = "configs/llama_1p7b.py" if plan.model == "1p7b" else "configs/tiny.py"
+    # HellaSwag off: the benchmark never evaluates, and its data may not be on this machine.
+    args = ["--config", config, f"--benchmark={8 if plan.model == '1p7b' else 3}", f"--seq_len={plan.seq_len}",
+            f"--micro_batch={mb}", f"--total_batch_tokens={mb * plan.seq_len * plan.accum}",
+            f"--device={plan.device}", "--hellaswag_interval=0", f"--out_dir={Path(plan.out) / 'train_llama'}"]
+    if plan.peak_tflops:
+        args.append(f"--peak_tflops={plan.peak_tflops}")
+    [stdout] = run_cli([sys.executable, "train_llama.py", *args])
+    bench = parse_benchmark(stdout)
+    first = bench.get("first_step_s")
+    ms = bench.get("ms_per_step")
+    peak = bench.get("peak_mem_gib")
+    verdict = "ok"
+    if peak is not None and plan.mem_cap_gib and peak > plan.mem_cap_gib:
+        verdict = f"warning: peak {peak:.1f} GiB is above an 80 GB card's {plan.mem_cap_gib:g} GiB"
+    compiled = plan.cuda  # train_llama compiles on CUDA only, unless --compile_cpu
+    return {"config": f"train_llama.py --config {Path(config).name}, no cap", "micro_batch": mb,
+            "tokens_per_s": bench.get("tokens_per_s"), "mfu": bench.get("mfu"), "peak_gib": peak,
+            "ms_per_step": ms, "first_step_s": first,
+            "compile_s": first - ms / 1000 if compiled and first is not None and ms is not None else None,
+            "benchmark": bench, "command": " ".join(["python train_llama.py", *args]), "verdict": verdict}
+
+
+def parse_benchmark(stdout: str) -> dict:
+    """train_llama's result: its `benchmark_json: {...}` line, else the older `benchmark: ...` line."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("benchmark_json:"):
+            return json.loads(line.partition(":")[2])
+    m = re.search(r"benchmark: ([\d,.]+) tokens/s \| MFU (?:([\d.]+)%|-)[^|]*\| ([\d.]+) ms/step \| "
+                  r"peak memory (?:([\d.]+) GiB|-)", stdout)
+    if m is None:
+        raise SystemExit("train_llama.py printed neither a 'benchmark_json:' nor a 'benchmark:' line")
+    return {"tokens_per_s": float(m[1].replace(",", "")), "mfu": float(m[2]) / 100 if m[2] else None,
+            "ms_per_step": float(m[3]), "peak_mem_gib": float(m[4]) if m[4] else None}
+
+
+def row_ddp(plan: Plan) -> dict:
+    """Under torchrun (one rank; NCCL on CUDA, gloo on CPU): DDP around the compiled model, as
+    train_llama wraps it, trains the same steps as the plain eager model with the same losses."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from model import build_model, model_config
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if plan.cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    try:
+        cfg = model_config(plan.ddp_model, n_layers=plan.ddp_layers, max_seq_len=plan.ddp_seq_len)
+        steps, accum = 3, 2
+        batches = make_batches(cfg.vocab_size, plan.ddp_micro_batch, plan.ddp_seq_len, steps * accum, device)
+        losses, seconds = {}, {}
+        for variant in ("eager", "ddp_compiled"):
+            torch.manual_seed(0)
+            model = build_model(cfg, device)
+            optimizer = make_optimizer(model, device)
+            ddp = variant == "ddp_compiled"
+            train_model = (DDP(torch.compile(model, backend=plan.backend),
+                               device_ids=[local_rank] if plan.cuda else None, broadcast_buffers=False)
+                           if ddp else model)
+            t0 = time.perf_counter()
+            losses[variant] = [train_step(train_model, model, optimizer, batches[s * accum:(s + 1) * accum],
+                                          plan.autocast(), ddp=ddp) for s in range(steps)]
+            seconds[variant] = time.perf_counter() - t0
+            del model, optimizer, train_model
+        stats = compile_stats()
+    finally:
+        dist.destroy_process_group()
+    diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["ddp_compiled"], strict=True))
+    # float32 on CPU agrees to rounding; on CUDA, bf16 autocast with kernels fused differently does not.
+    tol = 2e-2 if plan.cuda else 1e-4
+    verdict = (f"ok: |loss - eager| <= {diff:.1e}, {stats['graph_breaks']} graph breaks" if diff <= tol else
+               f"mismatch: losses differ from eager by {diff:.2e} (> {tol:g})")
+    return {"config": f"{plan.ddp_model} {plan.ddp_layers} layers, DDP(compile), torchrun 1 x "
+                      f"{'nccl' if plan.cuda else 'gloo'}",
+            "micro_batch": plan.ddp_micro_batch, "losses": losses, "seconds_per_variant": seconds,
+            "max_loss_diff": diff, "tolerance": tol, **stats, "verdict": verdict}
+
+
+def row_loss(plan: Plan) -> dict:
+    """The chunked loss against compiled F.cross_entropy on the full logits, both checked against a
+    float32 reference: time of forward + backward, peak memory above the inputs, gradient error."""
+    from model import chunked_cross_entropy, model_config
+
+    device = torch.device(plan.device)
+    cfg = model_config(plan.model)
+    n = plan.micro_batches[-1] * plan.seq_len  # the rows of one micro-batch
+    chunk = min(cfg.loss_chunk_size, n // 4)
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(n, cfg.dim, generator=g).to(device)  # like the final norm's output: unit RMS
+    w0 = (torch.randn(cfg.vocab_size, cfg.dim, generator=g) * cfg.init_std).to(device)
+    targets = torch.randint(0, 50257, (n,), generator=g).to(device)
+
+    def grads(fn, autocast):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with autocast:
+            loss = fn(h, w, targets)
+        loss.backward()
+        return loss.detach().float(), h.grad, w.grad
+
+    if plan.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
+    ref = grads(lambda h, w, t: F.cross_entropy(h @ w.t(), t), nullcontext())
+    if plan.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    variants = {
+        "chunked": torch.compile(lambda h, w, t: chunked_cross_entropy(h, w, t, chunk), backend=plan.backend),
+        "full_ce": torch.compile(lambda h, w, t: F.cross_entropy(F.linear(h, w), t), backend=plan.backend),
+    }
+    report = {}
+    for name, fn in variants.items():
+        t0 = time.perf_counter()
+        loss, grad_h, grad_w = grads(fn, plan.autocast())
+        sync(device)
+        first_s = time.perf_counter() - t0
+        ms = time_ms(lambda fn=fn: grads(fn, plan.autocast()), device, plan.steps + 2)
+        reset_peak(device)
+        base = torch.cuda.memory_allocated(device) if plan.cuda else 0
+        grads(fn, plan.autocast())
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if plan.cuda else None
+        report[name] = {
+            "ms": ms, "first_s": first_s, "peak_gib": peak,
+            "loss_err": abs(loss - ref[0]).item(),
+            "grad_h_err": ((grad_h - ref[1]).abs().max() / ref[1].abs().max()).item(),
+            "grad_w_err": ((grad_w - ref[2]).abs().max() / ref[2].abs().max()).item()}
+    ours, theirs = report["chunked"], report["full_ce"]
+    err_ours = max(ours["grad_h_err"], ours["grad_w_err"])
+    err_theirs = max(theirs["grad_h_err"], theirs["grad_w_err"])
+    def mem(r: dict) -> str:
+        return f", {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""
+
+    summary = (f"chunked {ours['ms']:.1f} ms{mem(ours)}, grad err {err_ours:.1e} | "
+               f"full CE {theirs['ms']:.1f} ms{mem(theirs)}, grad err {err_theirs:.1e}")
+    # Both round through the same bf16 matmuls; chunking must not add error of its own.
+    verdict = f"ok: {summary}" if err_ours <= 2 * max(err_theirs, 1e-4) else f"mismatch: {summary}"
+    return {"config": f"loss {n} rows x {cfg.dim} -> {cfg.vocab_size}, chunk {chunk}",
+            "micro_batch": plan.micro_batches[-1], "tokens_per_s": n / (ours["ms"] / 1000),
+            "peak_gib": ours["peak_gib"], "ms_per_step": ours["ms"],
+            "compile_s": ours["first_s"] - ours["ms"] / 1000, "variants": report, "verdict": verdict}
+
+
+def row_resume(plan: Plan) -> dict:
+    """Under torchrun: N steps straight vs N/2 steps, save, stop, resume for the rest; same losses."""
+    work = Path(plan.out) / "resume"
+    shutil.rmtree(work, ignore_errors=True)
+    data = make_shards(work / "data")
+    steps = 6 if plan.cuda else 4
+    seq_len, micro_batch, accum = plan.small_seq_len, 4, 2
+
+    def args(out_dir: Path, *extra: str) -> list[str]:
+        return [*tiny_train_args(plan, data, out_dir, seq_len, micro_batch, accum, steps), *extra]
+
+    t0 = time.perf_counter()
+    run_cli(torchrun(*args(work / "straight")), torchrun(*args(work / "split", f"--stop_step={steps // 2}")))
+    run_cli(torchrun(*args(work / "split")))
+    seconds = time.perf_counter() - t0
+    straight, split = metric_losses(work / "straight"), metric_losses(work / "split")
+    tol = 1e-3 if plan.cuda else 0.0  # CPU is bitwise; CUDA's atomics may differ in the last bits
+    config = f"tiny, torchrun 1 x {'nccl' if plan.cuda else 'gloo'}, {steps} steps vs {steps // 2} + resume"
+    logged = [s for s, _ in split]
+    if logged != list(range(1, steps + 1)):
+        # A resume that restarted from step 0 logs the first steps twice.
+        return {"config": config, "steps_logged": logged,
+                "verdict": f"mismatch: the split run logged steps {logged}, not 1-{steps} once each"}
+    if [s for s, _ in straight] != logged:
+        return {"config": config, "verdict": f"mismatch: the straight run logged steps {[s for s, _ in straight]}"}
+    diff = max(abs(a - b) for (_, a), (_, b) in zip(straight, split, strict=True))
+    verdict = (f"ok: max |loss diff| {diff:.1e}" if diff <= tol
+               else f"mismatch: losses differ by {diff:.2e} (> {tol:g})")
+    return {"config": config, "micro_batch": micro_batch, "straight": straight, "resumed": split,
+            "max_loss_diff": diff, "seconds_all_runs": seconds, "verdict": verdict}
+
+
+def row_hellaswag(plan: Plan) -> dict:
+    """hellaswag.py on the test fixture with a checkpoint freshly saved by train_llama.py: eager,
+    and on CUDA also --compile (on CPU inductor's C++ build would take most of the smoke run)."""
+    work = Path(plan.out) / "hellaswag"
+    shutil.rmtree(work, ignore_errors=True)
+    data = make_shards(work / "data")
+    run_dir = work / "run"
+    # One step and a save: seq 256 leaves HellaSwag's contexts room on the tiny model.
+    run_cli([sys.executable, *tiny_train_args(plan, data, run_dir, 256, 2, 1, 1), "--compile=false"])
+    n_expected = sum(1 for line in FIXTURE.read_text().splitlines() if line.strip())
+    if not plan.cuda:
+        n_expected = 8  # a quarter of the fixture keeps the CPU smoke run short
+    limit = [] if plan.cuda else ["--limit", str(n_expected)]
+    modes = ["eager", "compiled"] if plan.cuda else ["eager"]
+    results = {}
+    for mode in modes:
+        out = work / f"{mode}.json"
+        run_cli([sys.executable, "hellaswag.py", "--checkpoint", str(run_dir), "--data", str(FIXTURE),
+                 "--device", plan.device, "--out", str(out), *limit, *(["--compile"] if mode == "compiled" else [])])
+        results[mode] = json.loads(out.read_text())
+    bad = [m for m in modes if results[m]["n"] != n_expected]
+    first = results[modes[0]]
+    summary = f"acc {first['acc']:.3f} acc_norm {first['acc_norm']:.3f} on {first['n']}"
+    if "compiled" in results:
+        same = all(results["compiled"][k] == first[k] for k in ("acc", "acc_norm"))
+        summary += f"; compiled {'same' if same else 'differs: acc ' + format(results['compiled']['acc'], '.3f')}"
+    verdict = (f"mismatch: scored {[results[m]['n'] for m in bad]} of {n_expected} examples" if bad
+               else f"ok: {summary}")
+    compile_s = results["compiled"]["seconds"] - first["seconds"] if "compiled" in results else None
+    return {"config": f"hellaswag.py {'eager, --compile' if plan.cuda else 'eager'}, tiny ckpt, fixture",
+            "results": results, "compile_s": compile_s, "verdict": verdict}
+
+
+def row_recompile(plan: Plan) -> dict:
+    """In one process, as in training: a compiled train step, a validation pass (no_grad, targets),
+    a HellaSwag call (logits, other shapes), then a train step again, which must not recompile."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    import hellaswag
+    from model import build_model, model_config
+
+    device = torch.device(plan.device)
+    cfg = model_config("tiny", max_seq_len=256)
+    torch.manual_seed(0)
+    model = build_model(cfg, device)
+    optimizer = make_optimizer(model, device)
+    compiled = torch.compile(model, backend=plan.backend)
+    batches = make_batches(cfg.vocab_size, 4, plan.small_seq_len, 2, device)
+
+    def frames() -> int:
+        return counters["frames"]["ok"]
+
+    train_step(compiled, model, optimizer, batches, plan.autocast())
+    after = {"train": frames()}
+    with torch.no_grad(), plan.autocast():
+        for x, y in batches:
+            compiled(x, y)
+    after["validation"] = frames()
+    examples = hellaswag.load_examples(str(FIXTURE), limit=None if plan.cuda else 8)
+    hellaswag.evaluate(compiled, examples, device, batch_size=4,
+                       autocast_dtype=torch.bfloat16 if plan.cuda else None, progress=False)
+    after["hellaswag"] = frames()
+    before_metrics = len(get_compilation_metrics())
+    train_step(compiled, model, optimizer, batches, plan.autocast())
+    after["train_again"] = frames()
+    new = after["train_again"] - after["hellaswag"]
+    reasons = [first_line(getattr(m, "recompile_reason", "") or "")
+               for m in get_compilation_metrics()[before_metrics:]]
+    limit = getattr(dynamo_config, "recompile_limit", getattr(dynamo_config, "cache_size_limit", None))
+    counts = (f"graphs: train {after['train']}, +validation {after['validation'] - after['train']}, "
+              f"+hellaswag {after['hellaswag'] - after['validation']}")
+    if new:
+        verdict = f"mismatch: the train step after eval recompiled {new}x: {reasons[0] if reasons else '?'}"
+    elif limit is not None and after["hellaswag"] >= limit:
+        verdict = f"warning: {after['hellaswag']} graphs reach dynamo's recompile limit {limit}"
+    else:
+        verdict = f"ok: no recompile after eval ({counts})"
+    return {"config": "tiny compiled: train, val, hellaswag, train",
+            "micro_batch": 4, "frames_after": after, "recompile_limit": limit, "new_reasons": reasons,
+            **compile_stats(), "verdict": verdict}
+
+
+@dataclass
+class Row:
+    run: object  # fn(plan) -> dict
+    doc: str
+    torchrun: bool = False  # launched under torchrun --nproc_per_node=1
+    beside_others: bool = False  # a correctness row: may share the machine with other such rows
+
+
+ROWS: dict[str, Row] = {
+    "env": Row(row_env, "versions, card, peak FLOP/s, GPT-2 vocabulary, SDPA backends for bf16 GQA"),
+    # Named for the CUDA micro-batches 8 and 16; the CPU smoke run uses 2 and 4.
+    "compiled_mb8": Row(lambda plan: row_speed(plan, plan.micro_batches[0], compiled=True),
+                        "compiled training step at the smaller micro-batch, memory capped"),
+    "compiled_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True),
+                         "compiled training step at the larger micro-batch, memory capped"),
+    "train_llama": Row(row_train_llama, "train_llama.py --benchmark, the real script"),
+    "eager_mb8": Row(lambda plan: row_speed(plan, plan.micro_batches[0], compiled=False),
+                     "eager training step at the smaller micro-batch, memory capped"),
+    "eager_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=False),
+                      "eager training step at the larger micro-batch, memory capped"),
+    "loss": Row(row_loss, "chunked loss vs compiled F.cross_entropy on full logits"),
+    "ddp": Row(row_ddp, "DDP + compile under torchrun (NCCL) vs eager", torchrun=True, beside_others=True),
+    "resume": Row(row_resume, "train_llama save/stop/resume under torchrun vs straight", beside_others=True),
+    "hellaswag": Row(row_hellaswag, "hellaswag.py (--compile on CUDA) on the fixture, fresh checkpoint",
+                     beside_others=True),
+    "recompile": Row(row_recompile, "no recompile of the train step after validation and HellaSwag",
+                     beside_others=True),
+}
+DERIVED = "activations"  # computed from the two compiled rows, not run
+
+
+def activations_row(results: dict[str, dict], plan: Plan) -> dict:
+    """Activation memory per sample as the slope of the compiled rows' peaks, and the peaks it
+    projects for micro-batches 24 and 32."""
+    a, b = results.get("compiled_mb8", {}), results.get("compiled_mb16", {})
+    row = {"row": DERIVED, "config": f"{plan.model} compiled, peak(mb) = fixed + mb x per-sample"}
+    if a.get("peak_gib") is None or b.get("peak_gib") is None:
+        why = "needs CUDA (peak memory)" if not plan.cuda else "needs both compiled rows' peaks"
+        return {**row, "verdict": f"skipped: {why}"}
+    per_sample = (b["peak_gib"] - a["peak_gib"]) / (plan.micro_batches[1] - plan.micro_batches[0])
+    fixed = a["peak_gib"] - plan.micro_batches[0] * per_sample
+    projected = {mb: fixed + mb * per_sample for mb in (24, 32)}
+    fits = ", ".join(f"mb{mb} {gib:.1f} GiB{'' if gib <= plan.mem_cap_gib else ' (over the cap)'}"
+                     for mb, gib in projected.items())
+    return {**row, "activation_bytes_per_sample": per_sample * 2**30, "fixed_gib": fixed,
+            "projected_gib": projected, "verdict": f"ok: {per_sample:.2f} GiB/sample; {fits}"}
+
+
+# ----------------------------------------------------------------------------- the parent
+
+def worker(name: str, plan_path: str) -> None:
+    """Run one row in this process and leave its result in OUT/rows/NAME.json (rank 0 only)."""
+    plan = Plan(**json.loads(Path(plan_path).read_text()))
+    result = ROWS[name].run(plan)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (Path(plan.out) / "rows" / f"{name}.json").write_text(json.dumps(result, default=str))
+
+
+def row_command(name: str, plan_path: Path) -> list[str]:
+    script = [str(Path(__file__).resolve()), "--worker", name, "--plan", str(plan_path)]
+    return torchrun(*script) if ROWS[name].torchrun else [sys.executable, *script]
+
+
+@dataclass
+class Running:
+    name: str
+    proc: subprocess.Popen
+    started: float
+    deadline: float
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the row's process group (torchrun passes it on to its workers, which live in a
+    group of their own), ten seconds' grace, then SIGKILL to whatever of the group is left."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def finish(name: str, code: int | None, seconds: float, timeout: float, out: Path) -> dict:
+    """The row's JSON line: its own result, or what its exit code and stderr say."""
+    err = out / "logs" / f"{name}.err"
+    result_path = out / "rows" / f"{name}.json"
+    if code is None:
+        return {"row": name, "verdict": f"timeout after {timeout:.0f} s", "seconds": seconds, "stderr_tail": tail(err)}
+    if code != 0 or not result_path.is_file():
+        cause = error_line("\n".join(tail(err, 200)))
+        return {"row": name, "verdict": f"failed: exit {code}: {cause[:200]}", "seconds": seconds,
+                "stderr_tail": tail(err)}
+    return {"row": name, **json.loads(result_path.read_text()), "seconds": seconds}
+
+
+def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: float, deadline: float,
+                 width: int = 1, log=print) -> dict[str, dict]:
+    """Run each command as its own process group, `width` at once, each until it exits, `timeout`
+    seconds pass, or the monotonic `deadline`; one result per command, in the given order.
+
+    A command's stdout/stderr go to OUT/logs/NAME.out/.err; its result is OUT/rows/NAME.json if it
+    wrote one, else a failed/timeout verdict with the end of its stderr."""
+    for sub in ("logs", "rows"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < width:
+            name = pending.pop(0)
+            now = time.monotonic()
+            if deadline - now < 5:
+                results[name] = {"row": name, "verdict": "skipped: the time budget (--budget) is spent"}
+                log(f"{name}: {results[name]['verdict']}")
+                continue
+            (out / "rows" / f"{name}.json").unlink(missing_ok=True)
+            with open(out / "logs" / f"{name}.out", "w") as stdout, open(out / "logs" / f"{name}.err", "w") as stderr:
+                # Its own session, so that a timeout ends everything it started (train_llama, torchrun).
+                proc = subprocess.Popen(commands[name], stdout=stdout, stderr=stderr, env=env, cwd=REPO,
+                                        start_new_session=True)
+            running.append(Running(name, proc, now, min(now + timeout, deadline)))
+        time.sleep(0.1)
+        for r in list(running):
+            code, now = r.proc.poll(), time.monotonic()
+            if code is None and now < r.deadline:
+                continue
+            if code is None:
+                stop_group(r.proc)
+            running.remove(r)
+            results[r.name] = finish(r.name, code, now - r.started, r.deadline - r.started, out)
+            log(f"{r.name}: {results[r.name]['verdict']} ({now - r.started:.0f} s)")
+    return {name: results[name] for name in commands}
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[dict]) -> str:
+    cols = [("row", "<14"), ("config", "<50"), ("micro-batch", ">11"), ("tokens/s", ">11"), ("MFU", ">6"),
+            ("peak GiB", ">8"), ("ms/step", ">9"), ("compile s", ">9"), ("verdict", "<")]
+    lines = [" ".join(format(c, spec) for c, spec in cols)]
+    for r in results:
+        cells = [r["row"], str(r.get("config", ""))[:50], fmt(r.get("micro_batch"), "d"),
+                 fmt(r.get("tokens_per_s"), ",.0f"), fmt(r["mfu"] * 100 if r.get("mfu") is not None else None, ".1f"),
+                 fmt(r.get("peak_gib"), ".1f"), fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("compile_s"), ".1f"),
+                 r["verdict"]]
+        lines.append(" ".join(format(c, spec) for c, (_, spec) in zip(cells, cols, strict=True)))
+    return "\n".join(lines)
+
+
+def header(plan: Plan, argv: list[str]) -> str:
+    if plan.cuda:
+        card = f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    else:
+        card = f"CPU, {os.cpu_count()} cores (smoke run of the tiny model, not a performance figure)"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                            check=False).stdout.strip()
+    return "\n".join([
+        f"card:    {card}",
+        f"torch:   {torch.__version__} (CUDA {torch.version.cuda})",
+        f"date:    {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit or '?'}",
+        f"command: python benchmarks/gpu_check.py {' '.join(argv)}".rstrip(),
+        f"model:   {plan.model}, seq {plan.seq_len}, {plan.accum} accumulation steps, compile backend {plan.backend}",
+    ])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/gpu_check", help="results, table, logs (default: %(default)s)")
+    parser.add_argument("--rows", help=f"comma-separated subset of: {','.join(ROWS)}")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--quick", action="store_true", help="the tiny model, on CUDA too")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--timeout", type=float, help="seconds per row (default: 300 on CUDA, 120 on CPU)")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds for all rows; rows not started by then are skipped (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, help="correctness rows run at once (default: 4 on CUDA, 2 on CPU)")
+    parser.add_argument("--backend", help="torch.compile backend (default: inductor on CUDA, eager on CPU)")
+    parser.add_argument("--mem_cap_gib", type=float, default=79.0,
+                        help="the speed rows' CUDA memory cap, to behave like an 80 GB card (0 = none; "
+                             "default: %(default)s)")
+    parser.add_argument("--peak_tflops", type=float, default=0.0,
+                        help="dense bf16 peak of a card metrics.PEAK_BF16_TFLOPS does not know")
+    parser.add_argument("--cache_dir", help="TORCHINDUCTOR_CACHE_DIR of every row (default: OUT/inductor_cache)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = args.rows.split(",") if args.rows else list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {','.join(unknown)}; choose from {','.join(ROWS)}")
+    args.names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.plan)
+        return 0
+    if args.list:
+        for name, row in ROWS.items():
+            print(f"{name:14} {row.doc}")
+        return 0
+    plan = make_plan(args)
+    out = Path(plan.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "plan.json"
+    plan_path.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": plan.cache_dir, "PYTHONUNBUFFERED": "1"}
+    timeout = args.timeout or (300 if plan.cuda else 120)
+    jobs = args.jobs or (4 if plan.cuda else 2)
+    print(f"gpu_check: {len(args.names)} rows on {plan.device} ({plan.model}), at most {timeout:.0f} s per row "
+          f"and {args.budget:.0f} s in all; logs in {out / 'logs'}", flush=True)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:5.0f} s] {msg}", flush=True)
+
+    # On CUDA the rows that time things run alone, one after another, and then the correctness rows
+    # share the machine, `jobs` at once; a quarter of the budget is kept for them, so that a slow
+    # compile cannot leave them no time. On the CPU nothing is a performance figure: all share it.
+    timed = [n for n in args.names if not ROWS[n].beside_others]
+    beside = [n for n in args.names if ROWS[n].beside_others]
+    reserve = args.budget / 4 if beside else 0
+    results = {}
+    for names, width, deadline in ((timed, 1 if plan.cuda else jobs, t0 + args.budget - reserve),
+                                   (beside, jobs, t0 + args.budget)):
+        commands = {n: row_command(n, plan_path) for n in names}
+        results.update(run_commands(commands, out, env, timeout, deadline, width, log))
+    lines = [results[n] for n in args.names]
+    if any(n.startswith("compiled_mb") for n in args.names):
+        lines.append(activations_row(results, plan))
+    (out / "results.jsonl").write_text("".join(json.dumps(line, default=str) + "\n" for line in lines))
+    text = header(plan, argv) + "\n\n" + table(lines)
+    (out / "table.txt").write_text(text + "\n")
+    print("\n" + text)
+    return 1 if any(r["verdict"].startswith(("failed", "timeout", "mismatch")) for r in lines) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,600 @@
+"""Supervised fine-tuning (SFT): train_llama.py's loop on instruction data, the loss on the answers.
+
+    python train_llama.py --config configs/tiny.py        # a tiny base model in out/tiny (CPU, minutes)
+    python finetune.py --config configs/sft_tiny.py       # fine-tune it on 24 examples (CPU, offline)
+    torchrun --standalone --nproc_per_node=8 finetune.py --config configs/sft_1p7b.py
+
+Launch, checkpoints, exact resume, DDP, compile, the log line and metrics.jsonl are training's:
+this file supplies the data (train_llama.train(cfg, make_data=...)) and SFTConfig's knobs.
+
+Data (--data): a local file, either a JSON list or JSON lines (what `datasets`' to_json writes),
+each row in alpaca form {"instruction", "input" (may be empty or absent), "output"} or chat form
+{"messages": [{"role": "system" (optional, first) | "user" | "assistant", "content"}, ...]}
+alternating user/assistant and ending with an assistant message; or a Hugging Face hub dataset
+name (e.g. yahma/alpaca-cleaned), read with `datasets`. Alpaca's prompt is the instruction, then a
+blank line and the input when there is one. Contents are stripped of surrounding whitespace; rows
+with an empty prompt or answer are skipped and counted.
+
+Template (--template): "vicuna" (default; the released DMaS-LLaMa-Lite instruct model's, FastChat's
+vicuna_v1.1 with <|endoftext|> as the end of a turn), "alpaca", or a .json file with the fields of
+`Template`. Multi-turn Vicuna:
+
+    {system} USER: {prompt} ASSISTANT: {answer}<|endoftext|>USER: {prompt 2} ASSISTANT: {answer 2}<|endoftext|>
+
+Loss: only the answers' tokens and the <|endoftext|> after each are targets; the rest gets
+target -1 (ignored). Each micro-batch's loss is the mean over its answer tokens and micro-batches
+count equally (as in litgpt, and in the Hugging Face Trainer of the Alpaca recipe).
+
+Batches: examples are padded on the right (input <|endoftext|>, target -1) to the longest in the
+micro-batch rounded up to a multiple of pad_multiple (64), so a compiled model sees at most
+seq_len / 64 lengths. Padding rather than packing: with causal attention, right padding never
+changes what the real tokens see, so no mask is needed; packing would need a block-diagonal
+mask (or varlen attention) to keep examples apart. Examples longer than seq_len + 1 tokens are
+dropped (or, with --overlong=truncate, cut) and counted in the log.
+
+Order: a step holds G = total_batch_tokens / seq_len examples (one "sequence" = one example):
+global batch k is examples [k*G, (k+1)*G) of a seeded permutation per epoch (the next epoch gets
+the next seed), and rank r takes its slice, as in dataloader.TrainLoader, so a run resumed on
+another GPU count sees the same batches. The validation split (val_fraction of the rows, chosen
+with a fixed seed, so it does not move with --seed) is left out of training. Throughput and
+tokens_seen count a step as G x seq_len tokens: its capacity, not the padded or real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from dataloader import DataError
+from tokenizer import EOT, get_encoding
+from train_config import ConfigError, TrainConfig, load_config, usage
+from utils import cli_errors, teardown_distributed
+
+SPLIT_SEED = 0  # the validation split's permutation: fixed, so every run holds out the same rows
+EOT_TEXT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- templates
+
+@dataclass(frozen=True)
+class Template:
+    """A chat format: the text around each message. A conversation renders as `first` (with the
+    system message and the first user message), then for each answer `reply` + `answer` +
+    <|endoftext|>, each later user message as `turn`; a prompt for generation ends with `reply`."""
+
+    name: str
+    system: str  # the system message unless the conversation starts with its own
+    first: str  # the first user message: {system} and {prompt}
+    turn: str  # each later user message: {prompt}
+    reply: str  # opens the assistant's turn (the "generation prompt"): no placeholder
+    answer: str  # the assistant's message: {answer}; <|endoftext|> follows
+
+    PLACEHOLDERS: ClassVar[dict[str, set[str]]] = {
+        "first": {"system", "prompt"}, "turn": {"prompt"}, "reply": set(), "answer": {"answer"}}
+
+    def check(self, where: str) -> None:
+        """DataError naming `where` and the field for a placeholder missing or unknown, or a reply
+        and answer that BPE would merge where they meet (then the prompt's tokens would differ
+        from the full conversation's)."""
+        for name, wanted in self.PLACEHOLDERS.items():
+            try:
+                fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(getattr(self, name))
+                          if f is not None]
+            except ValueError as e:
+                raise DataError(f"{where}: template field {name!r}: {e}") from None
+            found = {f for f, _, _ in fields}
+            if wanted - found:
+                raise DataError(f"{where}: template field {name!r} = {getattr(self, name)!r} lacks the "
+                                f"placeholder {{{min(wanted - found)}}}")
+            if found - wanted or any(spec or conv for _, spec, conv in fields):
+                bad = sorted(found - wanted) or [f for f, s, c in fields if s or c]
+                raise DataError(f"{where}: template field {name!r} = {getattr(self, name)!r} has the "
+                                f"placeholder {{{bad[0]}...}}; it takes only {sorted(wanted) or 'none'}")
+        enc = get_encoding()
+        for sample in ("Hello", "1", '"Yes"', "(a)"):
+            answer = self.answer.format(answer=sample)
+            apart = enc.encode_ordinary(self.reply) + enc.encode_ordinary(answer)
+            if enc.encode_ordinary(self.reply + answer) != apart:
+                raise DataError(f"{where}: the template's reply {self.reply!r} and answer {self.answer!r} "
+                                f"merge into one token where they meet: end the reply or start the answer "
+                                f"with a space or a newline")
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """The conversation as (text, is_answer) pieces; <|endoftext|> follows each answer."""
+        system = self.system
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        pieces, prompt = [], ""
+        for i, message in enumerate(messages):
+            if message["role"] == "user":
+                prompt += (self.first.format(system=system, prompt=message["content"]) if i == 0
+                           else self.turn.format(prompt=message["content"]))
+            else:
+                pieces += [(prompt + self.reply, False), (self.answer.format(answer=message["content"]), True)]
+                prompt = ""
+        if add_generation_prompt:
+            prompt += self.reply
+        if prompt:
+            pieces.append((prompt, False))
+        return pieces
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return "".join(text + (EOT_TEXT if is_answer else "")
+                       for text, is_answer in self.segments(messages, add_generation_prompt))
+
+    def jinja(self) -> str:
+        """The same format as a Hugging Face chat template: `tokenizer.apply_chat_template(messages,
+        add_generation_prompt=True)` gives the tokens of `encode(self.segments(messages, True))`."""
+        def text(fmt: str, values: dict[str, str]) -> str:
+            out = ""
+            for literal, name, _, _ in string.Formatter().parse(fmt):
+                # Literals as quoted Jinja strings: whitespace control cannot eat their spaces.
+                out += "{{ " + json.dumps(literal, ensure_ascii=False) + " }}" if literal else ""
+                out += "{{ " + values[name] + " }}" if name is not None else ""
+            return out
+
+        content = "message['content']"
+        return (
+            "{%- set system = " + json.dumps(self.system, ensure_ascii=False) + " -%}\n"
+            "{%- set turns = messages -%}\n"
+            "{%- if messages and messages[0]['role'] == 'system' -%}\n"
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}\n"
+            "{%- endif -%}\n"
+            "{%- for message in turns -%}\n"
+            "{%- if message['role'] == 'user' -%}\n"
+            "{%- if loop.first -%}" + text(self.first, {"system": "system", "prompt": content}) + "{%- else -%}"
+            + text(self.turn, {"prompt": content}) + "{%- endif -%}\n"
+            "{%- else -%}" + text(self.reply, {}) + text(self.answer, {"answer": content})
+            + "{{ " + json.dumps(EOT_TEXT) + " }}{%- endif -%}\n"
+            "{%- endfor -%}\n"
+            "{%- if add_generation_prompt -%}" + text(self.reply, {}) + "{%- endif -%}\n"
+        )
+
+
+TEMPLATES = {
+    # FastChat's vicuna_v1.1 (sep " ", sep2 the end-of-turn token), as the released instruct model.
+    "vicuna": Template(
+        name="vicuna",
+        system="A chat between a curious user and an artificial intelligence assistant. The assistant "
+               "gives helpful, detailed, and polite answers to the user's questions.",
+        first="{system} USER: {prompt}", turn="USER: {prompt}", reply=" ASSISTANT:", answer=" {answer}"),
+    # Stanford Alpaca's prompt (the input, if any, is part of {prompt}).
+    "alpaca": Template(
+        name="alpaca",
+        system="Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request.",
+        first="{system}\n\n### Instruction:\n{prompt}", turn="\n\n### Instruction:\n{prompt}",
+        reply="\n\n### Response:\n", answer="{answer}"),
+}
+
+
+def load_template(spec: str) -> Template:
+    """A template by name (TEMPLATES) or from a .json file holding Template's fields, checked."""
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--template={spec!r}: choose one of {sorted(TEMPLATES)} or a .json file with the "
+                          f"fields {[f.name for f in dataclasses.fields(Template)]}")
+    try:
+        fields = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    names = [f.name for f in dataclasses.fields(Template)]
+    if not isinstance(fields, dict):
+        raise DataError(f"{path}: expected an object with the fields {names}")
+    fields = {"name": path.stem, **fields}
+    for name in names:
+        if not isinstance(fields.get(name), str):
+            raise DataError(f"{path}: field {name!r} is missing or not a string (a template has {names})")
+    if set(fields) - set(names):
+        raise DataError(f"{path}: unknown field {min(set(fields) - set(names))!r} (a template has {names})")
+    template = Template(**fields)
+    template.check(str(path))
+    return template
+
+
+def encode(segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Token ids of a rendered conversation, and which are trained (the answers and their
+    <|endoftext|>). Text is encoded as ordinary text: a literal "<|endoftext|>" in the data is
+    not the special token."""
+    enc = get_encoding()
+    ids, trained = [], []
+    for text, is_answer in segments:
+        piece = enc.encode_ordinary(text) + ([EOT] if is_answer else [])
+        ids += piece
+        trained += [is_answer] * len(piece)
+    return ids, trained
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_rows(source: str) -> tuple[list[tuple[str, object]], str]:
+    """(where, row) for every row of a local file or hub dataset, and where it came from."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            raise DataError(f"{path} is empty: it needs alpaca rows (instruction, input, output) or chat "
+                            f"rows (messages)")
+        if text.lstrip().startswith("["):  # a JSON list; otherwise JSON lines (datasets' to_json)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+            return [(f"{path} row {i}", row) for i, row in enumerate(rows)], str(path)
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((f"{path} line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        return out, str(path)
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        raise DataError(f"--data={source}: no such file" + (" (a directory)" if path.is_dir() else ""))
+    return [(f"{source} row {i}", row) for i, row in enumerate(hub_rows(source))], source
+
+
+def hub_rows(name: str) -> list[dict]:
+    try:
+        import datasets  # noqa: PLC0415
+
+        return datasets.load_dataset(name, split="train").to_list()
+    except Exception as e:  # offline, unknown name, no access: all say the same thing to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(
+            f"--data={name}: cannot load it from the Hugging Face hub ({reason}); without network, pass a "
+            f"local copy: --data=FILE.jsonl, made where there is network with python -c \"import datasets; "
+            f"datasets.load_dataset('{name}', split='train').to_json('FILE.jsonl')\"") from None
+
+
+def _text(row: dict, key: str, where: str, required: bool = True) -> str:
+    if key not in row:
+        if not required:
+            return ""
+        raise DataError(f"{where}: no {key!r} (alpaca rows have instruction, input (may be empty) and output)")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: {key!r} is a {type(row[key]).__name__}, not a string")
+    return row[key].strip()
+
+
+def to_messages(row: object, where: str) -> list[dict]:
+    """A row in alpaca or chat form as chat messages (contents stripped); DataError naming the row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row is a JSON object, not a {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: message {i} is not an object with string 'role' and 'content'")
+            out.append({"role": m["role"], "content": m["content"].strip()})
+        roles = [m["role"] for m in out[1:]] if out[0]["role"] == "system" else [m["role"] for m in out]
+        expected = ["user", "assistant"] * (len(roles) // 2)
+        if roles != expected or not roles:
+            raise DataError(f"{where}: roles {roles} must alternate user, assistant (after an optional first "
+                            f"system message) and end with an assistant message")
+        return out
+    if "instruction" in row or "output" in row:
+        instruction, extra = _text(row, "instruction", where), _text(row, "input", where, required=False)
+        output = _text(row, "output", where)
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    raise DataError(f"{where}: neither 'messages' (chat form) nor 'instruction'/'output' (alpaca form); "
+                    f"its keys are {sorted(row)[:8]}")
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # (n,) int64 token ids
+    trained: np.ndarray  # (n,) bool: an answer token (a target)
+
+
+class SFTData:
+    """The instruction data of a run, read, split, rendered and tokenized once per process."""
+
+    def __init__(self, cfg: SFTConfig):
+        self.template = load_template(cfg.template)
+        rows, self.source = read_rows(cfg.data)
+        conversations, empty = [], 0
+        for where, row in rows:
+            messages = to_messages(row, where)
+            if any(not m["content"] for m in messages if m["role"] != "system"):
+                empty += 1
+                continue
+            conversations.append(messages)
+        if not conversations:
+            raise DataError(f"{self.source}: no usable examples ({len(rows)} rows, {empty} with an empty "
+                            f"prompt or answer)")
+        digest = hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode()).hexdigest()
+        # What the batches depend on besides (seed, seq_len, batch): a resume checks it.
+        self.identity = {"sha256": digest, "examples": len(conversations), "val_fraction": cfg.val_fraction,
+                         "overlong": cfg.overlong, "template": dataclasses.asdict(self.template)}
+        n_val = max(1, round(cfg.val_fraction * len(conversations))) if cfg.val_fraction else 0
+        if n_val >= len(conversations):
+            raise DataError(f"{self.source}: --val_fraction={cfg.val_fraction} of {len(conversations)} examples "
+                            f"leaves none to train on")
+        held_out = set(np.random.default_rng(SPLIT_SEED).permutation(len(conversations))[:n_val].tolist())
+        limit = cfg.seq_len + 1  # an example of n tokens gives n - 1 inputs
+        self.train, train_long, train_lost = self._examples(
+            [c for i, c in enumerate(conversations) if i not in held_out], limit, cfg.overlong)
+        self.val, val_long, val_lost = self._examples(
+            [c for i, c in enumerate(conversations) if i in held_out], limit, cfg.overlong)
+        self.val.sort(key=lambda e: len(e.ids))  # less padding; the mean is over tokens, order-free
+        if cfg.eval_interval and not self.val:
+            raise DataError(f"{self.source}: all {val_long} validation examples are longer than seq_len + 1 = "
+                            f"{limit} tokens: raise --seq_len or --val_fraction, or pass --overlong=truncate")
+        if not self.train:
+            raise DataError(f"{self.source}: all {train_long} training examples are longer than seq_len + 1 = "
+                            f"{limit} tokens: raise --seq_len or pass --overlong=truncate")
+        answer_tokens = sum(int(e.trained.sum()) for e in self.train)
+        all_tokens = sum(len(e.ids) for e in self.train)
+        self.notes = [
+            (f"sft data: {self.source}: {len(rows):,} rows -> {len(self.train):,} train / {len(self.val):,} val "
+             f"examples (val_fraction {cfg.val_fraction}), template {self.template.name}"),
+            (f"sft data: train {all_tokens:,} tokens, {answer_tokens:,} of them answer tokens (the targets), "
+             f"mean {all_tokens / len(self.train):.0f} and longest {max(len(e.ids) for e in self.train):,} "
+             f"tokens per example"),
+        ]
+        if empty:
+            self.notes.append(f"sft data: {empty:,} rows with an empty prompt or answer skipped")
+        if train_long or val_long:
+            done = "dropped" if cfg.overlong == "drop" else f"truncated to {limit} tokens"
+            lost = (f"; {train_lost + val_lost:,} of them dropped all the same: their prompt fills the {limit} "
+                    f"tokens" if train_lost + val_lost else "")
+            self.notes.append(f"sft data: {train_long + val_long:,} examples longer than seq_len + 1 = {limit} "
+                              f"tokens {done} ({train_long:,} train, {val_long:,} val){lost}")
+
+    def _examples(self, conversations: list[list[dict]], limit: int,
+                  overlong: str) -> tuple[list[Example], int, int]:
+        """Tokenized examples that fit `limit` tokens (others dropped or cut), how many did not fit,
+        and how many of those were cut to nothing to predict."""
+        out, too_long, lost = [], 0, 0
+        for messages in conversations:
+            ids, trained = encode(self.template.segments(messages))
+            if len(ids) > limit:
+                too_long += 1
+                if overlong == "drop":
+                    continue
+                ids, trained = ids[:limit], trained[:limit]
+            if any(trained[1:]):  # something left to predict (position 0 is never a target)
+                out.append(Example(np.array(ids, dtype=np.int64), np.array(trained, dtype=bool)))
+            else:
+                lost += 1
+        return out, too_long, lost
+
+    def steps_per_epoch(self, global_batch: int) -> float:
+        return len(self.train) / global_batch
+
+    def loaders(self, cfg: SFTConfig, d, log) -> tuple[SFTLoader, SFTValData | None]:
+        """train_llama's make_data(cfg, dist, log): this rank's loader and validation batches."""
+        for note in self.notes:
+            log.print(note)
+        global_batch = cfg.total_batch_tokens // cfg.seq_len
+        log.print(f"sft batches: {global_batch} examples per step (total_batch_tokens {cfg.total_batch_tokens:,} "
+                  f"/ seq_len {cfg.seq_len}), {self.steps_per_epoch(global_batch):.1f} steps per epoch, "
+                  f"{cfg.max_steps * global_batch / len(self.train):.2f} epochs in {cfg.max_steps} steps; "
+                  f"padded on the right to multiples of {cfg.pad_multiple} tokens")
+        loader = SFTLoader(self.train, self.identity, global_batch, cfg, d.rank, d.world_size, log.print)
+        val = (SFTValData(self.val, cfg.micro_batch, cfg.seq_len, cfg.pad_multiple, d.rank, d.world_size)
+               if cfg.eval_interval else None)
+        return loader, val
+
+
+def collate(examples: list[Example], seq_len: int, pad_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y: (B, L) with L the longest input rounded up to pad_multiple (at most seq_len); y is
+    the next token where that token is an answer token, else -1 (prompt and padding)."""
+    longest = max(len(e.ids) for e in examples) - 1
+    width = min(seq_len, -(-longest // pad_multiple) * pad_multiple)
+    x = torch.full((len(examples), width), EOT, dtype=torch.long)
+    y = torch.full((len(examples), width), -1, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        x[row, :n] = torch.from_numpy(e.ids[:-1])
+        y[row, :n] = torch.from_numpy(np.where(e.trained[1:], e.ids[1:], -1))
+    return x, y
+
+
+class SFTLoader:
+    """This rank's training micro-batches: train_llama's loader protocol, over examples."""
+
+    def __init__(self, examples: list[Example], identity: dict, global_batch: int, cfg: SFTConfig,
+                 rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print):
+        if global_batch % (cfg.micro_batch * world_size):
+            raise ConfigError(f"{global_batch} examples per step (total_batch_tokens / seq_len) is not a multiple "
+                              f"of micro_batch {cfg.micro_batch} x world_size {world_size}")
+        self.examples, self.identity, self.global_batch = examples, identity, global_batch
+        self.micro_batch, self.rank, self.world_size = cfg.micro_batch, rank, world_size
+        self.seq_len, self.pad_multiple, self.seed, self.shuffle = cfg.seq_len, cfg.pad_multiple, cfg.seed, cfg.shuffle
+        self.log = log
+        self.step = 0  # micro-steps taken by this rank
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s example order (a batch may straddle two epochs: the last two are kept)."""
+        if epoch not in self._orders:
+            order = np.arange(len(self.examples))
+            if self.shuffle:
+                np.random.default_rng(self.seed + epoch).shuffle(order)
+            if epoch > 0:
+                self.log(f"sft data: epoch {epoch} starts after {epoch * len(self.examples):,} examples")
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def example_ids(self, step: int) -> list[int]:
+        """The examples of this rank's micro-step `step`: global batch k = positions [k*G, (k+1)*G),
+        micro-step m of rank r the slice after m*micro*W + r*micro (as dataloader.TrainLoader)."""
+        batch, micro = divmod(step, self.accum_steps)
+        first = batch * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
+        return [int(self._order(p // len(self.examples))[p % len(self.examples)])
+                for p in range(first, first + self.micro_batch)]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate([self.examples[i] for i in self.example_ids(self.step)], self.seq_len, self.pad_multiple)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        batches, micro = divmod(self.step, self.accum_steps)
+        if micro:
+            raise ValueError(f"state_dict() called after micro-step {micro} of {self.accum_steps}: save between "
+                             f"optimizer steps")
+        return {"position": batches * self.global_batch, "seed": self.seed, "seq_len": self.seq_len,
+                "shuffle": self.shuffle, "data": self.identity}
+
+    def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
+        for key in ("seed", "seq_len", "shuffle"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"the saved loader state has {key}={state.get(key)!r} but this run "
+                                 f"{key}={getattr(self, key)!r}: use the saved value to resume")
+        saved = state.get("data") or {}
+        differences = [f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(v)}"
+                       for k, v in self.identity.items() if saved.get(k) != v]
+        if differences and not accept_new_data:
+            raise DataError(f"the instruction data differs from the checkpoint's ({'; '.join(differences)}): use "
+                            f"the data and knobs the run started with, or pass --accept_new_data=true to continue "
+                            f"on this data from the same position in its order")
+        if differences:
+            self.log(f"sft data: differs from the checkpoint's ({'; '.join(differences)}); continuing on it as "
+                     f"accept_new_data asks")
+        position = int(state["position"])
+        if position % self.global_batch:
+            raise ValueError(f"saved position {position} is not a multiple of {self.global_batch} examples per "
+                             f"step: resume with the batch size that saved it")
+        self.step = position // self.global_batch * self.accum_steps
+
+    def close(self) -> None:
+        pass
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):  # a template: its name says enough
+        return repr(value.get("name"))
+    return repr(value)[:16] + ("..." if len(repr(value)) > 16 else "")
+
+
+class SFTValData:
+    """This rank's contiguous share of the validation examples, in micro-batches, every iteration."""
+
+    def __init__(self, examples: list[Example], micro_batch: int, seq_len: int, pad_multiple: int,
+                 rank: int = 0, world_size: int = 1):
+        n = len(examples)
+        self.examples = examples[rank * n // world_size:(rank + 1) * n // world_size]
+        self.micro_batch, self.seq_len, self.pad_multiple = micro_batch, seq_len, pad_multiple
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.micro_batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.examples), self.micro_batch):
+            yield collate(self.examples[start:start + self.micro_batch], self.seq_len, self.pad_multiple)
+
+
+# ----------------------------------------------------------------------------- config and entry point
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """TrainConfig plus the SFT knobs; defaults are the 1.7B recipe (configs/sft_1p7b.py)."""
+
+    data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
+    template: str = "vicuna"  # a name in finetune.TEMPLATES or a .json file of Template's fields
+    val_fraction: float = 0.02  # rows held out for validation (fixed split seed)
+    overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
+    pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile
+    epochs: float = 0.0  # > 0: max_steps = ceil(epochs x train examples / examples per step)
+    # overrides of pretraining's defaults: the Alpaca recipe (see configs/sft_1p7b.py)
+    total_batch_tokens: int = 128 * 1024  # 128 examples per step at seq_len 1024
+    micro_batch: int = 16
+    max_lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 36
+    weight_decay: float = 0.0
+    max_steps: int = 1189  # ~3 epochs of alpaca-cleaned at 128 examples per step (or set epochs)
+    eval_interval: int = 100
+    sample_interval: int = 0
+    out_dir: str = "out/sft"
+    save_interval: int = 200
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_from:
+            raise ConfigError("finetune.py starts from a trained model: pass --init_from=RUN_DIR (one of our runs "
+                              "or step_* directories) or a Hugging Face Llama directory")
+        if not self.data:
+            raise ConfigError("--data is empty: pass a .json/.jsonl file or a hub dataset name")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.eval_interval and not self.val_fraction:
+            raise ConfigError("--val_fraction=0 leaves no validation examples: set it, or --eval_interval=0")
+        if self.overlong not in ("drop", "truncate"):
+            raise ConfigError(f"--overlong={self.overlong!r}: choose drop or truncate")
+        if self.pad_multiple <= 0:
+            raise ConfigError(f"--pad_multiple={self.pad_multiple} must be positive")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs={self.epochs} must be 0 (use max_steps) or more")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage(__doc__, SFTConfig))
+        return {}
+    from train_llama import train  # noqa: PLC0415 - chat.py and export_hf.py import this file for its templates
+
+    try:
+        with cli_errors("finetune.py", expected=(DataError,)):
+            try:
+                cfg = load_config(argv, kind=SFTConfig)
+                data = SFTData(cfg)
+                if cfg.epochs:
+                    cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(cfg.total_batch_tokens // cfg.seq_len))
+                return train(cfg, make_data=data.loaders)
+            finally:
+                teardown_distributed()
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was lost", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_template(path: str | Path) -> Template | None:
+    """The template a fine-tuning checkpoint (run or step directory) was trained with; None for
+    other checkpoints (pretraining, imported weights)."""
+    import checkpoint  # noqa: PLC0415
+
+    if (Path(path) / "model_config.json").is_file():
+        return None
+    ckpt = checkpoint.resolve(path)
+    loader = (checkpoint.read_meta(ckpt).get("loader") or {}) if ckpt else {}
+    saved = (loader.get("data") or {}).get("template")
+    return Template(**saved) if isinstance(saved, dict) else None
+
+
+if __name__ == "__main__":
+    # Run as the module `finetune`, so that a config file's `from finetune import SFTConfig` is the
+    # class load_config checks against (not a second copy defined in __main__).
+    import finetune
+
+    finetune.main()

@@ -1,0 +1,331 @@
+"""finetune.py: the answer-only loss, the template, the data's order and checks, and the real script
+end to end (fine-tune, resume, chat with the result)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+import finetune
+from conftest import make_tiny_model
+from export_hf import save_weights
+from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
+from tokenizer import EOT, get_encoding
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "data" / "alpaca_tiny.json"
+SEQ = 64  # the fixture's longest example is 61 tokens in the Vicuna template
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+          "helpful, detailed, and polite answers to the user's questions.")
+# 4 examples per step = 256 / 64 tokens: 2 micro-steps of 2 examples on one process.
+BASE = [
+    "--config", str(ROOT / "configs" / "sft_tiny.py"), f"--data={FIXTURE}", f"--seq_len={SEQ}",
+    "--total_batch_tokens=256", "--micro_batch=2", "--max_steps=8", "--warmup_steps=2", "--max_lr=1e-3",
+    "--val_fraction=0.1", "--eval_interval=4", "--sample_interval=0", "--save_interval=0", "--keep_last=0",
+    "--device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A random tiny model as a weights directory (what export_hf.py --from_hf writes): the --init_from."""
+    path = tmp_path_factory.mktemp("base") / "weights"
+    save_weights(make_tiny_model(max_seq_len=SEQ), path)
+    return path
+
+
+def run(script: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def finetune_run(out_dir: Path, base: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run("finetune.py", *BASE, f"--init_from={base}", f"--out_dir={out_dir}", *extra, check=check)
+
+
+def metrics(out_dir: Path, key: str) -> dict[int, float]:
+    """step -> value of `key` in metrics.jsonl (a resumed run's entries replace earlier ones)."""
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def config(*extra: str) -> SFTConfig:
+    return finetune.load_config([*BASE, "--init_from=unused", *extra], kind=SFTConfig)
+
+
+# ----------------------------------------------------------------------------- template and loss
+
+def test_vicuna_template_is_fastchat_v1_1():
+    """Single and multi-turn Vicuna 1.1, <|endoftext|> ending each answer; a system message replaces ours."""
+    t = TEMPLATES["vicuna"]
+    one = [{"role": "user", "content": "Hi"}]
+    assert t.render(one, add_generation_prompt=True) == f"{SYSTEM} USER: Hi ASSISTANT:"
+    two = [*one, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+           {"role": "assistant", "content": "Bye."}]
+    assert t.render(two) == f"{SYSTEM} USER: Hi ASSISTANT: Hello.<|endoftext|>USER: Bye ASSISTANT: Bye.<|endoftext|>"
+    assert t.render([{"role": "system", "content": "Be brief."}, *one], True) == "Be brief. USER: Hi ASSISTANT:"
+    assert to_messages({"instruction": "Add.", "input": "2 and 3", "output": " 5 "}, "row") == [
+        {"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    for name, template in TEMPLATES.items():
+        template.check(name)
+
+
+def test_masked_loss_equals_cross_entropy_over_answer_tokens():
+    """The model's loss on a padded SFT batch equals cross-entropy over the answer tokens (and each
+    answer's <|endoftext|>) of each example alone, built by hand."""
+    enc = get_encoding()
+    conversations = [
+        to_messages({"instruction": "Name a color.", "output": "Red."}, "row 0"),
+        to_messages({"messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]}, "row 1"),
+    ]
+    # Each example by hand: (text, is_answer) pieces; an answer is followed by <|endoftext|>.
+    by_hand = [
+        [(f"{SYSTEM} USER: Name a color. ASSISTANT:", False), (" Red.", True)],
+        [(f"{SYSTEM} USER: Hi ASSISTANT:", False), (" Hello there.", True), ("USER: Bye ASSISTANT:", False),
+         (" Bye.", True)],
+    ]
+    model = make_tiny_model(max_seq_len=SEQ)
+    examples = [finetune.Example(*map(np.array, encode(TEMPLATES["vicuna"].segments(c)))) for c in conversations]
+    x, y = collate(examples, SEQ, pad_multiple=16)
+    assert x.shape == (2, 64)
+    total, count = 0.0, 0
+    for row, pieces in enumerate(by_hand):
+        ids, answer_positions = [], []
+        for text, is_answer in pieces:
+            tokens = enc.encode_ordinary(text) + ([EOT] if is_answer else [])
+            if is_answer:
+                answer_positions += range(len(ids), len(ids) + len(tokens))
+            ids += tokens
+        assert x[row, :len(ids) - 1].tolist() == ids[:-1]  # our pipeline built the same tokens
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0]
+        predicting = [p - 1 for p in answer_positions]  # logits at p - 1 predict token p
+        total += F.cross_entropy(logits[predicting], torch.tensor(ids)[answer_positions], reduction="sum").item()
+        count += len(answer_positions)
+    with torch.no_grad():
+        loss = model(x, y).item()
+    assert (y >= 0).sum().item() == count
+    assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- data: order and checks
+
+def test_batches_are_the_same_on_any_world_size():
+    """Global batch k is examples [k*G, (k+1)*G) of a seeded per-epoch permutation; 2 ranks take
+    exactly what 1 process takes, over three epochs."""
+    cfg = config()
+    data = SFTData(cfg)
+    one = SFTLoader(data.train, data.identity, 4, cfg, 0, 1, log=lambda _: None)
+    two = [SFTLoader(data.train, data.identity, 4, cfg, r, 2, log=lambda _: None) for r in range(2)]
+    seen = []
+    for _ in range(-(-3 * len(data.train) // 4)):  # steps: 2 micro-steps on 1 process, 1 on each of 2
+        single = [one.example_ids(one.step + m) for m in range(2)]
+        one.step += 2
+        split = [loader.example_ids(loader.step) for loader in two]
+        for loader in two:
+            loader.step += 1
+        assert single == split
+        seen += single[0] + single[1]
+    n = len(data.train)
+    for epoch in range(3):  # every epoch is a permutation of all training examples
+        assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert seen[:n] != seen[n:2 * n]
+
+
+def test_validation_split_is_fixed_and_held_out():
+    """The validation rows do not depend on the seed and never appear in training."""
+    a, b = SFTData(config()), SFTData(config("--seed=7"))
+    val = {tuple(e.ids) for e in a.val}
+    assert val == {tuple(e.ids) for e in b.val} and len(val) == 2
+    assert not val & {tuple(e.ids) for e in a.train}
+
+
+def test_resume_on_other_data_is_refused_unless_accepted(tmp_path):
+    """A checkpoint's loader state names its data: other data or another template is refused in
+    one line, and accepted with accept_new_data."""
+    cfg = config()
+    data = SFTData(cfg)
+    loader = SFTLoader(data.train, data.identity, 4, cfg)
+    loader.step = 6
+    state = loader.state_dict()
+    assert state["position"] == 12
+    rows = json.loads(FIXTURE.read_text())
+    (tmp_path / "other.json").write_text(json.dumps(rows[:-1]))
+    for extra in ([f"--data={tmp_path / 'other.json'}"], ["--template=alpaca"]):
+        other = SFTData(config(*extra))
+        fresh = SFTLoader(other.train, other.identity, 4, cfg, log=lambda _: None)
+        with pytest.raises(finetune.DataError, match="--accept_new_data=true") as e:
+            fresh.load_state_dict(state)
+        assert len(str(e.value).splitlines()) == 1
+        fresh.load_state_dict(state, accept_new_data=True)
+        assert fresh.step == 6
+
+
+def test_overlong_examples_are_dropped_or_truncated_and_counted():
+    """Examples over seq_len + 1 tokens: dropped (default) or cut, with a count in the log."""
+    dropped = SFTData(config("--seq_len=48", "--total_batch_tokens=192", "--val_fraction=0", "--eval_interval=0"))
+    cut = SFTData(config("--seq_len=48", "--total_batch_tokens=192", "--val_fraction=0", "--eval_interval=0",
+                         "--overlong=truncate"))
+    n_long = 24 - len(dropped.train)
+    assert n_long > 0 and len(cut.train) > len(dropped.train)
+    assert f"{n_long} examples longer than seq_len + 1 = 49 tokens dropped" in "\n".join(dropped.notes)
+    lost = len(dropped.train) + n_long - len(cut.train)  # cut inside the prompt: nothing left to predict
+    assert (f"{n_long} examples longer than seq_len + 1 = 49 tokens truncated to 49 tokens (12 train, 0 val); "
+            f"{lost} of them dropped all the same") in "\n".join(cut.notes)
+    assert max(len(e.ids) for e in cut.train) == 49
+
+
+def bad_data(tmp_path: Path, name: str) -> tuple[list[str], str]:
+    """(extra arguments, the message expected) for one kind of bad input."""
+    path = tmp_path / "data.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "output": "Hi."})
+    if name == "no output":
+        path.write_text(good + "\n" + json.dumps({"instruction": "Say hi.", "input": ""}) + "\n")
+        return [f"--data={path}"], f"{path} line 2: no 'output'"
+    if name == "empty file":
+        path.write_text("\n")
+        return [f"--data={path}"], f"{path} is empty"
+    if name == "bad json":
+        path.write_text(good + "\n{oops\n")
+        return [f"--data={path}"], f"{path} line 2: not valid JSON"
+    if name == "roles":
+        path = tmp_path / "data.json"
+        messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        path.write_text(json.dumps([{"messages": messages}]))
+        return [f"--data={path}"], f"{path} row 0: roles ['user', 'user'] must alternate"
+    if name == "template placeholder":
+        template = {**dataclasses.asdict(TEMPLATES["vicuna"]), "turn": "USER: "}
+        del template["name"]
+        (tmp_path / "mine.json").write_text(json.dumps(template))
+        return ([f"--template={tmp_path / 'mine.json'}"],
+                f"{tmp_path / 'mine.json'}: template field 'turn' = 'USER: ' lacks the placeholder {{prompt}}")
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["no output", "empty file", "bad json", "roles", "template placeholder"])
+def test_bad_data_is_one_line_naming_file_and_row(tmp_path, capsys, name):
+    """A row without output, an empty file, broken JSON, wrong roles, a template without a placeholder."""
+    extra, message = bad_data(tmp_path, name)
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*BASE, "--init_from=unused", f"--out_dir={tmp_path / 'out'}", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("finetune.py: error: ") and message in err, err
+
+
+def test_hub_dataset_offline_is_one_line_naming_the_local_route(tmp_path, capsys, monkeypatch):
+    """A hub name with no network (HF_DATASETS_OFFLINE): one line saying how to pass a local file."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit):
+        finetune.main([*BASE, "--init_from=unused", "--data=nobody/no-such-instructions", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data=nobody/no-such-instructions: cannot load it" in err
+    assert "--data=FILE.jsonl" in err
+
+
+def test_init_from_is_required(tmp_path, capsys):
+    """Fine-tuning needs a model to start from."""
+    with pytest.raises(SystemExit):
+        finetune.main([*BASE, "--init_from=", f"--out_dir={tmp_path}"])
+    assert "pass --init_from=" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the script end to end
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, base_model) -> Path:
+    """An uninterrupted 8-step fine-tuning run, the reference for the resumed one."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = finetune_run(out, base_model)
+    assert "sft data: " in proc.stdout and "22 train / 2 val examples" in proc.stdout
+    return out
+
+
+def test_resume_equals_straight_run(tmp_path, base_model, straight):
+    """4 steps, then a resumed 4: bitwise the same losses, validation losses and final weights."""
+    finetune_run(tmp_path, base_model, "--stop_step=4")
+    assert sorted(metrics(tmp_path, "loss")) == [1, 2, 3, 4]
+    proc = finetune_run(tmp_path, base_model)
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert metrics(tmp_path, "loss") == metrics(straight, "loss")
+    assert metrics(tmp_path, "val_loss") == metrics(straight, "val_loss")
+    assert sorted(metrics(straight, "val_loss")) == [0, 4, 8]
+    ours, reference = checkpoint.load_model(tmp_path).state_dict(), checkpoint.load_model(straight).state_dict()
+    for k, v in reference.items():
+        assert torch.equal(v, ours[k]), k
+    assert finetune.checkpoint_template(tmp_path) == TEMPLATES["vicuna"]
+
+
+def test_two_processes_match_one(tmp_path, base_model, straight):
+    """torchrun with 2 gloo processes equals 1 process with twice the accumulation (losses, val, weights)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "finetune.py"), *BASE, f"--init_from={base_model}", f"--out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 accumulation x 2 processes" in proc.stdout
+    for key in ("loss", "val_loss"):
+        ours, reference = metrics(tmp_path, key), metrics(straight, key)
+        assert ours.keys() == reference.keys()
+        assert all(abs(ours[k] - reference[k]) < 1e-5 for k in ours), (ours, reference)
+    ours, reference = checkpoint.load_model(tmp_path).state_dict(), checkpoint.load_model(straight).state_dict()
+    assert all((ours[k] - v).abs().max() < 1e-5 for k, v in reference.items())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, base_model) -> tuple[Path, list[dict]]:
+    """The run directory of 60 steps on 4 examples at a high learning rate, and those examples."""
+    tmp = tmp_path_factory.mktemp("tuned")
+    rows = json.loads(FIXTURE.read_text())[:4]
+    data = tmp / "four.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune_run(tmp / "out", base_model, f"--data={data}", "--total_batch_tokens=256", "--micro_batch=4",
+                 "--max_steps=60", "--warmup_steps=5", "--max_lr=5e-3", "--min_lr=5e-4", "--val_fraction=0",
+                 "--eval_interval=0")
+    return tmp / "out", rows
+
+
+def prompt_of(row: dict) -> str:
+    return f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"]
+
+
+def test_finetuned_model_answers_its_training_instructions(tuned):
+    """Greedy `chat.py --prompt` with a training instruction prints its trained answer."""
+    out, rows = tuned
+    for row in (rows[0], rows[2]):  # one without an input, one with
+        proc = run("chat.py", "--checkpoint", str(out), "--prompt", prompt_of(row), "--temperature", "0",
+                   "--max_new_tokens", "24")
+        assert proc.stdout == row["output"] + "\n", proc.stdout
+        assert "template vicuna (the checkpoint's)" in proc.stderr
+
+
+def test_export_carries_the_chat_template(tuned, tmp_path):
+    """export_hf.py of a fine-tuned run: transformers' apply_chat_template builds our prompt tokens and
+    its greedy generate() gives the trained answer, stopping at <|endoftext|>."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out, rows = tuned
+    proc = run("export_hf.py", "--checkpoint", str(out), "--out", str(tmp_path / "hf"))
+    assert "with the vicuna chat template" in proc.stdout
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    messages = [{"role": "user", "content": prompt_of(rows[1])}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == encode(TEMPLATES["vicuna"].segments(messages, add_generation_prompt=True))[0]
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    assert generated[-1] == EOT
+    assert tokenizer.decode(generated[:-1]).strip() == rows[1]["output"]

@@ -2,7 +2,9 @@
 
 Export writes what `LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` read:
 `model.safetensors`, `config.json`, `generation_config.json` and GPT-2 tokenizer files built from
-the same local vocabulary files as `tokenizer.py` (nothing is downloaded). Import reads a Hugging
+the same local vocabulary files as `tokenizer.py` (nothing is downloaded); a model fine-tuned by
+finetune.py gets its chat template too (`tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)` then builds finetune.py's prompt tokens). Import reads a Hugging
 Face Llama directory (single or sharded safetensors) with `safetensors` alone: no `transformers`,
 no pickle. Our RoPE uses Hugging Face's rotate-half convention, so wq/wk are copied unpermuted.
 
@@ -244,25 +246,35 @@ def _writing(out: str | Path, force: bool, info: dict) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- export
 
 
-def save_tokenizer(out_dir: str | Path, model_max_length: int = 1024) -> None:
+def save_tokenizer(out_dir: str | Path, model_max_length: int = 1024, chat_template: str | None = None) -> None:
     """GPT-2 tokenizer files that `AutoTokenizer.from_pretrained(out_dir)` loads, built from the
-    local, sha256-checked `encoder.json` and `vocab.bpe` (needs `transformers`, not the network)."""
+    local, sha256-checked `encoder.json` and `vocab.bpe` (needs `transformers`, not the network);
+    with `chat_template` (Jinja, finetune.Template.jinja()) for `apply_chat_template`."""
     from transformers import GPT2TokenizerFast
 
     # Positional on purpose: transformers 4.x names them vocab_file/merges_file, 5.x vocab/merges.
     tok = GPT2TokenizerFast(
         str(vocab_file("encoder.json")), str(vocab_file("vocab.bpe")), model_max_length=model_max_length
     )
+    tok.chat_template = chat_template
     tok.save_pretrained(str(out_dir))
+    if chat_template is not None:
+        # Recent transformers write chat_template.jinja; older ones read tokenizer_config.json only.
+        config_path = Path(out_dir) / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["chat_template"] = chat_template
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_hf(
     model: Transformer, out_dir: str | Path, vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32, force: bool = False, source: str | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Write `model` as a Hugging Face Llama directory (model.safetensors, config.json,
     generation_config.json, the tokenizer files, EXPORT_INFO), replacing `out_dir` whole when
-    complete; see check_output_dir for what may be replaced. `source` is recorded in EXPORT_INFO."""
+    complete; see check_output_dir for what may be replaced. `source` is recorded in EXPORT_INFO;
+    `chat_template` (Jinja) goes to the tokenizer files."""
     config = hf_config(model.config, vocab_size, dtype)
     info = {"format": "hf_llama", "source": source, "dtype": config["torch_dtype"],
             "vocab_size": config["vocab_size"], "model_config": model.config.to_dict()}
@@ -275,7 +287,7 @@ def save_hf(
         eot = config["eos_token_id"]
         generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        save_tokenizer(tmp, model_max_length=model.config.max_seq_len)
+        save_tokenizer(tmp, model_max_length=model.config.max_seq_len, chat_template=chat_template)
 
 
 # ----------------------------------------------------------------------------- import
@@ -514,8 +526,13 @@ def main() -> None:
         check_output_dir(args.out, args.force, source_dir)  # before the checkpoint is read: fail fast
         if args.checkpoint:
             model = _load_checkpoint(args.checkpoint, args.device)
-            save_hf(model, args.out, vocab_size=args.vocab_size, dtype=dtype, force=args.force, source=source_dir)
-            print(f"exported {model.num_params():,} parameters from {args.checkpoint} to {args.out}")
+            from finetune import checkpoint_template  # noqa: PLC0415 - the template finetune.py recorded
+
+            template = checkpoint_template(args.checkpoint)
+            save_hf(model, args.out, vocab_size=args.vocab_size, dtype=dtype, force=args.force, source=source_dir,
+                    chat_template=template.jinja() if template else None)
+            print(f"exported {model.num_params():,} parameters from {args.checkpoint} to {args.out}"
+                  + (f" with the {template.name} chat template" if template else ""))
         else:
             model = load_hf(args.from_hf, args.device, pad_vocab_to=args.pad_vocab_to or None, dtype=dtype)
             save_weights(model, args.out, force=args.force, source=source_dir)

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from finetune import TEMPLATES, Template, checkpoint_template, encode, load_template
-from model import Transformer, _pick
+from model import Transformer, pick_next_token
 from tokenizer import EOT, N_VOCAB, get_encoding
 from utils import DTYPES, UserError, cli_errors, resolve_device
 
@@ -49,7 +49,7 @@ def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, tempe
         for i in range(max_new_tokens):
             logits = logits.float()
             logits[:, N_VOCAB:] = float("-inf")
-            token = _pick(logits, temperature, top_k, generator)  # (1, 1)
+            token = pick_next_token(logits, temperature, top_k, generator)  # (1, 1)
             yield int(token)
             if int(token) == stop or i == max_new_tokens - 1:
                 return

@@ -393,14 +393,14 @@ class Transformer(nn.Module):
                 logits = self(out[:, start:] if use_cache else out, start_pos=start)
                 if use_cache:
                     start = out.size(1)
-                next_token = _pick(logits[:, -1, :].float(), temperature, top_k, generator)
+                next_token = pick_next_token(logits[:, -1, :].float(), temperature, top_k, generator)
                 out = torch.cat([out, next_token], dim=1)
         finally:
             self.clear_cache()
         return out
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+def pick_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     """Next token per row (B, 1) from last-position logits (B, vocab)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)

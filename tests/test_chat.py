@@ -13,7 +13,7 @@ import chat
 from conftest import make_tiny_model
 from export_hf import save_hf, save_weights
 from finetune import TEMPLATES, encode
-from model import _pick
+from model import pick_next_token
 from tokenizer import EOT, N_VOCAB, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +52,14 @@ def test_streamed_tokens_equal_decoding_without_cache(temperature, top_k):
         for _ in range(12):
             logits = model(torch.tensor([reference]))[:, -1, :].float()
             logits[:, N_VOCAB:] = float("-inf")
-            reference.append(int(_pick(logits, temperature, top_k, generator)))
+            reference.append(int(pick_next_token(logits, temperature, top_k, generator)))
     assert streamed == reference[len(ids):]
 
 
 def test_stream_stops_after_end_of_text(monkeypatch):
     """Generation ends with the <|endoftext|> it picked."""
     picks = iter([464, 3139, EOT, 464])
-    monkeypatch.setattr(chat, "_pick", lambda *args: torch.tensor([[next(picks)]]))
+    monkeypatch.setattr(chat, "pick_next_token", lambda *args: torch.tensor([[next(picks)]]))
     assert list(chat.stream_tokens(make_tiny_model(max_seq_len=CONTEXT), [464], 10)) == [464, 3139, EOT]
 
 

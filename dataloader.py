@@ -286,6 +286,71 @@ def _pinnable(pin_memory: bool) -> bool:
     return pin_memory and torch.cuda.is_available()
 
 
+class GlobalOrder:
+    """Which items (sequences, examples) each rank's micro-steps take, whatever the world size.
+
+    Epoch e visits the n items in a permutation seeded with seed + e (in index order without
+    shuffle); epochs follow each other into one global stream. Global batch k is stream positions
+    [k*G, (k+1)*G); micro-step m of rank r takes the B positions from k*G + m*B*W + r*B. The whole
+    position is one number, the items consumed, so a state saved on W GPUs resumes on any other
+    count with the same G. The pretraining and the fine-tuning loaders share this arithmetic.
+    """
+
+    # The batch geometry and the shuffle, each with its own meaning; an options object would only
+    # rename them.
+    def __init__(self, n: int, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 1337, shuffle: bool = True, log: Callable[[str], None] = print,
+                 unit: str = "sequences"):
+        if global_batch % (micro_batch * world_size) != 0:
+            raise ValueError(f"global_batch {global_batch} {unit} is not a multiple of micro_batch "
+                             f"{micro_batch} x world_size {world_size} = {micro_batch * world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.n, self.global_batch, self.micro_batch = n, global_batch, micro_batch
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.log, self.unit = log, unit
+        self.step = 0  # micro-steps taken by this rank; global batch step // accum_steps
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Epoch `epoch`'s order; the two latest are kept, as a batch may straddle two."""
+        if epoch not in self._orders:
+            order = np.arange(self.n, dtype=np.uint32 if self.n < 2**32 else np.int64)
+            if self.shuffle:
+                np.random.default_rng(self.seed + epoch).shuffle(order)
+            if epoch > 0:
+                how = f"a new permutation (seed {self.seed + epoch})" if self.shuffle else "index order again"
+                self.log(f"epoch {epoch} starts after {epoch * self.n:,} {self.unit}, in {how}")
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def ids(self, step: int) -> list[int]:
+        """The items of this rank's micro-step `step` (counted from the start of training)."""
+        batch, micro = divmod(step, self.accum_steps)
+        first = batch * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
+        return [int(self._order(p // self.n)[p % self.n]) for p in range(first, first + self.micro_batch)]
+
+    def position(self) -> int:
+        """Items of the global stream consumed; only between optimizer steps."""
+        batches, micro = divmod(self.step, self.accum_steps)
+        if micro:
+            raise ValueError(f"the position was asked after micro-step {micro} of {self.accum_steps} of a "
+                             f"global batch: save between optimizer steps")
+        return batches * self.global_batch
+
+    def seek(self, position: int) -> None:
+        """Continue from a saved position, whatever the world size and micro-batch that saved it."""
+        if position % self.global_batch:
+            raise ValueError(f"saved position {position} is not a multiple of global_batch "
+                             f"{self.global_batch}: resume with the global batch that saved it")
+        self.step = position // self.global_batch * self.accum_steps
+
+
 class TrainLoader:
     """This rank's training micro-batches, cut from the world-size-independent global stream."""
 
@@ -295,14 +360,7 @@ class TrainLoader:
                  rank: int = 0, world_size: int = 1, seed: int = 1337, shuffle: bool = True,
                  vocab_size: int | None = None, pin_memory: bool = False, prefetch: bool = False,
                  log: Callable[[str], None] = print):
-        if global_batch % (micro_batch * world_size) != 0:
-            raise ValueError(f"global_batch {global_batch} sequences is not a multiple of micro_batch "
-                             f"{micro_batch} x world_size {world_size} = {micro_batch * world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.seq_len, self.micro_batch, self.global_batch = seq_len, micro_batch, global_batch
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
         self.pin_memory = _pinnable(pin_memory)
         self.prefetch = prefetch
         self.log = log
@@ -313,8 +371,8 @@ class TrainLoader:
         if self.sequences_per_epoch == 0:
             raise DataError(f"the train shards in {data_dir!r} hold {self.stream.total:,} tokens, fewer "
                             f"than seq_len + 1 = {seq_len + 1}: build more data or lower seq_len")
-        self.step = 0  # micro-steps taken by this rank; global batch step // accum_steps
-        self._orders: dict[int, np.ndarray] = {}
+        self.order = GlobalOrder(self.sequences_per_epoch, global_batch, micro_batch, rank, world_size, seed,
+                                 shuffle, log=lambda line: log(f"train data: {line}"))
         self._worker: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -326,34 +384,15 @@ class TrainLoader:
 
     @property
     def accum_steps(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
+        return self.order.accum_steps
 
-    def _order(self, epoch: int) -> np.ndarray:
-        """Epoch `epoch`'s sequence order; the two latest are kept, as a batch may straddle two."""
-        if epoch not in self._orders:
-            n = self.sequences_per_epoch
-            order = np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64)
-            if self.shuffle:
-                np.random.default_rng(self.seed + epoch).shuffle(order)
-            if epoch > 0:
-                how = f"a new permutation (seed {self.seed + epoch})" if self.shuffle else "stream order again"
-                self.log(f"train data: epoch {epoch} starts after {epoch * n:,} sequences, in {how}")
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = order
-        return self._orders[epoch]
-
-    def _sequence_ids(self, step: int) -> list[int]:
-        """The sequences of this rank's micro-step `step` (counted from the start of training)."""
-        batch, micro = divmod(step, self.accum_steps)
-        first = batch * self.global_batch + micro * self.micro_batch * self.world_size + self.rank * self.micro_batch
-        ids = []
-        for p in range(first, first + self.micro_batch):
-            epoch, i = divmod(p, self.sequences_per_epoch)
-            ids.append(int(self._order(epoch)[i]))
-        return ids
+    @property
+    def step(self) -> int:
+        """Micro-steps taken by this rank."""
+        return self.order.step
 
     def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _windows(self.stream, self._sequence_ids(step), self.seq_len, self.pin_memory)
+        return _windows(self.stream, self.order.ids(step), self.seq_len, self.pin_memory)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: x, y of shape (micro_batch, seq_len), int64."""
@@ -366,7 +405,7 @@ class TrainLoader:
             if isinstance(batch, BaseException):
                 self._worker = None
                 raise batch
-        self.step += 1
+        self.order.step += 1
         return batch
 
     def _start_worker(self) -> None:
@@ -403,11 +442,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """The loader's position: sequences of the global stream consumed, at a global-batch boundary."""
-        batches, micro = divmod(self.step, self.accum_steps)
-        if micro:
-            raise ValueError(f"state_dict() called after micro-step {micro} of {self.accum_steps} of a "
-                             f"global batch: save between optimizer steps")
-        return {"position": batches * self.global_batch, "seed": self.seed, "seq_len": self.seq_len,
+        return {"position": self.order.position(), "seed": self.seed, "seq_len": self.seq_len,
                 "shuffle": self.shuffle, "data": self.identity}
 
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
@@ -421,12 +456,8 @@ class TrainLoader:
                 raise ValueError(f"the saved loader state has {key}={state[key]!r} but this loader "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
         self._check_same_data(state.get("data"), accept_new_data)
-        position = int(state["position"])
-        if position % self.global_batch:
-            raise ValueError(f"saved position {position} is not a multiple of global_batch "
-                             f"{self.global_batch}: resume with the global batch that saved it")
         self.close()
-        self.step = position // self.global_batch * self.accum_steps
+        self.order.seek(int(state["position"]))
 
     def _check_same_data(self, saved: dict | None, accept_new_data: bool) -> None:
         if saved is None:

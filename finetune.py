@@ -55,9 +55,9 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
-from dataloader import DataError
+from dataloader import DataError, GlobalOrder
 from tokenizer import EOT, get_encoding
-from train_config import ConfigError, TrainConfig, load_config, usage
+from train_config import ConfigError, SFTConfig, load_config, usage
 from utils import cli_errors, teardown_distributed
 
 SPLIT_SEED = 0  # the validation split's permutation: fixed, so every run holds out the same rows
@@ -419,48 +419,34 @@ class SFTLoader:
         if global_batch % (cfg.micro_batch * world_size):
             raise ConfigError(f"{global_batch} examples per step (total_batch_tokens / seq_len) is not a multiple "
                               f"of micro_batch {cfg.micro_batch} x world_size {world_size}")
-        self.examples, self.identity, self.global_batch = examples, identity, global_batch
-        self.micro_batch, self.rank, self.world_size = cfg.micro_batch, rank, world_size
+        self.examples, self.identity = examples, identity
         self.seq_len, self.pad_multiple, self.seed, self.shuffle = cfg.seq_len, cfg.pad_multiple, cfg.seed, cfg.shuffle
         self.log = log
-        self.step = 0  # micro-steps taken by this rank
-        self._orders: dict[int, np.ndarray] = {}
+        # the pretraining loader's order: world-size independent, one number of position
+        self.order = GlobalOrder(len(examples), global_batch, cfg.micro_batch, rank, world_size, cfg.seed,
+                                 cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples")
 
     @property
     def accum_steps(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
+        return self.order.accum_steps
 
-    def _order(self, epoch: int) -> np.ndarray:
-        """Epoch `epoch`'s example order (a batch may straddle two epochs: the last two are kept)."""
-        if epoch not in self._orders:
-            order = np.arange(len(self.examples))
-            if self.shuffle:
-                np.random.default_rng(self.seed + epoch).shuffle(order)
-            if epoch > 0:
-                self.log(f"sft data: epoch {epoch} starts after {epoch * len(self.examples):,} examples")
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = order
-        return self._orders[epoch]
+    @property
+    def step(self) -> int:
+        """Micro-steps taken by this rank."""
+        return self.order.step
 
     def example_ids(self, step: int) -> list[int]:
-        """The examples of this rank's micro-step `step`: global batch k = positions [k*G, (k+1)*G),
-        micro-step m of rank r the slice after m*micro*W + r*micro (as dataloader.TrainLoader)."""
-        batch, micro = divmod(step, self.accum_steps)
-        first = batch * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
-        return [int(self._order(p // len(self.examples))[p % len(self.examples)])
-                for p in range(first, first + self.micro_batch)]
+        """The examples of this rank's micro-step `step` (dataloader.GlobalOrder's arithmetic)."""
+        return self.order.ids(step)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = collate([self.examples[i] for i in self.example_ids(self.step)], self.seq_len, self.pad_multiple)
-        self.step += 1
+        batch = collate([self.examples[i] for i in self.order.ids(self.order.step)], self.seq_len,
+                        self.pad_multiple)
+        self.order.step += 1
         return batch
 
     def state_dict(self) -> dict:
-        batches, micro = divmod(self.step, self.accum_steps)
-        if micro:
-            raise ValueError(f"state_dict() called after micro-step {micro} of {self.accum_steps}: save between "
-                             f"optimizer steps")
-        return {"position": batches * self.global_batch, "seed": self.seed, "seq_len": self.seq_len,
+        return {"position": self.order.position(), "seed": self.seed, "seq_len": self.seq_len,
                 "shuffle": self.shuffle, "data": self.identity}
 
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
@@ -478,11 +464,7 @@ class SFTLoader:
         if differences:
             self.log(f"sft data: differs from the checkpoint's ({'; '.join(differences)}); continuing on it as "
                      f"accept_new_data asks")
-        position = int(state["position"])
-        if position % self.global_batch:
-            raise ValueError(f"saved position {position} is not a multiple of {self.global_batch} examples per "
-                             f"step: resume with the batch size that saved it")
-        self.step = position // self.global_batch * self.accum_steps
+        self.order.seek(int(state["position"]))
 
     def close(self) -> None:
         pass
@@ -512,48 +494,6 @@ class SFTValData:
 
 
 # ----------------------------------------------------------------------------- config and entry point
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """TrainConfig plus the SFT knobs; defaults are the 1.7B recipe (configs/sft_1p7b.py)."""
-
-    data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
-    template: str = "vicuna"  # a name in finetune.TEMPLATES or a .json file of Template's fields
-    val_fraction: float = 0.02  # rows held out for validation (fixed split seed)
-    overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
-    pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile
-    epochs: float = 0.0  # > 0: max_steps = ceil(epochs x train examples / examples per step)
-    # overrides of pretraining's defaults: the Alpaca recipe (see configs/sft_1p7b.py)
-    total_batch_tokens: int = 128 * 1024  # 128 examples per step at seq_len 1024
-    micro_batch: int = 16
-    max_lr: float = 2e-5
-    min_lr: float = 0.0
-    warmup_steps: int = 36
-    weight_decay: float = 0.0
-    max_steps: int = 1189  # ~3 epochs of alpaca-cleaned at 128 examples per step (or set epochs)
-    eval_interval: int = 100
-    sample_interval: int = 0
-    out_dir: str = "out/sft"
-    save_interval: int = 200
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.init_from:
-            raise ConfigError("finetune.py starts from a trained model: pass --init_from=RUN_DIR (one of our runs "
-                              "or step_* directories) or a Hugging Face Llama directory")
-        if not self.data:
-            raise ConfigError("--data is empty: pass a .json/.jsonl file or a hub dataset name")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
-        if self.eval_interval and not self.val_fraction:
-            raise ConfigError("--val_fraction=0 leaves no validation examples: set it, or --eval_interval=0")
-        if self.overlong not in ("drop", "truncate"):
-            raise ConfigError(f"--overlong={self.overlong!r}: choose drop or truncate")
-        if self.pad_multiple <= 0:
-            raise ConfigError(f"--pad_multiple={self.pad_multiple} must be positive")
-        if self.epochs < 0:
-            raise ConfigError(f"--epochs={self.epochs} must be 0 (use max_steps) or more")
-
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
@@ -593,8 +533,4 @@ def checkpoint_template(path: str | Path) -> Template | None:
 
 
 if __name__ == "__main__":
-    # Run as the module `finetune`, so that a config file's `from finetune import SFTConfig` is the
-    # class load_config checks against (not a second copy defined in __main__).
-    import finetune
-
-    finetune.main()
+    main()

@@ -9,7 +9,8 @@ which was made for this data at this scale.
     python finetune.py --config configs/sft_1p7b.py --data=alpaca.jsonl    # a local copy, offline
 """
 
-from finetune import TEMPLATES, SFTConfig
+from finetune import TEMPLATES
+from train_config import SFTConfig
 
 
 def config() -> SFTConfig:

@@ -133,10 +133,10 @@ def test_batches_are_the_same_on_any_world_size():
     seen = []
     for _ in range(-(-3 * len(data.train) // 4)):  # steps: 2 micro-steps on 1 process, 1 on each of 2
         single = [one.example_ids(one.step + m) for m in range(2)]
-        one.step += 2
+        one.order.step += 2
         split = [loader.example_ids(loader.step) for loader in two]
         for loader in two:
-            loader.step += 1
+            loader.order.step += 1
         assert single == split
         seen += single[0] + single[1]
     n = len(data.train)
@@ -159,7 +159,7 @@ def test_resume_on_other_data_is_refused_unless_accepted(tmp_path):
     cfg = config()
     data = SFTData(cfg)
     loader = SFTLoader(data.train, data.identity, 4, cfg)
-    loader.step = 6
+    loader.order.step = 6
     state = loader.state_dict()
     assert state["position"] == 12
     rows = json.loads(FIXTURE.read_text())

@@ -218,3 +218,47 @@ def usage(doc: str, kind: type[TrainConfig] = TrainConfig) -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  --{f.name}={default!r}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """TrainConfig plus the SFT knobs; defaults are the 1.7B recipe (configs/sft_1p7b.py)."""
+
+    data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
+    template: str = "vicuna"  # a name in finetune.TEMPLATES or a .json file of Template's fields
+    val_fraction: float = 0.02  # rows held out for validation (fixed split seed)
+    overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
+    pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile
+    epochs: float = 0.0  # > 0: max_steps = ceil(epochs x train examples / examples per step)
+    # overrides of pretraining's defaults: the Alpaca recipe (see configs/sft_1p7b.py)
+    total_batch_tokens: int = 128 * 1024  # 128 examples per step at seq_len 1024
+    micro_batch: int = 16
+    max_lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 36
+    weight_decay: float = 0.0
+    max_steps: int = 1189  # ~3 epochs of alpaca-cleaned at 128 examples per step (or set epochs)
+    eval_interval: int = 100
+    sample_interval: int = 0
+    out_dir: str = "out/sft"
+    save_interval: int = 200
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.init_from:
+            raise ConfigError("finetune.py starts from a trained model: pass --init_from=RUN_DIR (one of our runs "
+                              "or step_* directories) or a Hugging Face Llama directory")
+        if not self.data:
+            raise ConfigError("--data is empty: pass a .json/.jsonl file or a hub dataset name")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.eval_interval and not self.val_fraction:
+            raise ConfigError("--val_fraction=0 leaves no validation examples: set it, or --eval_interval=0")
+        if self.overlong not in ("drop", "truncate"):
+            raise ConfigError(f"--overlong={self.overlong!r}: choose drop or truncate")
+        if self.pad_multiple <= 0:
+            raise ConfigError(f"--pad_multiple={self.pad_multiple} must be positive")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs={self.epochs} must be 0 (use max_steps) or more")

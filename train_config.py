@@ -70,6 +70,18 @@ class TrainConfig:
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in float32
     compile: bool = True  # torch.compile on CUDA (on CPU only when compile_cpu is set)
     compile_cpu: bool = False
+    # "model": one graph for the whole forward; "blocks": each TransformerBlock compiled in place (one
+    # graph shared by all): half the compile time, ~4% slower steps on CPU at 124m
+    compile_mode: str = "model"
+    # parallelism and memory (parallel.py)
+    parallel: str = "ddp"  # "ddp": each rank holds the whole model; "fsdp": params, grads, AdamW sharded
+    fsdp_shard_size: int = 0  # fsdp: ranks that share one copy; 0 = all; GPUs per node = HSDP across nodes
+    reshard_after_forward: bool = True  # fsdp: free each block's gathered params after its forward
+    fsdp_reduce_every_micro_step: bool = False  # fsdp: least memory, but accumulation x the reduce traffic
+    activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th)
+    ac_every: int = 2
+    ddp_bucket_mb: int = 25  # DDP all-reduce bucket size; larger buckets, fewer messages across nodes
+    ddp_bf16_compress: bool = False  # DDP: all-reduce gradients in bfloat16 (half the traffic)
     seed: int = 1337
     log_interval: int = 1
     peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU; 0 = look it up by name
@@ -124,6 +136,17 @@ class TrainConfig:
             raise ConfigError("--start_over only applies with --resume=never")
         if not self.resume:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
+        choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
+                   "activation_checkpointing": ("none", "full", "selective")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("ac_every", "ddp_bucket_mb"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
+        if self.fsdp_shard_size < 0:
+            raise ConfigError(f"--fsdp_shard_size={self.fsdp_shard_size} must be 0 (all ranks) or a "
+                              f"divisor of the process count")
 
 
 # Knobs whose change would alter the data order or the model: a resume must not change them.

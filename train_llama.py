@@ -29,9 +29,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 import checkpoint
+import parallel
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
@@ -39,6 +44,7 @@ from train_config import ConfigError, TrainConfig, load_config, resume_differenc
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
+FULL = StateDictOptions(full_state_dict=True)  # whole tensors on every rank, not shards
 
 
 # ----------------------------------------------------------------------------- the run's state
@@ -98,9 +104,9 @@ class Run:
     cfg: TrainConfig
     dist: Dist
     log: Logger
-    model: Transformer  # the plain module: checkpoints, sampling
+    model: Transformer  # the unwrapped module (sharded in place under FSDP): checkpoints, sampling
     train_model: nn.Module  # compiled and/or DDP-wrapped: the training step
-    eval_model: nn.Module  # compiled, not DDP: validation and HellaSwag
+    eval_model: nn.Module  # compiled, not DDP (FSDP: parallel.GatheredForEval): validation, HellaSwag
     optimizer: torch.optim.Optimizer
     loader: TrainLoader | None  # None in benchmark mode: synthetic tokens
     val: ValLoader | None
@@ -114,6 +120,7 @@ class Run:
     hellaswag_examples: list | None = None
     synthetic: torch.Generator | None = None
     consecutive_skips: int = 0
+    memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -197,21 +204,26 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Micro-steps -> clip -> AdamW step (skipped everywhere if any rank saw a non-finite value).
     Returns (mean loss on this rank, gradient norm, whether the update was applied)."""
     cfg, d = run.cfg, run.dist
+    parallel.release_eval(run.eval_model, cfg)
     run.meter.start()
     loss_sum = torch.zeros((), device=d.device)
     for micro_step in range(run.accum_steps):
         x, y = next_batch(run)
-        if d.world_size > 1:
-            # Toggled instead of `no_sync()` so the same code runs with or without DDP.
-            run.train_model.require_backward_grad_sync = micro_step == run.accum_steps - 1
+        last = micro_step == run.accum_steps - 1
+        parallel.set_gradient_sync(run.model, run.train_model, last or cfg.fsdp_reduce_every_micro_step)
         with run.autocast():
             loss = run.train_model(x, y) / run.accum_steps
         loss_sum += loss.detach()
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = parallel.clip_grad_norm(run.model.parameters(), cfg.grad_clip or math.inf)
     applied, stopping = agree_on_step(run, grad_norm, loss_sum)
     if applied:
         run.optimizer.step()
+        if not run.memory_logged:  # what each rank holds, once the AdamW state exists
+            run.memory_logged = True
+            sizes = parallel.memory_per_rank(run.model, run.optimizer)
+            run.log.print(parallel.describe_memory(sizes))
+            run.log.metrics(run.progress.step + 1, **{f"{k}_per_rank": v for k, v in sizes.items()})
     run.optimizer.zero_grad(set_to_none=True)
     run.meter.stop()
     run.progress.step += 1
@@ -345,7 +357,9 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
                   f"({result['n']} examples)")
         log.metrics(step, hellaswag_acc=result["acc"], hellaswag_acc_norm=result["acc_norm"],
                     hellaswag_s=time.perf_counter() - t0)
-    if due(cfg.sample_interval) and run.dist.is_main:
+    # Under FSDP every forward gathers parameters from all ranks: all of them sample (the same
+    # tokens, from the same seeded generator); only rank 0 logs.
+    if due(cfg.sample_interval) and (run.dist.is_main or parallel.is_sharded(run.model)):
         t0 = time.perf_counter()
         log.print(f"step {step}: sample: {sample_text(run)!r}")
         log.metrics(step, sample_s=time.perf_counter() - t0)
@@ -590,23 +604,17 @@ def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
 
 
 def wrap_model(run: Run) -> None:
-    """torch.compile (CUDA, or CPU with compile_cpu) and DDP, applied from outside the model."""
+    """Activation checkpointing, torch.compile and DDP or FSDP (parallel.py), from outside the model."""
     cfg, d = run.cfg, run.dist
-    compiled = run.model
-    if cfg.compile and (d.device.type == "cuda" or cfg.compile_cpu):
-        # Backward runs outside autocast (as in eager): trace it that way.
-        torch._functorch.config.backward_pass_autocast = "off"
-        # One compiled entry per shape family: training, validation (no grad; a last partial
-        # batch) and HellaSwag's padded lengths (up to seq_len / 64, each with a partial last
-        # batch). Past the default limit of 8 new shapes would silently run eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   8 + 2 * (cfg.seq_len // 64))
-        compiled = torch.compile(run.model)
-    run.eval_model = compiled
-    # DDP around the compiled module: gradient sync on the last micro-step only. rope is a
-    # function of the config, so there is no buffer to broadcast.
-    run.train_model = (DDP(compiled, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                           broadcast_buffers=False) if d.world_size > 1 else compiled)
+    resumed = bool(run.optimizer.state) and cfg.parallel == "fsdp" and dist.is_initialized()
+    moments = get_optimizer_state_dict(run.model, run.optimizer, options=FULL) if resumed else None
+    run.train_model, run.eval_model = parallel.parallelize(run.model, cfg, d)
+    if parallel.is_sharded(run.model):
+        # fully_shard replaced each parameter by its shard: the optimizer must hold the shards,
+        # and the AdamW moments loaded before sharding are sharded the same way.
+        run.optimizer = build_optimizer(run.model, cfg, d.device)
+        if moments is not None:
+            set_optimizer_state_dict(run.model, run.optimizer, moments, options=FULL)
 
 
 def make_meter(run: Run) -> Throughput:

@@ -33,6 +33,7 @@ from tokenizer import EOT, N_VOCAB, get_encoding
 from utils import DTYPES, UserError, cli_errors, resolve_device
 
 
+# model.generate's sampling knobs plus a stop token: the same names, passed through.
 @torch.no_grad()
 def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, generator: torch.Generator | None = None,
@@ -74,6 +75,7 @@ class TextStream:
         return self.decoder.decode(b"", final=True)
 
 
+# stream_tokens' knobs and where to print: kept flat so the CLI's flags map one to one.
 def answer(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
            generator: torch.Generator | None, out=sys.stdout) -> str:
     """Generate and print the answer to `ids` as it is decoded; return its text (no <|endoftext|>,

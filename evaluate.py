@@ -240,6 +240,8 @@ def run_tasks(hf_model, manager, args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------------- one checkpoint
 
+# One checkpoint's evaluation needs its model, where it came from and where its results go, plus the
+# run-wide lm-eval task manager, CLI options and settings key: all distinct, none optional.
 def evaluate_model(hf_model, source: Path, meta: dict, out: Path, manager, args: argparse.Namespace,
                    settings: dict) -> dict:
     """Run the tasks on `hf_model`, write out (JSON) and its .md table; the record written."""
@@ -299,6 +301,7 @@ def run_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The run, the CLI options and this process's place among the ranks that share the checkpoints.
 def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, settings: dict, key: str,
                  rank: int, world_size: int, device: torch.device) -> Path | None:
     """Evaluate every step_* of run_dir not yet evaluated with these settings (this process's share

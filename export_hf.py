@@ -266,6 +266,7 @@ def save_tokenizer(out_dir: str | Path, model_max_length: int = 1024, chat_templ
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+# Keywords with defaults, one per export option of the CLI.
 def save_hf(
     model: Transformer, out_dir: str | Path, vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32, force: bool = False, source: str | None = None,

@@ -414,6 +414,7 @@ def collate(examples: list[Example], seq_len: int, pad_multiple: int) -> tuple[t
 class SFTLoader:
     """This rank's training micro-batches: train_llama's loader protocol, over examples."""
 
+    # The data, the batch geometry and this rank's place; rank, world size and log default for tests.
     def __init__(self, examples: list[Example], identity: dict, global_batch: int, cfg: SFTConfig,
                  rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print):
         if global_batch % (cfg.micro_batch * world_size):

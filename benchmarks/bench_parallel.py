@@ -274,6 +274,7 @@ def _block(cfg):
         return TransformerBlock(cfg)
 
 
+# The table's axes as keywords with the README's defaults.
 def memory_table(measured: dict, presets=("978m", "1p7b"), gpus=(2, 8), micro_batches=(4, 8, 16),
                  seq_len: int = 1024, loss_chunk: int = 4096, reserve_gib: float = 2.0) -> None:
     """Projected peak GiB per GPU, and the smallest of 24/48/80 GB cards where it fits with

@@ -288,6 +288,7 @@ def metric_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+# A train_llama command line for a row: each parameter is one of its flags.
 def tiny_train_args(plan: Plan, data_dir: Path, out_dir: Path, seq_len: int, micro_batch: int, accum: int,
                     max_steps: int) -> list[str]:
     return ["train_llama.py", "--config", "configs/tiny.py", "--prepare_local_data=false",
@@ -806,6 +807,7 @@ def finish(name: str, code: int | None, seconds: float, timeout: float, out: Pat
     return {"row": name, **json.loads(result_path.read_text()), "seconds": seconds}
 
 
+# The commands and the limits they run under (per-row timeout, overall deadline, parallel width).
 def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: float, deadline: float,
                  width: int = 1, log=print) -> dict[str, dict]:
     """Run each command as its own process group, `width` at once, each until it exits, `timeout`

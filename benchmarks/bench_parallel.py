@@ -69,14 +69,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def rss_mib(pid: int) -> tuple[float, float] | None:
-    """(peak, current) resident MiB of a process (VmHWM, VmRSS), None once it is gone."""
+def peak_rss_mib(pid: int) -> float | None:
+    """A process's peak resident MiB so far (VmHWM), None once it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    found = [re.search(rf"{key}:\s+(\d+) kB", status) for key in ("VmHWM", "VmRSS")]
-    return tuple(int(m.group(1)) / 1024 for m in found) if all(found) else None
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) / 1024 if match else None
 
 
 def launch(args: argparse.Namespace, extra: list[str], nproc: int, env: dict | None = None) -> dict:
@@ -91,12 +91,12 @@ def launch(args: argparse.Namespace, extra: list[str], nproc: int, env: dict | N
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **(env or {})}
     proc = subprocess.Popen([*launcher, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    rss: dict[int, tuple[float, float]] = {}  # pid -> (peak, the last current seen)
+    peaks: dict[int, float] = {}
     while proc.poll() is None:
         for pid in (children(proc.pid) if nproc > 1 else [proc.pid]):
-            seen = rss_mib(pid)
-            if seen is not None and (nproc == 1 or "train_llama" in Path(f"/proc/{pid}/cmdline").read_text()):
-                rss[pid] = seen
+            rss = peak_rss_mib(pid)
+            if rss is not None and (nproc == 1 or "train_llama" in Path(f"/proc/{pid}/cmdline").read_text()):
+                peaks[pid] = rss
         time.sleep(0.05)
     out = proc.stdout.read()
     result = next((json.loads(line.split("benchmark_json: ", 1)[1]) for line in out.splitlines()
@@ -105,8 +105,7 @@ def launch(args: argparse.Namespace, extra: list[str], nproc: int, env: dict | N
         raise SystemExit(f"run failed: {' '.join(cmd)}\n{out[-3000:]}")
     held = re.search(r"held per rank .*", out)
     result["held"] = held.group(0) if held else ""
-    result["peak_rss_mib"] = [rss[p][0] for p in sorted(rss)]
-    result["end_rss_mib"] = [rss[p][1] for p in sorted(rss)]
+    result["peak_rss_mib"] = [peaks[p] for p in sorted(peaks)]
     return result
 
 
@@ -127,14 +126,13 @@ def speed(args: argparse.Namespace) -> None:
     print(f"\nmodel {args.model}, 2 processes x {args.threads} thread, {args.micro_batch} x {args.seq_len} tokens x "
           f"{args.accum} accumulation per rank = {tokens:,} tokens/step; median of {args.repeats} interleaved runs "
           f"x {args.steps} steps")
-    print("| variant | tokens/s | ms/step | peak RSS per rank (MiB) | RSS at the end | "
-          "params+grads+AdamW per rank (MiB) |")
-    print("| --- | ---: | ---: | --- | --- | --- |")
+    print("| variant | tokens/s | ms/step | peak RSS per rank (MiB) | params+grads+AdamW per rank (MiB) |")
+    print("| --- | ---: | ---: | --- | --- |")
     for label, results in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in results)
         ms = statistics.median(r["ms_per_step"] for r in results)
         print(f"| {label} | {tps:,.0f} | {ms:,.0f} | {per_rank(results, 'peak_rss_mib')} | "
-              f"{per_rank(results, 'end_rss_mib')} | {held_mib(results[-1]['held'])} |")
+              f"{held_mib(results[-1]['held'])} |")
 
 
 def per_rank(results: list[dict], key: str) -> str:

@@ -114,11 +114,15 @@ def test_compiled_on_cpu_matches_eager(tmp_path, data_dir, straight, mode):  # n
     assert_close(losses(tmp_path), reference, 1e-4)
 
 
-@pytest.mark.parametrize("extra", [["--parallel=fsdp", "--fsdp_shard_size=1"], ["--ddp_bf16_compress=true"]],
-                         ids=["hsdp", "ddp_bf16_compress"])
-def test_hsdp_and_bf16_compressed_ddp_train_like_one_process(tmp_path, data_dir, straight, extra):  # noqa: F811
-    """HSDP (2-D mesh: replicated over 2, sharded over 1) to 1e-5; DDP with gradients all-reduced
-    in bfloat16 to 1e-3."""
+@pytest.mark.parametrize("extra", [
+    ["--parallel=fsdp", "--fsdp_shard_size=1"],
+    ["--parallel=fsdp", "--reshard_after_forward=false"],
+    ["--parallel=fsdp", "--fsdp_reduce_every_micro_step=true"],
+    ["--ddp_bf16_compress=true"],
+], ids=["hsdp", "fsdp_keep_gathered", "fsdp_reduce_every_micro_step", "ddp_bf16_compress"])
+def test_other_parallel_settings_train_like_one_process(tmp_path, data_dir, straight, extra):  # noqa: F811
+    """HSDP (2-D mesh: replicated over 2, sharded over 1), FSDP keeping gathered parameters, FSDP
+    reducing every micro-step: to 1e-5; DDP with gradients all-reduced in bfloat16: to 1e-3."""
     run(tmp_path, data_dir, *extra, "--stop_step=4", nproc=2)
     reference = {step: loss for step, loss in losses(straight[0]).items() if step <= 4}
     assert_close(losses(tmp_path), reference, 1e-3 if "--ddp_bf16_compress=true" in extra else 1e-5)

@@ -127,10 +127,16 @@ class Run:
     def benchmark(self) -> bool:
         return self.cfg.benchmark > 0
 
-    def autocast(self):
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16/fp16 autocast on CUDA; None (float32, no autocast) on CPU or with dtype float32."""
         if self.dist.device.type != "cuda" or self.cfg.dtype == "float32":
-            return nullcontext()
-        return torch.autocast("cuda", dtype=DTYPES[self.cfg.dtype])
+            return None
+        return DTYPES[self.cfg.dtype]
+
+    def autocast(self):
+        dtype = self.autocast_dtype
+        return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
     def checkpoint_state(self) -> dict:
         """The named stateful objects a checkpoint holds (checkpoint.py's contract)."""
@@ -388,7 +394,7 @@ def hellaswag_score(run: Run) -> dict:
     d = run.dist
     return hellaswag.evaluate(
         run.eval_model, run.hellaswag_examples, d.device, batch_size=max(1, run.cfg.micro_batch // 4),
-        autocast_dtype=DTYPES[run.cfg.dtype] if d.device.type == "cuda" and run.cfg.dtype != "float32" else None,
+        autocast_dtype=run.autocast_dtype,
         rank=d.rank, world_size=d.world_size, max_seq_len=run.cfg.seq_len, progress=d.is_main)
 
 

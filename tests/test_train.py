@@ -117,6 +117,15 @@ def logged_steps(out_dir: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def newest_step(out_dir: Path) -> int:
+    """The step of the newest complete checkpoint (0 if none), read while a run may be saving."""
+    try:
+        ckpt = checkpoint.resolve(out_dir)
+        return checkpoint.read_meta(ckpt)["step"] if ckpt is not None else 0
+    except (OSError, checkpoint.CheckpointError):  # pruned or half-written between the listing and the read
+        return 0
+
+
 def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path, data_dir, straight):
     """Killed with SIGKILL again and again (half of the kills mid-save), it resumes exactly."""
     rng = random.Random(0)
@@ -133,12 +142,16 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
             while not list(tmp_path.glob(".tmp_step_*")) and time.monotonic() < deadline:
                 time.sleep(0.001)
         else:
-            # Kill at a random moment once this run has logged a step.
-            while logged_steps(tmp_path) <= logged_before and time.monotonic() < deadline:
+            # Kill at a random moment once this run has logged a step and saved past the last
+            # checkpoint (waiting for the save keeps a slow, busy machine making progress).
+            while (logged_steps(tmp_path) <= logged_before or newest_step(tmp_path) <= last_step) \
+                    and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 1.0))
+        stalled = time.monotonic() >= deadline
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert not stalled, f"attempt {attempt}: no progress in 120 s"
         killed_mid_save += bool(list(tmp_path.glob(".tmp_step_*")))
         ckpt = checkpoint.resolve(tmp_path)
         if ckpt is None:

@@ -2,7 +2,8 @@
 
     train_model, eval_model = parallelize(model, cfg, dist)
 
-does, in this order, what the config asks (train_llama.wrap_model calls it):
+does, in this order, what the config asks. train_llama.build_run calls it before it builds the
+optimizer and loads a checkpoint, so that under FSDP both exist only as shards:
 
 1. Activation checkpointing (`--activation_checkpointing`): chosen TransformerBlocks are wrapped
    so that backward recomputes their activations instead of keeping them. `full` wraps every
@@ -121,11 +122,24 @@ class GatheredForEval(nn.Module):
         return [block for block in root.layers if isinstance(block, FSDPModule)]
 
     def forward(self, *args, **kwargs):
+        self.keep_gathered()
+        return self.module(*args, **kwargs)
+
+    def keep_gathered(self) -> None:
         if not self.gathered:
             for block in self.blocks():
                 block.set_reshard_after_forward(False)
             self.gathered = True
-        return self.module(*args, **kwargs)
+
+    def join(self, device: torch.device) -> None:
+        """For a rank with nothing to evaluate (fewer validation batches or HellaSwag examples
+        than ranks): one throwaway forward makes the all-gathers the other ranks' first forward
+        makes, so they do not wait for it forever. Call it before the evaluation's all-reduce."""
+        if not self.gathered:
+            self.keep_gathered()
+            root = getattr(self.module, "_orig_mod", self.module)  # eager: no compile for this shape
+            with torch.no_grad():
+                root(torch.zeros(1, 1, dtype=torch.long, device=device))
 
     def release(self, reshard_after_forward: bool) -> None:
         if self.gathered:
@@ -133,6 +147,12 @@ class GatheredForEval(nn.Module):
                 block.reshard()
                 block.set_reshard_after_forward(reshard_after_forward)
             self.gathered = False
+
+
+def join_eval(eval_model: nn.Module, device: torch.device) -> None:
+    """A rank that has nothing to evaluate calls this (a no-op except under FSDP)."""
+    if isinstance(eval_model, GatheredForEval):
+        eval_model.join(device)
 
 
 def release_eval(eval_model: nn.Module, cfg: TrainConfig) -> None:

@@ -29,12 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-
 import checkpoint
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
@@ -44,7 +38,6 @@ from train_config import ConfigError, TrainConfig, load_config, resume_differenc
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
-FULL = StateDictOptions(full_state_dict=True)  # whole tensors on every rank, not shards
 
 
 # ----------------------------------------------------------------------------- the run's state
@@ -383,6 +376,8 @@ def validation_loss(run: Run) -> float:
         scored = (y >= 0).sum()  # tokens with a target: all of them in pretraining
         total[0] += loss.double() * scored
         total[1] += scored
+    if total[1] == 0:  # fewer validation batches than ranks: this one had none
+        parallel.join_eval(run.eval_model, d.device)
     if d.world_size > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -392,6 +387,8 @@ def hellaswag_score(run: Run) -> dict:
     import hellaswag  # noqa: PLC0415
 
     d = run.dist
+    if not run.hellaswag_examples[d.rank::d.world_size]:  # fewer examples than ranks
+        parallel.join_eval(run.eval_model, d.device)
     return hellaswag.evaluate(
         run.eval_model, run.hellaswag_examples, d.device, batch_size=max(1, run.cfg.micro_batch // 4),
         autocast_dtype=run.autocast_dtype,
@@ -428,7 +425,8 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
                   f"accumulation x {d.world_size} processes | device {d.device} | "
-                  f"compile {run.train_model is not run.model}")
+                  f"compile {cfg.compile_mode if parallel.compiling(cfg, d) else 'off'} | "
+                  f"{'fsdp' if parallel.is_sharded(run.model) else 'ddp' if d.world_size > 1 else 'one process'}")
         run.stop = StopFlag()
         return run
     except BaseException:
@@ -454,15 +452,17 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if resume_from is not None:  # the data check comes before any heavy loading
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
     model = build_model(cfg.model_config(), d.device)
-    run = Run(cfg, d, log, model, model, model, build_optimizer(model, cfg, d.device), loader, val,
-              accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock)
+    if cfg.init_from and resume_from is None and not benchmark:
+        init_weights_from(cfg.init_from, model, log)
+    # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
+    # AdamW is built on the shards and each rank loads only its shard of the saved state.
+    train_model, eval_model = parallel.parallelize(model, cfg, d)
+    run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
+              val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
         restore(run, resume_from)
-    elif cfg.init_from and not benchmark:
-        init_weights_from(cfg.init_from, model, log)
-    wrap_model(run)
     run.meter = make_meter(run)
     run.synthetic = torch.Generator().manual_seed(cfg.seed)
     if cfg.hellaswag_interval and not benchmark:
@@ -607,20 +607,6 @@ def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
     else:
         model.load_state_dict(state)
     log.print(f"initialized weights from {path}")
-
-
-def wrap_model(run: Run) -> None:
-    """Activation checkpointing, torch.compile and DDP or FSDP (parallel.py), from outside the model."""
-    cfg, d = run.cfg, run.dist
-    resumed = bool(run.optimizer.state) and cfg.parallel == "fsdp" and dist.is_initialized()
-    moments = get_optimizer_state_dict(run.model, run.optimizer, options=FULL) if resumed else None
-    run.train_model, run.eval_model = parallel.parallelize(run.model, cfg, d)
-    if parallel.is_sharded(run.model):
-        # fully_shard replaced each parameter by its shard: the optimizer must hold the shards,
-        # and the AdamW moments loaded before sharding are sharded the same way.
-        run.optimizer = build_optimizer(run.model, cfg, d.device)
-        if moments is not None:
-            set_optimizer_state_dict(run.model, run.optimizer, moments, options=FULL)
 
 
 def make_meter(run: Run) -> Throughput:

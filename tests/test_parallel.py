@@ -128,6 +128,18 @@ def test_other_parallel_settings_train_like_one_process(tmp_path, data_dir, stra
     assert_close(losses(tmp_path), reference, 1e-3 if "--ddp_bf16_compress=true" in extra else 1e-5)
 
 
+def test_fsdp_rank_with_nothing_to_evaluate_does_not_hang(tmp_path, data_dir):  # noqa: F811
+    """One validation sequence and one HellaSwag example on two FSDP ranks: rank 1 has nothing
+    to score, and the evaluation still completes on both (it used to wait forever)."""
+    hellaswag = ["--hellaswag_interval=2", "--hellaswag_limit=1",
+                 f"--hellaswag_data={ROOT / 'tests' / 'data' / 'hellaswag_sample.jsonl'}"]
+    proc = run(tmp_path, data_dir, "--parallel=fsdp", "--eval_interval=2", "--val_sequences=1", *hellaswag,
+               "--stop_step=3", nproc=2, timeout=150)
+    assert sorted(val_losses(tmp_path)) == [0, 2]
+    assert [r["hellaswag_acc"] for r in metric_rows(tmp_path) if "hellaswag_acc" in r] != []
+    assert proc.stdout.count("(1 examples)") == 2
+
+
 # ----------------------------------------------------------------------------- signals under FSDP
 
 def launch_fsdp(out_dir, data_dir, *extra: str) -> subprocess.Popen:  # noqa: F811

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -96,7 +98,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                     backend=args.backend or "inductor", small_seq_len=256, ddp_model="tiny", ddp_layers=4,
                     ddp_micro_batch=4, ddp_seq_len=256, **common)
     # The CPU smoke run: every path once, at the least work that still accumulates and chunks.
-    return Plan(device=device, model="tiny", seq_len=32, micro_batches=[2, 4], accum=2, steps=2,
+    return Plan(device=device, model="tiny", seq_len=32, micro_batches=[2, 4], accum=2, steps=1,
                 backend=args.backend or "eager", small_seq_len=32, ddp_model="tiny", ddp_layers=4,
                 ddp_micro_batch=2, ddp_seq_len=32, **common)
 
@@ -160,14 +162,20 @@ def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.
                              fused=device.type == "cuda")
 
 
-def compile_like_training(model: torch.nn.Module, plan: Plan, seq_len: int) -> torch.nn.Module:
-    """torch.compile of the whole model with train_llama's own compiler settings
-    (parallel.configure_compiler, as for its default compile_mode "model"), on plan.backend."""
+def wrap_like_training(model: torch.nn.Module, plan: Plan, seq_len: int, d=None, **knobs) -> torch.nn.Module:
+    """The training model as train_llama makes it: parallel.parallelize with TrainConfig's defaults
+    (whole-model compile, no activation checkpointing, no FSDP) but `knobs`, compiled on plan.backend.
+    FSDP needs a process group: `d` from setup_distributed under torchrun."""
     import parallel
     from train_config import TrainConfig
+    from utils import Dist
 
-    parallel.configure_compiler(TrainConfig(seq_len=seq_len))
-    return torch.compile(model, backend=plan.backend)
+    cfg = TrainConfig(seq_len=seq_len, compile_cpu=True, **knobs)
+    # parallelize compiles with torch.compile's default backend (inductor), which on the CPU would
+    # build C++ for minutes; plan.backend is dynamo's "eager" there.
+    with mock.patch.object(torch, "compile", functools.partial(torch.compile, backend=plan.backend)):
+        train_model, _ = parallel.parallelize(model, cfg, d or Dist(device=torch.device(plan.device)))
+    return train_model
 
 
 def make_batches(vocab_size: int, micro_batch: int, seq_len: int, count: int, device: torch.device,
@@ -193,7 +201,7 @@ def train_step(train_model, model, optimizer, batches, autocast) -> float:
             loss = train_model(x, y)
         (loss / len(batches)).backward()
         total += loss.detach() / len(batches)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    parallel.clip_grad_norm(model.parameters(), 1.0)  # FSDP's gradients are shards
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total.item()
@@ -384,26 +392,32 @@ def sdpa_backends(cfg, batch: int, seq_len: int, device: torch.device) -> dict:
     return result
 
 
-def row_speed(plan: Plan, micro_batch: int, compiled: bool) -> dict:
-    """One training step of the measured model (accumulation, clip, fused AdamW) at one micro-batch:
-    throughput, MFU, peak memory, compile time, graph breaks, recompiles and the top kernels."""
+def row_speed(plan: Plan, micro_batch: int, compiled: bool, **knobs) -> dict:
+    """One training step of the measured model (accumulation, clip, fused AdamW) at one micro-batch,
+    wrapped as train_llama wraps it with the TrainConfig `knobs` (parallel, activation_checkpointing,
+    ac_every, compile_mode): throughput, MFU, peak memory, compile time, graph breaks, recompiles
+    and the top kernels. FSDP applies under torchrun only (one rank: NCCL on CUDA, gloo on CPU)."""
     import metrics
+    import parallel
     from model import build_model, model_config
+    from utils import setup_distributed, teardown_distributed
 
-    device = torch.device(plan.device)
+    d = setup_distributed(plan.device)
+    device = d.device
     if plan.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cap = cap_memory(plan)
     cfg = model_config(plan.model, max_seq_len=plan.seq_len)
     how = f"compiled ({plan.backend})" if compiled else "eager"
-    result = {"config": f"{plan.model} {how}, seq {plan.seq_len} x {plan.accum} accum"
+    flags = "".join(f" --{k}={v}" for k, v in knobs.items())
+    result = {"config": f"{plan.model} {how}{flags}, seq {plan.seq_len} x {plan.accum} accum"
                         + (f", cap {cap:g} GiB" if cap else ""), "micro_batch": micro_batch}
     try:
         torch.manual_seed(0)
         model = build_model(cfg, device)
-        optimizer = make_optimizer(model, device)
-        train_model = compile_like_training(model, plan, plan.seq_len) if compiled else model
+        train_model = wrap_like_training(model, plan, plan.seq_len, d, compile=compiled, **knobs)
+        optimizer = make_optimizer(model, device)  # after wrapping: FSDP replaces parameters by shards
         batches = make_batches(cfg.vocab_size, micro_batch, plan.seq_len, plan.accum, device)
 
         def step():
@@ -420,11 +434,14 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool) -> dict:
             loss = step()
             times.append(time.perf_counter() - t0)
         peak = peak_gib(device)
-        kernels = top_kernels(step, device)
+        # On the CPU, where a profiled step takes seconds, the plain rows alone cover the profiler.
+        kernels = top_kernels(step, device) if plan.cuda or not knobs else []
     except Exception as e:  # an OOM is this row's answer; anything else is a crash
         if not is_oom(e):
             raise
         return {**result, "peak_gib": peak_gib(device), "verdict": "out of memory", "error": first_line(e)}
+    finally:
+        teardown_distributed()
     step_s = statistics.median(times)
     tokens_per_s = micro_batch * plan.seq_len * plan.accum / step_s
     n_params = model.num_params()
@@ -440,8 +457,8 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool) -> dict:
     return {**result, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_note": note, "peak_gib": peak,
             "ms_per_step": step_s * 1000, "first_step_s": first_step_s,
             "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": n_params,
-            "tokens_per_step": micro_batch * plan.seq_len * plan.accum, **stats, "top_kernels": kernels,
-            "verdict": verdict}
+            "tokens_per_step": micro_batch * plan.seq_len * plan.accum, "sharded": parallel.is_sharded(model),
+            **stats, "top_kernels": kernels, "verdict": verdict}
 
 
 def row_train_llama(plan: Plan) -> dict:
@@ -506,7 +523,7 @@ def row_ddp(plan: Plan) -> dict:
             train_model = model
             if variant == "ddp_compiled":
                 # train_llama skips DDP on one process; here it wraps anyway, the way it does on many.
-                compiled = compile_like_training(model, plan, plan.ddp_seq_len)
+                compiled = wrap_like_training(model, plan, plan.ddp_seq_len, d)
                 train_model = parallel.replicate(compiled, TrainConfig(seq_len=plan.ddp_seq_len), d)
             t0 = time.perf_counter()
             losses[variant] = [train_step(train_model, model, optimizer, batches[s * accum:(s + 1) * accum],
@@ -668,7 +685,7 @@ def row_recompile(plan: Plan) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, device)
     optimizer = make_optimizer(model, device)
-    compiled = compile_like_training(model, plan, plan.small_seq_len)
+    compiled = wrap_like_training(model, plan, plan.small_seq_len)
     batches = make_batches(cfg.vocab_size, 4, plan.small_seq_len, 2, device)
 
     def frames() -> int:
@@ -714,18 +731,30 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "env": Row(row_env, "versions, card, peak FLOP/s, GPT-2 vocabulary, SDPA backends for bf16 GQA"),
-    # Named for the CUDA micro-batches 8 and 16; the CPU smoke run uses 2 and 4.
+    # Named for the CUDA micro-batches 8, 16 and 32; the CPU smoke run uses 2, 4 and 8.
     "compiled_mb8": Row(lambda plan: row_speed(plan, plan.micro_batches[0], compiled=True),
                         "compiled training step at the smaller micro-batch, memory capped"),
     "compiled_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True),
                          "compiled training step at the larger micro-batch, memory capped"),
     "train_llama": Row(row_train_llama, "train_llama.py --benchmark, the real script"),
     "loss": Row(row_loss, "chunked loss vs compiled F.cross_entropy on full logits"),
-    # Last of the timed rows: if compiling took the budget, these answers matter least.
+    # If compiling took the budget, the answers from here on matter least: they are the ones skipped.
     "eager_mb8": Row(lambda plan: row_speed(plan, plan.micro_batches[0], compiled=False),
                      "eager training step at the smaller micro-batch, memory capped"),
     "eager_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=False),
                       "eager training step at the larger micro-batch, memory capped"),
+    # parallel.py's other choices, each against compiled_mb16 (whole-model compile, no FSDP, no
+    # checkpointing); full checkpointing at twice its micro-batch, which does not fit without.
+    "fsdp_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True, parallel="fsdp"),
+                     "compiled step under FSDP2 (torchrun, one rank), memory capped", torchrun=True),
+    "blocks_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True, compile_mode="blocks"),
+                       "per-block compile instead of whole-model: step time and compile time"),
+    "ac_full_mb32": Row(lambda plan: row_speed(plan, 2 * plan.micro_batches[1], compiled=True,
+                                               activation_checkpointing="full"),
+                        "compiled step, every block checkpointed, at twice the larger micro-batch"),
+    "ac_selective_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True,
+                                                    activation_checkpointing="selective", ac_every=2),
+                             "compiled step, every 2nd block checkpointed, at the larger micro-batch"),
     "ddp": Row(row_ddp, "DDP + compile under torchrun (NCCL) vs eager", torchrun=True, beside_others=True),
     "resume": Row(row_resume, "train_llama save/stop/resume under torchrun vs straight", beside_others=True),
     "hellaswag": Row(row_hellaswag, "hellaswag.py (--compile on CUDA) on the fixture, fresh checkpoint",
@@ -794,12 +823,15 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def finish(name: str, code: int | None, seconds: float, timeout: float, out: Path) -> dict:
-    """The row's JSON line: its own result, or what its exit code and stderr say."""
+def finish(name: str, code: int | None, seconds: float, timeout: float, out: Path, by_budget: bool = False) -> dict:
+    """The row's JSON line: its own result, or what its exit code and stderr say. A row stopped
+    because the budget ran out (`by_budget`), not its own timeout, is skipped, not a hang."""
     err = out / "logs" / f"{name}.err"
     result_path = out / "rows" / f"{name}.json"
     if code is None:
-        return {"row": name, "verdict": f"timeout after {timeout:.0f} s", "seconds": seconds, "stderr_tail": tail(err)}
+        verdict = (f"skipped: stopped after {seconds:.0f} s, the time budget (--budget) is spent" if by_budget
+                   else f"timeout after {timeout:.0f} s")
+        return {"row": name, "verdict": verdict, "seconds": seconds, "stderr_tail": tail(err)}
     if code != 0 or not result_path.is_file():
         cause = error_line("\n".join(tail(err, 200)))
         return {"row": name, "verdict": f"failed: exit {code}: {cause[:200]}", "seconds": seconds,
@@ -841,7 +873,8 @@ def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: 
             if code is None:
                 stop_group(r.proc)
             running.remove(r)
-            results[r.name] = finish(r.name, code, now - r.started, r.deadline - r.started, out)
+            results[r.name] = finish(r.name, code, now - r.started, r.deadline - r.started, out,
+                                     by_budget=r.deadline < r.started + timeout)
             log(f"{r.name}: {results[r.name]['verdict']} ({now - r.started:.0f} s)")
     return {name: results[name] for name in commands}
 
@@ -851,11 +884,11 @@ def fmt(value, spec: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    cols = [("row", "<14"), ("config", "<50"), ("micro-batch", ">11"), ("tokens/s", ">11"), ("MFU", ">6"),
+    cols = [("row", "<17"), ("config", "<62"), ("micro-batch", ">11"), ("tokens/s", ">11"), ("MFU", ">6"),
             ("peak GiB", ">8"), ("ms/step", ">9"), ("compile s", ">9"), ("verdict", "<")]
     lines = [" ".join(format(c, spec) for c, spec in cols)]
     for r in results:
-        cells = [r["row"], str(r.get("config", ""))[:50], fmt(r.get("micro_batch"), "d"),
+        cells = [r["row"], str(r.get("config", ""))[:62], fmt(r.get("micro_batch"), "d"),
                  fmt(r.get("tokens_per_s"), ",.0f"), fmt(r["mfu"] * 100 if r.get("mfu") is not None else None, ".1f"),
                  fmt(r.get("peak_gib"), ".1f"), fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("compile_s"), ".1f"),
                  r["verdict"]]
@@ -919,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for name, row in ROWS.items():
-            print(f"{name:14} {row.doc}")
+            print(f"{name:17} {row.doc}")
         return 0
     plan = make_plan(args)
     out = Path(plan.out)

@@ -16,7 +16,9 @@ import gpu_check  # noqa: E402
 
 def test_cpu_battery_reports_every_row(tmp_path):
     """Without CUDA the one command runs every row on the tiny model: one JSON line per row, all ok
-    (the activation projection skipped: it needs CUDA's peak memory), the table printed last."""
+    (the activation projection skipped: it needs CUDA's peak memory), FSDP, per-block compile and
+    activation checkpointing at the same micro-batch train like the plain compiled step, the table
+    printed last."""
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -26,9 +28,14 @@ def test_cpu_battery_reports_every_row(tmp_path):
         expected = "skipped: needs CUDA" if r["row"] == "activations" else "ok"
         assert r["verdict"].startswith(expected), (r["row"], r["verdict"], r.get("stderr_tail"))
     by_name = {r["row"]: r for r in rows}
-    for name in ("compiled_mb8", "compiled_mb16", "eager_mb8", "eager_mb16", "train_llama", "loss"):
+    for name in ("compiled_mb8", "compiled_mb16", "eager_mb8", "eager_mb16", "train_llama", "loss", "fsdp_mb16",
+                 "blocks_mb16", "ac_full_mb32", "ac_selective_mb16"):
         assert by_name[name]["tokens_per_s"] > 0 and by_name[name]["ms_per_step"] > 0, name
     assert by_name["compiled_mb16"]["graph_breaks"] == 0 and by_name["compiled_mb16"]["top_kernels"]
+    assert by_name["fsdp_mb16"]["sharded"] and not by_name["compiled_mb16"]["sharded"]
+    assert by_name["blocks_mb16"]["compile_s"] > 0
+    for name in ("fsdp_mb16", "blocks_mb16", "ac_selective_mb16"):
+        assert abs(by_name[name]["loss"] - by_name["compiled_mb16"]["loss"]) <= 1e-5, name
     assert by_name["resume"]["max_loss_diff"] == 0.0
     assert by_name["ddp"]["max_loss_diff"] <= 1e-4
     table = proc.stdout.rstrip().splitlines()[-len(rows) - 1:]
@@ -63,9 +70,13 @@ def test_a_crashing_or_hanging_row_does_not_stop_the_others(tmp_path):
 
 
 def test_rows_past_the_budget_are_skipped(tmp_path):
-    """Once the time budget is spent, the remaining rows are not started but reported as skipped."""
-    results = gpu_check.run_commands({"late": [sys.executable, "-c", "pass"]}, tmp_path, dict(os.environ),
-                                     timeout=60, deadline=time.monotonic(), log=lambda msg: None)
+    """A row still running when the time budget is spent is stopped and reported as skipped, not as
+    a timeout; the rows after it are not started but reported as skipped."""
+    commands = {"cut": [sys.executable, "-c", "import time; time.sleep(600)"],
+                "late": [sys.executable, "-c", "pass"]}
+    results = gpu_check.run_commands(commands, tmp_path, dict(os.environ), timeout=60,
+                                     deadline=time.monotonic() + 5.5, log=lambda msg: None)
+    assert results["cut"]["verdict"].startswith("skipped: stopped after")
     assert results["late"]["verdict"].startswith("skipped: the time budget")
     assert not (tmp_path / "logs" / "late.out").exists()
 

@@ -46,3 +46,26 @@ def tiny_model():
 def hf_llama():
     """make_hf_llama as a fixture: hf_llama(our ModelConfig, seed=0, **LlamaConfig overrides)."""
     return make_hf_llama
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Random-token shards under the reference names: a val shard and two train shards."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for i, split in enumerate(["val", "train", "train"]):
+        np.save(path / f"edufineweb_{split}_{i:06d}.npy", rng.integers(0, 50257, size=20_000, dtype=np.uint16))
+    return path
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory, data_dir) -> Path:
+    """The reference run (tests/runs.py): one process, 12 steps, validation at 0, 4, 8, 12,
+    samples at 0, 6, 12, checkpoints at 5, 10 and 12; its stdout in stdout.txt."""
+    from runs import EVAL, run
+
+    out = tmp_path_factory.mktemp("straight")
+    (out / "stdout.txt").write_text(run(out, data_dir, *EVAL, "--save_interval=5").stdout)
+    return out

@@ -7,12 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch._dynamo.utils import counters
-
 from conftest import make_tiny_model
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 32
@@ -49,18 +47,8 @@ def test_compiled_loss_is_one_graph_under_bf16_autocast(grad):
             assert g_c is None and g_e is None
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Random-token shards under the reference names: a val shard and two train shards."""
-    path = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for i, split in enumerate(["val", "train", "train"]):
-        np.save(path / f"edufineweb_{split}_{i:06d}.npy", rng.integers(0, 50257, size=20_000, dtype=np.uint16))
-    return path
-
-
 def train(out_dir: Path, data_dir: Path, *extra: str, nproc: int = 1, env: dict | None = None):
-    """train_llama.py on the tiny model for 3 steps of 8 x 32 tokens; returns (step -> loss, stderr)."""
+    """train_llama.py on the tiny model for 3 steps of 8 x 32 tokens; returns (metrics.jsonl rows, process)."""
     args = ["--config", str(ROOT / "configs" / "tiny.py"), "--prepare_local_data=false", f"--seq_len={SEQ}",
             f"--total_batch_tokens={8 * SEQ}", "--micro_batch=2", "--max_steps=3", "--warmup_steps=2",
             "--eval_interval=0", "--sample_interval=0", "--save_interval=0", "--device=cpu",
@@ -70,19 +58,24 @@ def train(out_dir: Path, data_dir: Path, *extra: str, nproc: int = 1, env: dict 
     proc = subprocess.run([*launcher, str(ROOT / "train_llama.py"), *args], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}, proc.stderr
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()], proc
 
 
 def test_ddp_compiled_on_two_gloo_processes_matches_eager(tmp_path, data_dir):
-    """torchrun with 2 gloo processes, DDP around the inductor-compiled model: the losses of one
-    eager process to 1e-4, and no graph break."""
-    eager, _ = train(tmp_path / "eager", data_dir)
+    """torchrun with 2 gloo processes, DDP around the inductor-compiled model, validating and
+    sampling at step 3: the losses and validation loss of one eager process to 1e-4, a sample,
+    and no graph break."""
+    evaluate = ["--eval_interval=3", "--val_sequences=6", "--sample_interval=3", "--sample_tokens=8"]
+    eager, _ = train(tmp_path / "eager", data_dir, *evaluate)
     cache = tmp_path / "inductor_cache"
-    compiled, stderr = train(tmp_path / "ddp", data_dir, "--compile_cpu=true", nproc=2,
-                             env={"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_LOGS": "graph_breaks"})
+    compiled, proc = train(tmp_path / "ddp", data_dir, "--compile_cpu=true", *evaluate, nproc=2,
+                           env={"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCH_LOGS": "graph_breaks"})
     assert any(cache.rglob("*.py")), "inductor compiled nothing: the run was not compiled"
-    assert "graph break" not in stderr.lower(), stderr[-3000:]
-    assert sorted(compiled) == sorted(eager) == [1, 2, 3]
-    for step in eager:
-        assert abs(compiled[step] - eager[step]) <= 1e-4, (step, compiled[step], eager[step])
+    assert "graph break" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert "compile model | ddp" in proc.stdout and "step 3: sample: " in proc.stdout
+    for key in ("loss", "val_loss"):
+        e, c = ({r["step"]: r[key] for r in rows if key in r} for rows in (eager, compiled))
+        assert sorted(c) == sorted(e) == ([1, 2, 3] if key == "loss" else [0, 3])
+        for step in e:
+            assert abs(c[step] - e[step]) <= 1e-4, (key, step, c[step], e[step])
+    assert any(r["step"] == 3 and "sample_s" in r for r in compiled)

@@ -12,78 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import BASE, EVAL, ROOT, SEQ, assert_close, losses, run, run_here, weights
 
 import checkpoint
 import train_llama
 from model import Transformer, build_model
 
-ROOT = Path(__file__).resolve().parent.parent
-SEQ = 32
-# 8 sequences x 32 tokens per step: accumulation 4 at micro-batch 2 on one process, 2 on two.
-BASE = [
-    "--config", str(ROOT / "configs" / "tiny.py"), "--prepare_local_data=false", f"--seq_len={SEQ}",
-    f"--total_batch_tokens={8 * SEQ}", "--micro_batch=2", "--max_steps=12", "--warmup_steps=3", "--max_lr=6e-4", "--min_lr=6e-5",
-    "--eval_interval=0", "--sample_interval=0", "--save_interval=0", "--val_sequences=8",
-    "--device=cpu", "--keep_last=0",
-]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """Random-token shards under the reference names: a val shard and two train shards."""
-    path = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    for i, split in enumerate(["val", "train", "train"]):
-        tokens = rng.integers(0, 50257, size=20_000, dtype=np.uint16)
-        np.save(path / f"edufineweb_{split}_{i:06d}.npy", tokens)
-    return path
-
-
-def run(out_dir: Path, data_dir: Path, *extra: str, nproc: int = 1, check: bool = True,
-        timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
-    if nproc == 1:
-        cmd = [sys.executable, str(ROOT / "train_llama.py"), *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", str(ROOT / "train_llama.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    """step -> train loss from metrics.jsonl (a resumed run's entries replace earlier ones)."""
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load_model(out_dir).state_dict()
-
-
-def assert_close(a: dict, b: dict, tol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        diff = (a[k] - b[k]).abs().max().item() if isinstance(a[k], torch.Tensor) else abs(a[k] - b[k])
-        assert diff <= tol, f"{k}: differs by {diff}"
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, data_dir) -> Path:
-    """An uninterrupted 12-step single-process run, the reference for the others."""
-    out = tmp_path_factory.mktemp("straight")
-    run(out, data_dir, "--eval_interval=4")
-    return out
-
 
 def test_resume_equals_straight_run(tmp_path, data_dir, straight):
     """6 steps, then a resumed 6: bitwise the same losses, val losses and final weights."""
-    run(tmp_path, data_dir, "--eval_interval=4", "--stop_step=6")
+    run(tmp_path, data_dir, *EVAL, "--stop_step=6")
     assert sorted(losses(tmp_path)) == list(range(1, 7))
-    proc = run(tmp_path, data_dir, "--eval_interval=4")
+    proc = run(tmp_path, data_dir, *EVAL)
     assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
     assert losses(tmp_path) == losses(straight)
     val = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -94,20 +34,14 @@ def test_resume_equals_straight_run(tmp_path, data_dir, straight):
         assert torch.equal(v, weights(tmp_path)[k]), k
 
 
-def test_ddp_two_processes_match_one(tmp_path, data_dir, straight):
-    """torchrun with 2 gloo processes equals 1 process with twice the accumulation."""
-    proc = run(tmp_path, data_dir, "--eval_interval=4", nproc=2)
-    assert "2 accumulation x 2 processes" in proc.stdout
-    assert_close(losses(tmp_path), losses(straight), 1e-5)
-    assert_close(weights(tmp_path), weights(straight), 1e-5)
-
-
-@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size(tmp_path, data_dir, straight, first, second):
-    """A checkpoint written by N processes resumes on M with the losses of the straight run."""
-    run(tmp_path, data_dir, "--stop_step=5", nproc=first)
-    proc = run(tmp_path, data_dir, nproc=second)
-    assert f"written by {first} processes" in proc.stdout
+def test_resume_on_another_world_size(tmp_path, data_dir, straight):
+    """Written by 2 processes, resumed on 1, then by 1 and resumed on 2: the straight run's
+    losses and weights. (2 processes from the start: tests/test_parallel.py.)"""
+    run(tmp_path, data_dir, "--stop_step=4", nproc=2)
+    proc = run(tmp_path, data_dir, "--stop_step=8")
+    assert "written by 2 processes" in proc.stdout
+    proc = run(tmp_path, data_dir, nproc=2)
+    assert "written by 1 processes" in proc.stdout
     assert_close(losses(tmp_path), losses(straight), 1e-5)
     assert_close(weights(tmp_path), weights(straight), 1e-5)
 
@@ -199,7 +133,7 @@ def test_signal_saves_and_exits_zero(tmp_path, data_dir, sig):
     assert f"received {sig.name}" in out and "saved checkpoint" in out and "Traceback" not in err
     saved_step = checkpoint.read_meta(checkpoint.resolve(tmp_path))["step"]
     assert saved_step >= 3 and max(losses(tmp_path)) == saved_step
-    resumed = run(tmp_path, data_dir, "--max_steps=100000", f"--stop_step={saved_step + 2}")
+    resumed = run_here(tmp_path, data_dir, "--max_steps=100000", f"--stop_step={saved_step + 2}")
     assert f"at step {saved_step}" in resumed.stdout
     assert max(losses(tmp_path)) == saved_step + 2
 
@@ -240,22 +174,10 @@ def weights_and_optimizer(out_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return flat
 
 
-def test_compiled_run_trains_evaluates_and_samples(tmp_path, data_dir):
-    """With torch.compile (CPU inductor): training steps, validation loss and a sample all work."""
-    proc = run(tmp_path, data_dir, "--compile_cpu=true", "--max_steps=2", "--eval_interval=2",
-               "--sample_interval=2", "--sample_tokens=8", timeout=600)
-    assert "compile model" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(losses(tmp_path)) == [1, 2]
-    assert any(r["step"] == 2 and "val_loss" in r for r in rows)
-    assert any(r["step"] == 2 and "sample_s" in r for r in rows)
-    assert "step 2: sample: " in proc.stdout
-
-
 def test_resume_with_another_model_is_refused(tmp_path, data_dir):
     """Resuming with a different model config names the differences and stops."""
-    run(tmp_path, data_dir, "--max_steps=1")
-    proc = run(tmp_path, data_dir, "--max_steps=2", "--model=124m", check=False)
+    run_here(tmp_path, data_dir, "--max_steps=1")
+    proc = run_here(tmp_path, data_dir, "--max_steps=2", "--model=124m", check=False)
     assert proc.returncode == 2
     assert "cannot resume with a different model" in proc.stderr and "n_layers" in proc.stderr
 
@@ -280,8 +202,8 @@ def test_config_errors_are_one_line(tmp_path, capsys, extra, message):
 
 def test_extending_a_finished_run_with_new_schedule_knobs(tmp_path, data_dir):
     """A finished 4-step run rerun with max_steps=8 and a new max_lr warns and trains steps 5..8."""
-    run(tmp_path, data_dir, "--max_steps=4", "--save_interval=2")
-    proc = run(tmp_path, data_dir, "--max_steps=8", "--max_lr=1e-3", "--save_interval=2")
+    run_here(tmp_path, data_dir, "--max_steps=4", "--save_interval=2")
+    proc = run_here(tmp_path, data_dir, "--max_steps=8", "--max_lr=1e-3", "--save_interval=2")
     assert "warning: changed on resume: max_steps: checkpoint 4 vs now 8" in proc.stdout
     assert "warning: changed on resume: max_lr" in proc.stdout
     assert sorted(losses(tmp_path)) == list(range(1, 9))
@@ -298,24 +220,24 @@ def test_resume_on_changed_data_is_refused_unless_accepted(tmp_path, data_dir):
     for f in data_dir.iterdir():
         (data / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "out"
-    run(out, data, "--max_steps=2", "--save_interval=2")
+    run_here(out, data, "--max_steps=2", "--save_interval=2")
     np.save(data / "edufineweb_train_000003.npy", np.arange(5000, dtype=np.uint16))
-    proc = run(out, data, "--max_steps=3", check=False)
+    proc = run_here(out, data, "--max_steps=3", check=False)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "edufineweb_train_000003.npy" in proc.stderr
     assert "--accept_new_data" in proc.stderr
     assert checkpoint.read_meta(checkpoint.resolve(out))["step"] == 2  # nothing lost
-    run(out, data, "--max_steps=3", "--accept_new_data=true")
+    run_here(out, data, "--max_steps=3", "--accept_new_data=true")
     assert max(losses(out)) == 3
 
 
 def test_resume_never_in_a_used_out_dir_is_refused(tmp_path, data_dir):
     """--resume=never where checkpoints exist: refused; --start_over=archive moves them aside."""
-    run(tmp_path, data_dir, "--max_steps=2", "--save_interval=2")
-    proc = run(tmp_path, data_dir, "--max_steps=2", "--resume=never", check=False)
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=2")
+    proc = run_here(tmp_path, data_dir, "--max_steps=2", "--resume=never", check=False)
     assert proc.returncode == 2 and "--start_over=archive" in proc.stderr
     assert checkpoint.resolve(tmp_path).name == "step_0000002"
-    run(tmp_path, data_dir, "--max_steps=1", "--save_interval=1", "--resume=never", "--start_over=archive")
+    run_here(tmp_path, data_dir, "--max_steps=1", "--save_interval=1", "--resume=never", "--start_over=archive")
     assert checkpoint.resolve(tmp_path).name == "step_0000001"
     archived = list(tmp_path.glob("archive_*/step_0000002/meta.json"))
     assert len(archived) == 1
@@ -326,7 +248,7 @@ def test_second_job_on_the_same_out_dir_is_refused(tmp_path, data_dir):
     first = start(tmp_path, data_dir, "--max_steps=100000")
     try:
         wait_for_step(tmp_path, 1, first)
-        second = run(tmp_path, data_dir, "--max_steps=3", check=False)
+        second = run_here(tmp_path, data_dir, "--max_steps=3", check=False)
         assert second.returncode == 2
         assert "is in use by host" in second.stderr and f"pid {first.pid}" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
@@ -336,22 +258,22 @@ def test_second_job_on_the_same_out_dir_is_refused(tmp_path, data_dir):
         first.communicate(timeout=120)
     assert first.returncode == 0
     # The lock went with the first process: a new job may continue the run.
-    run(tmp_path, data_dir, "--max_steps=100000", f"--stop_step={max(losses(tmp_path)) + 1}")
+    run_here(tmp_path, data_dir, "--max_steps=100000", f"--stop_step={max(losses(tmp_path)) + 1}")
 
 
 def test_overwritten_checkpoint_bytes_are_refused(tmp_path, data_dir):
     """4 KiB of 0xff in a .distcp: the checksum refuses it; with --verify=size the NaN check does."""
-    run(tmp_path, data_dir, "--max_steps=2", "--save_interval=1", "--keep_last=0")
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=1", "--keep_last=0")
     data_file = next((tmp_path / "step_0000002").glob("*.distcp"))
     with open(data_file, "r+b") as f:
         f.seek(data_file.stat().st_size // 2)
         f.write(b"\xff" * 4096)
-    proc = run(tmp_path, data_dir, "--max_steps=3", check=False)
+    proc = run_here(tmp_path, data_dir, "--max_steps=3", check=False)
     assert proc.returncode == 2 and "does not match its recorded checksum" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = run(tmp_path, data_dir, "--max_steps=3", "--verify=size", check=False)
+    proc = run_here(tmp_path, data_dir, "--max_steps=3", "--verify=size", check=False)
     assert proc.returncode == 2 and "NaN or inf" in proc.stderr
-    proc = run(tmp_path, data_dir, "--max_steps=3", f"--resume={tmp_path / 'step_0000001'}")
+    proc = run_here(tmp_path, data_dir, "--max_steps=3", f"--resume={tmp_path / 'step_0000001'}")
     assert "at step 1" in proc.stdout
 
 
@@ -389,7 +311,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here; test_checkpoint covers ENOSPC by injection")
     try:
-        proc = run(mount, data_dir, "--max_steps=4", "--save_interval=2", "--keep_last=1", check=False)
+        proc = run_here(mount, data_dir, "--max_steps=4", "--save_interval=2", "--keep_last=1", check=False)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
         assert "disk full" in proc.stderr and "GiB free" in proc.stderr

@@ -501,7 +501,7 @@ def _load_checkpoint(path: str, device: str) -> Transformer:
         raise UserError(str(e)) from None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint",
@@ -519,7 +519,7 @@ def main() -> None:
     parser.add_argument("--pad_vocab_to", type=int, default=50304,
                         help="import: pad the vocabulary with zero rows to this size (0 keeps it)")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with cli_errors("export_hf.py"):
         dtype = DTYPES[args.dtype]

@@ -77,9 +77,11 @@ class TextStream:
 
 # stream_tokens' knobs and where to print: kept flat so the CLI's flags map one to one.
 def answer(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
-           generator: torch.Generator | None, out=sys.stdout) -> str:
-    """Generate and print the answer to `ids` as it is decoded; return its text (no <|endoftext|>,
-    no leading whitespace: templates such as Vicuna's put a space before the answer)."""
+           generator: torch.Generator | None, out=None) -> str:
+    """Generate and print the answer to `ids` as it is decoded (to `out`, default sys.stdout);
+    return its text (no <|endoftext|>, no leading whitespace: templates such as Vicuna's put a
+    space before the answer)."""
+    out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
     stream, text = TextStream(), []
     try:
         for token in stream_tokens(model, ids, max_new_tokens, temperature, top_k, generator):

@@ -1,8 +1,8 @@
 """Running train_llama.py on the tiny model from the tests, and reading what a run wrote.
 
 `run` starts the real script (or torchrun with gloo processes); `run_here` calls its main() in
-the test's own process, which saves an interpreter start and the imports: for tests of what a
-run refuses or prints. conftest.py holds the shared `data_dir` and `straight` fixtures.
+the test's own process (`call_main`, for any script), which saves an interpreter start and the
+imports: for tests of what a run refuses or prints. conftest.py holds the shared `data_dir` and `straight` fixtures.
 """
 
 import io
@@ -48,21 +48,25 @@ def run(out_dir: Path, data_dir: Path, *extra: str, nproc: int = 1, check: bool 
 
 
 def run_here(out_dir: Path, data_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """train_llama.main in this process, one thread as `run` has; stdout, stderr and the exit
-    status come back as from `run`."""
-    args = [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
+    """train_llama.main in this process; see call_main."""
+    return call_main(train_llama.main, [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra], check)
+
+
+def call_main(main, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """A script's main(argv) in this process, on one thread as `run` has; its stdout, stderr and
+    exit status come back as from `run`."""
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with redirect_stdout(out), redirect_stderr(err):
-            train_llama.main(args)
+            main(argv)
     except SystemExit as e:
         code = e.code or 0
     finally:
         torch.set_num_threads(threads)
     if check and code:
         raise AssertionError(f"exit {code}\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def metric_rows(out_dir: Path) -> list[dict]:

@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import chat
 import checkpoint
+import export_hf
 import finetune
 from conftest import make_tiny_model
 from export_hf import save_weights
 from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
+from runs import call_main
 from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,16 +45,9 @@ def base_model(tmp_path_factory) -> Path:
     return path
 
 
-def run(script: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def finetune_run(out_dir: Path, base: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run("finetune.py", *BASE, f"--init_from={base}", f"--out_dir={out_dir}", *extra, check=check)
+    """finetune.py's main in this process (tests/runs.py's call_main: no interpreter start)."""
+    return call_main(finetune.main, [*BASE, f"--init_from={base}", f"--out_dir={out_dir}", *extra], check=check)
 
 
 def metrics(out_dir: Path, key: str) -> dict[int, float]:
@@ -307,8 +303,8 @@ def test_finetuned_model_answers_its_training_instructions(tuned):
     """Greedy `chat.py --prompt` with a training instruction prints its trained answer."""
     out, rows = tuned
     for row in (rows[0], rows[2]):  # one without an input, one with
-        proc = run("chat.py", "--checkpoint", str(out), "--prompt", prompt_of(row), "--temperature", "0",
-                   "--max_new_tokens", "24")
+        proc = call_main(chat.main, ["--checkpoint", str(out), "--prompt", prompt_of(row), "--temperature", "0",
+                                     "--max_new_tokens", "24"])
         assert proc.stdout == row["output"] + "\n", proc.stdout
         assert "template vicuna (the checkpoint's)" in proc.stderr
 
@@ -319,7 +315,7 @@ def test_export_carries_the_chat_template(tuned, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out, rows = tuned
-    proc = run("export_hf.py", "--checkpoint", str(out), "--out", str(tmp_path / "hf"))
+    proc = call_main(export_hf.main, ["--checkpoint", str(out), "--out", str(tmp_path / "hf")])
     assert "with the vicuna chat template" in proc.stdout
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()

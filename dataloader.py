@@ -351,7 +351,23 @@ class GlobalOrder:
         self.step = position // self.global_batch * self.accum_steps
 
 
-class TrainLoader:
+class FollowsOrder:
+    """A loader whose batches follow a GlobalOrder in `self.order` (TrainLoader, finetune's
+    SFTLoader): the counters the training loop reads."""
+
+    order: GlobalOrder
+
+    @property
+    def accum_steps(self) -> int:
+        return self.order.accum_steps
+
+    @property
+    def step(self) -> int:
+        """Micro-steps taken by this rank."""
+        return self.order.step
+
+
+class TrainLoader(FollowsOrder):
     """This rank's training micro-batches, cut from the world-size-independent global stream."""
 
     # Many parameters on purpose: the loader stands alone (tests, benchmarks, other scripts use it
@@ -381,15 +397,6 @@ class TrainLoader:
             f"{self.sequences_per_epoch:,} sequences of {seq_len + 1} tokens per epoch, {order}; "
             f"{global_batch} sequences per step = {self.accum_steps} micro-steps of {micro_batch} "
             f"x {world_size} ranks")
-
-    @property
-    def accum_steps(self) -> int:
-        return self.order.accum_steps
-
-    @property
-    def step(self) -> int:
-        """Micro-steps taken by this rank."""
-        return self.order.step
 
     def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _windows(self.stream, self.order.ids(step), self.seq_len, self.pin_memory)

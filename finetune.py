@@ -55,7 +55,7 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
-from dataloader import DataError, GlobalOrder
+from dataloader import DataError, FollowsOrder, GlobalOrder
 from tokenizer import EOT, get_encoding
 from train_config import ConfigError, SFTConfig, load_config, usage
 from utils import cli_errors, teardown_distributed
@@ -411,7 +411,7 @@ def collate(examples: list[Example], seq_len: int, pad_multiple: int) -> tuple[t
     return x, y
 
 
-class SFTLoader:
+class SFTLoader(FollowsOrder):
     """This rank's training micro-batches: train_llama's loader protocol, over examples."""
 
     # The data, the batch geometry and this rank's place; rank, world size and log default for tests.
@@ -426,15 +426,6 @@ class SFTLoader:
         # the pretraining loader's order: world-size independent, one number of position
         self.order = GlobalOrder(len(examples), global_batch, cfg.micro_batch, rank, world_size, cfg.seed,
                                  cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples")
-
-    @property
-    def accum_steps(self) -> int:
-        return self.order.accum_steps
-
-    @property
-    def step(self) -> int:
-        """Micro-steps taken by this rank."""
-        return self.order.step
 
     def example_ids(self, step: int) -> list[int]:
         """The examples of this rank's micro-step `step` (dataloader.GlobalOrder's arithmetic)."""

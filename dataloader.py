@@ -333,7 +333,16 @@ class GlobalOrder:
         """The items of this rank's micro-step `step` (counted from the start of training)."""
         batch, micro = divmod(step, self.accum_steps)
         first = batch * self.global_batch + (micro * self.world_size + self.rank) * self.micro_batch
-        return [int(self._order(p // self.n)[p % self.n]) for p in range(first, first + self.micro_batch)]
+        return self._items(first, self.micro_batch)
+
+    def step_ids(self, step: int) -> list[int]:
+        """The items of the whole global batch (every rank, every micro-step) that micro-step
+        `step` belongs to."""
+        return self._items(step // self.accum_steps * self.global_batch, self.global_batch)
+
+    def _items(self, first: int, count: int) -> list[int]:
+        """The items at stream positions [first, first + count)."""
+        return [int(self._order(p // self.n)[p % self.n]) for p in range(first, first + count)]
 
     def position(self) -> int:
         """Items of the global stream consumed; only between optimizer steps."""

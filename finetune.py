@@ -22,8 +22,9 @@ vicuna_v1.1 with <|endoftext|> as the end of a turn), "alpaca", or a .json file 
     {system} USER: {prompt} ASSISTANT: {answer}<|endoftext|>USER: {prompt 2} ASSISTANT: {answer 2}<|endoftext|>
 
 Loss: only the answers' tokens and the <|endoftext|> after each are targets; the rest gets
-target -1 (ignored). Each micro-batch's loss is the mean over its answer tokens and micro-batches
-count equally (as in litgpt, and in the Hugging Face Trainer of the Alpaca recipe).
+target -1 (ignored). A step's loss is the mean over all of its answer tokens, on every rank and
+micro-step: train_llama weights each micro-batch's mean by its share of the step's answer tokens
+(SFTLoader.targets_in_step), so micro_batch and the GPU count change nothing, as one big batch.
 
 Batches: examples are padded on the right (input <|endoftext|>, target -1) to the longest in the
 micro-batch rounded up to a multiple of pad_multiple (64), so a compiled model sees at most
@@ -426,6 +427,13 @@ class SFTLoader(FollowsOrder):
         # the pretraining loader's order: world-size independent, one number of position
         self.order = GlobalOrder(len(examples), global_batch, cfg.micro_batch, rank, world_size, cfg.seed,
                                  cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples")
+        self.targets = [int(e.trained[1:].sum()) for e in examples]  # what collate marks as targets
+
+    def targets_in_step(self) -> int:
+        """Answer tokens in the coming optimizer step, over all ranks: train_llama weights each
+        micro-batch's mean loss by its share, so that the step's loss is the mean over every
+        answer token whatever micro_batch and the GPU count are (as one big batch would give)."""
+        return sum(self.targets[i] for i in self.order.step_ids(self.order.step))
 
     def example_ids(self, step: int) -> list[int]:
         """The examples of this rank's micro-step `step` (dataloader.GlobalOrder's arithmetic)."""

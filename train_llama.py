@@ -167,7 +167,8 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
     (train loader, validation iterable) and defaults to the token shards (make_loaders):
     finetune.py passes its instruction data. A train loader has next_batch() -> (x, y) with
     y = -1 where no loss is taken, state_dict(), load_state_dict(state, accept_new_data) and
-    close(); the validation iterable yields (x, y) batches each time it is iterated."""
+    close(), and targets_in_step() if its micro-batches hold unequal numbers of targets; the
+    validation iterable yields (x, y) batches each time it is iterated."""
     run = setup(cfg, make_data or make_loaders)
     try:
         while run.progress.step < run.last_step:
@@ -206,12 +207,16 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
     parallel.release_eval(run.eval_model, cfg)
     run.meter.start()
     loss_sum = torch.zeros((), device=d.device)
+    step_targets = step_target_count(run)
     for micro_step in range(run.accum_steps):
         x, y = next_batch(run)
         last = micro_step == run.accum_steps - 1
         parallel.set_gradient_sync(run.model, run.train_model, last or cfg.fsdp_reduce_every_micro_step)
         with run.autocast():
-            loss = run.train_model(x, y) / run.accum_steps
+            loss = run.train_model(x, y)
+        # The micro-batch's mean loss times its share of the step's targets: the step's loss is the
+        # mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
+        loss = loss / run.accum_steps if step_targets is None else loss * ((y >= 0).sum() * d.world_size / step_targets)
         loss_sum += loss.detach()
         loss.backward()
     grad_norm = parallel.clip_grad_norm(run.model.parameters(), cfg.grad_clip or math.inf)
@@ -231,6 +236,13 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
     run.progress.skipped_total += not applied
     run.stopping = stopping
     return loss_sum, grad_norm, applied
+
+
+def step_target_count(run: Run) -> int | None:
+    """Target tokens in the whole coming step (all micro-steps, all ranks) when micro-batches hold
+    different numbers of them (fine-tuning: answer tokens only); None when all are full."""
+    count = getattr(run.loader, "targets_in_step", None)
+    return count() if count is not None else None
 
 
 def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:

@@ -266,6 +266,24 @@ def test_resume_equals_straight_run(tmp_path, base_model, straight):
     assert finetune.checkpoint_template(tmp_path) == TEMPLATES["vicuna"]
 
 
+def test_step_loss_is_the_mean_over_answer_tokens_whatever_the_micro_batch(tmp_path, base_model, straight):
+    """Examples hold different numbers of answer tokens: 4 examples per step as 4 micro-steps of 1
+    or 1 of 4 give the 2 x 2 run's losses and weights (each micro-batch weighted by its tokens)."""
+    reference = metrics(straight, "loss")
+    for micro_batch in (1, 4):
+        out = tmp_path / f"mb{micro_batch}"
+        finetune_run(out, base_model, f"--micro_batch={micro_batch}", "--stop_step=3", "--eval_interval=0")
+        ours = metrics(out, "loss")
+        assert sorted(ours) == [1, 2, 3]
+        assert all(abs(ours[k] - reference[k]) < 1e-5 for k in ours), (micro_batch, ours, reference)
+    cfg = config("--micro_batch=1")
+    data = SFTData(cfg)
+    loader = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    for _ in range(3):  # targets_in_step counts what the step's micro-batches then mark as targets
+        expected = loader.targets_in_step()
+        assert expected == sum(int((loader.next_batch()[1] >= 0).sum()) for _ in range(loader.accum_steps))
+
+
 def test_two_processes_match_one(tmp_path, base_model, straight):
     """torchrun with 2 gloo processes equals 1 process with twice the accumulation (losses, val, weights)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

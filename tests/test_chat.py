@@ -1,6 +1,7 @@
 """chat.py: streamed KV-cache decoding, UTF-8 across tokens, the context limit, and the exported
 tokenizer's chat template against our prompt tokens."""
 
+import io
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from conftest import make_tiny_model
 from export_hf import save_hf, save_weights
 from finetune import TEMPLATES, encode
 from model import pick_next_token
+from runs import call_main
 from tokenizer import EOT, N_VOCAB, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +37,9 @@ def weights_dir(tmp_path_factory) -> Path:
     return path
 
 
-def chat_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin, capture_output=True,
+def chat_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python chat.py ARGS` in a fresh interpreter."""
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -90,7 +93,8 @@ def test_build_prompt_keeps_the_conversation_and_drops_oldest_turns():
 
 
 def test_prompt_longer_than_the_context_is_one_line(weights_dir):
-    """--prompt past the model's context: one line on stderr, exit 2."""
+    """--prompt past the model's context: `python chat.py` prints one line on stderr and exits 2."""
+    # The one run of the script itself; the other CLI tests call chat.main in this process.
     proc = chat_cli("--checkpoint", str(weights_dir), "--prompt", "word " * 100)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("chat.py: error: the prompt is ")
@@ -99,17 +103,18 @@ def test_prompt_longer_than_the_context_is_one_line(weights_dir):
 
 def test_one_shot_answer_is_limited_by_the_context(weights_dir):
     """A prompt that leaves less room than --max_new_tokens: a note on stderr, a shorter answer on stdout."""
-    proc = chat_cli("--checkpoint", str(weights_dir), "--prompt", "Hi", "--max_new_tokens", "200",
-                    "--temperature", "0")
+    proc = call_main(chat.main, ["--checkpoint", str(weights_dir), "--prompt", "Hi", "--max_new_tokens", "200",
+                                 "--temperature", "0"], check=False)
     assert proc.returncode == 0, proc.stderr
     assert "the answer can have at most" in proc.stderr
     assert proc.stdout.endswith("\n") and len(proc.stdout.strip()) > 0
 
 
-def test_interactive_session_drops_oldest_turns_and_exits(weights_dir):
+def test_interactive_session_drops_oldest_turns_and_exits(weights_dir, monkeypatch):
     """Several turns on a 64-token context: the oldest are dropped with a line saying so; /exit leaves."""
-    proc = chat_cli("--checkpoint", str(weights_dir), "--max_new_tokens", "8", "--temperature", "0",
-                    stdin="Hi\nName a color.\nAnd another?\n/exit\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nName a color.\nAnd another?\n/exit\n"))
+    proc = call_main(chat.main, ["--checkpoint", str(weights_dir), "--max_new_tokens", "8", "--temperature", "0"],
+                     check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Assistant: ") == 3
     assert "to fit the 64-token context]" in proc.stdout

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import export_hf
 import hellaswag
 from conftest import make_tiny_model
 from model import model_config
+from runs import call_main
 from tokenizer import EOT, N_VOCAB, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,31 +122,30 @@ def test_to_llama_shares_our_tensors_and_logits(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict:
-    """A real train_llama.py run with checkpoints at steps 2, 4 and 6, and a local task."""
+def tiny_run(tmp_path_factory, straight) -> dict:
+    """A copy of the shared reference run (checkpoints at steps 5, 10 and 12, 256 tokens a step),
+    and a local task."""
     tmp = tmp_path_factory.mktemp("run")
-    rng = np.random.default_rng(0)
-    for i, split in enumerate(["val", "train"]):
-        np.save(tmp / f"edufineweb_{split}_{i:06d}.npy", rng.integers(0, N_VOCAB, 20_000, dtype=np.uint16))
     out = tmp / "out"
-    cmd = [sys.executable, str(ROOT / "train_llama.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-           "--prepare_local_data=false", f"--data_dir={tmp}", f"--out_dir={out}", "--seq_len=32",
-           "--total_batch_tokens=256", "--micro_batch=2", "--max_steps=6", "--warmup_steps=2",
-           "--eval_interval=2", "--sample_interval=0", "--save_interval=2", "--keep_last=0",
-           "--val_sequences=8", "--device=cpu"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(straight, out, symlinks=True)
     write_task(tmp / "tasks", "local_mc", make_examples(8))
     return {"out": out, "tasks": tmp / "tasks"}
 
 
-def all_steps(run: dict, nproc: int = 1) -> subprocess.CompletedProcess:
-    args = [str(ROOT / "evaluate.py"), "--checkpoint", str(run["out"]), "--all_steps", "--tasks", "local_mc",
-            "--include_path", str(run["tasks"]), "--device", "cpu", "--batch_size", "8"]
-    launcher = ([sys.executable] if nproc == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
-    proc = subprocess.run([*launcher, *args], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+def all_steps_args(run: dict) -> list[str]:
+    return ["--checkpoint", str(run["out"]), "--all_steps", "--tasks", "local_mc", "--include_path", str(run["tasks"]),
+            "--device", "cpu", "--batch_size", "8"]
+
+
+def all_steps(run: dict) -> subprocess.CompletedProcess:
+    """`evaluate.py --all_steps` on the run, as evaluate.main in this process."""
+    return call_main(evaluate.main, all_steps_args(run))
+
+
+def all_steps_under_torchrun(run: dict, nproc: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "evaluate.py"), *all_steps_args(run)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -152,12 +153,12 @@ def all_steps(run: dict, nproc: int = 1) -> subprocess.CompletedProcess:
 
 def test_all_steps_under_torchrun_writes_each_result_and_a_plot(tiny_run):
     """Two processes split a run's three checkpoints: three results, then the run's summary and plot."""
-    all_steps(tiny_run, nproc=2)
+    all_steps_under_torchrun(tiny_run, nproc=2)
     results = sorted(tiny_run["out"].glob("step_*/lm_eval_*.json"))
-    assert [p.parent.name for p in results] == ["step_0000002", "step_0000004", "step_0000006"]
+    assert [p.parent.name for p in results] == ["step_0000005", "step_0000010", "step_0000012"]
     summary_path = next(tiny_run["out"].glob("lm_eval_*.json"))
     summary = json.loads(summary_path.read_text())
-    assert [(s["step"], s["tokens_seen"]) for s in summary["steps"]] == [(2, 512), (4, 1024), (6, 1536)]
+    assert [(s["step"], s["tokens_seen"]) for s in summary["steps"]] == [(5, 1280), (10, 2560), (12, 3072)]
     assert all(0 <= s["scores"]["local_mc"]["acc"] <= 1 for s in summary["steps"])
     assert summary_path.with_suffix(".png").stat().st_size > 0
     assert summary_path.with_suffix(".md").is_file()
@@ -177,14 +178,14 @@ def test_run_summary_keeps_steps_whose_checkpoints_were_pruned(tiny_run, tmp_pat
     """A step evaluated earlier stays in the run's summary after keep_last deletes its checkpoint."""
     if not list(tiny_run["out"].glob("step_*/lm_eval_*.json")):
         all_steps(tiny_run)
-    pruned = tiny_run["out"] / "step_0000002"
+    pruned = tiny_run["out"] / "step_0000005"
     pruned.rename(tmp_path / pruned.name)
     try:
         all_steps(tiny_run)
     finally:
         (tmp_path / pruned.name).rename(pruned)
     summary = json.loads(next(tiny_run["out"].glob("lm_eval_*.json")).read_text())
-    assert [s["step"] for s in summary["steps"]] == [2, 4, 6]
+    assert [s["step"] for s in summary["steps"]] == [5, 10, 12]
 
 
 def save_released_style(hf_model, out_dir: Path) -> None:

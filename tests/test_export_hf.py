@@ -17,10 +17,10 @@ import export_hf
 from conftest import make_hf_llama, make_tiny_model
 from export_hf import EXPORT_INFO, hf_config, load_hf, load_weights, save_hf, save_weights, to_hf_state_dict
 from model import Transformer, model_config
+from runs import call_main
 from tokenizer import get_encoding
 
 transformers.logging.set_verbosity_error()  # progress bars and load reports, not failures
-REPO = Path(__file__).resolve().parents[1]
 
 
 def with_random_norms(model: torch.nn.Module) -> torch.nn.Module:
@@ -187,8 +187,8 @@ def test_cli_help_runs():
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "export_hf.py", *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    """`export_hf.py ARGS` as export_hf.main in this process (test_cli_help_runs runs the script itself)."""
+    return call_main(export_hf.main, list(map(str, args)), check=False)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import hellaswag
 from conftest import make_tiny_model
 from model import model_config
+from runs import call_main
 from tokenizer import EOT, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +91,10 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
 def test_two_processes_give_the_same_totals_as_one(tmp_path, tiny_model):
     """Two gloo ranks splitting the examples (unevenly) report the same totals as one process."""
     limit = 15
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), limit), nprocs=2)
+    # Forked, not spawned: the ranks are still separate processes, without two more interpreters
+    # importing torch.
+    mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), limit), nprocs=2,
+                       start_method="fork")
     examples = hellaswag.load_examples(str(FIXTURE), limit=limit)
     single = hellaswag.evaluate(tiny_model(**WIDE), examples, "cpu", batch_size=4, progress=False)
     assert single["n"] == limit
@@ -98,18 +102,15 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path, tiny_model):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
 
 
-def test_hf_cli_matches_our_model(tmp_path, hf_llama):
+def test_hf_cli_matches_our_model(tmp_path, hf_llama, monkeypatch):
     """`hellaswag.py --hf` on a random LlamaForCausalLM gives our model's accuracies for its weights."""
     from export_hf import load_hf
 
     hf_dir = tmp_path / "hf"
     hf_llama(model_config("tiny", n_layers=2), initializer_range=0.1).save_pretrained(hf_dir)
     out = tmp_path / "result.json"
-    cmd = [
-        sys.executable, "hellaswag.py", "--hf", str(hf_dir), "--data", str(FIXTURE), "--limit", "8",
-        "--device", "cpu", "--dtype", "float32", "--batch_size", "4", "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_cli(monkeypatch, "--hf", hf_dir, "--data", FIXTURE, "--limit", 8, "--dtype", "float32",
+                   "--batch_size", 4, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "acc_norm" in proc.stdout
     from_cli = json.loads(out.read_text())
@@ -118,17 +119,13 @@ def test_hf_cli_matches_our_model(tmp_path, hf_llama):
     assert {k: from_cli[k] for k in ("acc", "acc_norm", "n")} == ours
 
 
-def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path, tiny_model):
+def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path, tiny_model, monkeypatch):
     """`--checkpoint RUN_DIR` scores its latest step as evaluate() does and writes hellaswag.json there."""
     import checkpoint
 
     model = tiny_model(n_layers=2, **WIDE)
     step_dir = checkpoint.save(tmp_path, 7, {"model": checkpoint.ModelState(model)})
-    cmd = [
-        sys.executable, "hellaswag.py", "--checkpoint", str(tmp_path), "--data", str(FIXTURE),
-        "--limit", "8", "--device", "cpu", "--batch_size", "8",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_cli(monkeypatch, "--checkpoint", tmp_path, "--data", FIXTURE, "--limit", 8, "--batch_size", 8)
     assert proc.returncode == 0, proc.stderr
     from_cli = json.loads((step_dir / "hellaswag.json").read_text())
     examples = hellaswag.load_examples(str(FIXTURE), limit=8)
@@ -263,9 +260,10 @@ def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph(tiny_model):
 # ----------------------------------------------------------------------------- CLI errors
 
 
-def run_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "hellaswag.py", "--device", "cpu", *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+def run_cli(monkeypatch, *args) -> subprocess.CompletedProcess:
+    """`hellaswag.py --device cpu ARGS` as hellaswag.main() in this process (it reads sys.argv)."""
+    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "--device", "cpu", *map(str, args)])
+    return call_main(lambda argv: hellaswag.main(), [], check=False)
 
 
 def one_error_line(stderr: str) -> str:
@@ -275,13 +273,13 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("where", ["directory", "under_a_file"])
-def test_unusable_out_is_refused_before_anything_is_loaded(tmp_path, where):
+def test_unusable_out_is_refused_before_anything_is_loaded(tmp_path, monkeypatch, where):
     """--out naming a directory, or a place no file can be created, is one error line before the
     checkpoint is even looked at (rather than a traceback after the whole evaluation)."""
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory would have to be")
     out = tmp_path if where == "directory" else blocker / "result.json"
-    proc = run_cli("--checkpoint", tmp_path / "no_such_run", "--data", FIXTURE, "--out", out)
+    proc = run_cli(monkeypatch, "--checkpoint", tmp_path / "no_such_run", "--data", FIXTURE, "--out", out)
     line = one_error_line(proc.stderr)
     assert str(out) in line and "no_such_run" not in line
     assert proc.returncode == 2
@@ -298,7 +296,7 @@ def corrupt_hf_dir(tmp_path, hf_llama):
 
 
 @pytest.mark.parametrize("case", ["malformed_data", "missing_data", "missing_checkpoint", "corrupt_hf_weights"])
-def test_data_and_model_errors_are_one_line(tmp_path, request, case):
+def test_data_and_model_errors_are_one_line(tmp_path, request, monkeypatch, case):
     """A malformed or missing data file, a missing checkpoint, or truncated --hf weights: exit
     status 2 and one line naming the problem, no traceback."""
     bad_data = tmp_path / "bad.jsonl"
@@ -311,7 +309,7 @@ def test_data_and_model_errors_are_one_line(tmp_path, request, case):
         data, fragment = tmp_path / "missing.jsonl", "missing.jsonl"
     elif case == "corrupt_hf_weights":
         source, fragment = ["--hf", request.getfixturevalue("corrupt_hf_dir")], "not readable safetensors"
-    proc = run_cli(*source, "--data", data, "--limit", "4")
+    proc = run_cli(monkeypatch, *source, "--data", data, "--limit", "4")
     assert fragment in one_error_line(proc.stderr)
     assert proc.returncode == 2
 

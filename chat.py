@@ -81,7 +81,7 @@ def answer(model: Transformer, ids: list[int], max_new_tokens: int, temperature:
     """Generate and print the answer to `ids` as it is decoded (to `out`, default sys.stdout);
     return its text (no <|endoftext|>, no leading whitespace: templates such as Vicuna's put a
     space before the answer)."""
-    out = out or sys.stdout  # looked up now, so a redirected stdout is honoured
+    out = sys.stdout if out is None else out  # looked up now, so a redirected stdout is honoured
     stream, text = TextStream(), []
     try:
         for token in stream_tokens(model, ids, max_new_tokens, temperature, top_k, generator):

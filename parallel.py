@@ -137,9 +137,10 @@ class GatheredForEval(nn.Module):
         makes, so they do not wait for it forever. Call it before the evaluation's all-reduce."""
         if not self.gathered:
             self.keep_gathered()
-            root = getattr(self.module, "_orig_mod", self.module)  # eager: no compile for this shape
-            with torch.no_grad():
-                root(torch.zeros(1, 1, dtype=torch.long, device=device))
+            # Eager, also where blocks are compiled in place: a (1, 1) shape compiled here would
+            # make this rank's training graph dynamic in the sequence length, and slower.
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                self.module(torch.zeros(1, 1, dtype=torch.long, device=device))
 
     def release(self, reshard_after_forward: bool) -> None:
         if self.gathered:

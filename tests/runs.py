@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -33,14 +34,14 @@ EVAL = ["--eval_interval=4", "--val_sequences=5", "--sample_interval=6", "--samp
 
 
 def run(out_dir: Path, data_dir: Path, *extra: str, nproc: int = 1, check: bool = True,
-        timeout: int = 300) -> subprocess.CompletedProcess:
+        timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     args = [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
     if nproc == 1:
         cmd = [sys.executable, str(ROOT / "train_llama.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", str(ROOT / "train_llama.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -58,7 +59,11 @@ def call_main(main, argv: list[str], check: bool = True) -> subprocess.Completed
     out, err, code, threads = io.StringIO(), io.StringIO(), 0, torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with redirect_stdout(out), redirect_stderr(err):
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            # Warnings the filters let through reach the captured stderr, not pytest's summary, so a
+            # test of "one line on stderr" still sees them.
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: err.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
             main(argv)
     except SystemExit as e:
         code = e.code or 0

@@ -268,7 +268,7 @@ def test_resume_equals_straight_run(tmp_path, base_model, straight):
 
 def test_step_loss_is_the_mean_over_answer_tokens_whatever_the_micro_batch(tmp_path, base_model, straight):
     """Examples hold different numbers of answer tokens: 4 examples per step as 4 micro-steps of 1
-    or 1 of 4 give the 2 x 2 run's losses and weights (each micro-batch weighted by its tokens)."""
+    or 1 of 4 give the 2 x 2 run's losses (each micro-batch weighted by its tokens)."""
     reference = metrics(straight, "loss")
     for micro_batch in (1, 4):
         out = tmp_path / f"mb{micro_batch}"

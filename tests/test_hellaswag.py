@@ -91,10 +91,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
 def test_two_processes_give_the_same_totals_as_one(tmp_path, tiny_model):
     """Two gloo ranks splitting the examples (unevenly) report the same totals as one process."""
     limit = 15
-    # Forked, not spawned: the ranks are still separate processes, without two more interpreters
-    # importing torch.
-    mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), limit), nprocs=2,
-                       start_method="fork")
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), limit), nprocs=2)
     examples = hellaswag.load_examples(str(FIXTURE), limit=limit)
     single = hellaswag.evaluate(tiny_model(**WIDE), examples, "cpu", batch_size=4, progress=False)
     assert single["n"] == limit

@@ -90,10 +90,11 @@ def test_activation_checkpointing_keeps_the_losses(tmp_path, data_dir, straight,
     assert_close(losses(tmp_path), reference, 1e-6)
 
 
-def test_per_block_compile_on_cpu_matches_eager(tmp_path, data_dir, straight):
-    """--compile_cpu=true --compile_mode=blocks: the eager losses to 1e-4 (inductor reorders sums).
-    The whole-model compile (the default mode) is compared with eager in tests/test_compile.py."""
-    run(tmp_path, data_dir, "--compile_cpu=true", "--compile_mode=blocks", "--stop_step=3", timeout=600)
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_compiled_on_cpu_matches_eager(tmp_path, data_dir, straight, mode):
+    """--compile_cpu=true with each compile_mode, one process: the eager losses to 1e-4 (inductor
+    reorders sums). Under DDP with validation and samples: tests/test_compile.py."""
+    run(tmp_path, data_dir, "--compile_cpu=true", f"--compile_mode={mode}", "--stop_step=3", timeout=600)
     reference = {step: loss for step, loss in losses(straight).items() if step <= 3}
     assert_close(losses(tmp_path), reference, 1e-4)
 
@@ -112,16 +113,27 @@ def test_other_parallel_settings_train_like_one_process(tmp_path, data_dir, stra
     assert_close(losses(tmp_path), reference, 1e-3 if "--ddp_bf16_compress=true" in extra else 1e-5)
 
 
-def test_fsdp_rank_with_nothing_to_evaluate_does_not_hang(tmp_path, data_dir):
+@pytest.mark.parametrize("compile_mode", ["none", "blocks"])
+def test_fsdp_rank_with_nothing_to_evaluate_does_not_hang(tmp_path, data_dir, compile_mode):
     """One validation sequence and one HellaSwag example on two FSDP ranks: rank 1 has nothing
-    to score, and the evaluation still completes on both (it used to wait forever)."""
-    hellaswag = ["--hellaswag_interval=2", "--hellaswag_limit=1",
+    to score, and each evaluation still completes on both (it used to wait forever): validation
+    and HellaSwag together at step 0, validation alone at 2, HellaSwag alone at 3. With per-block
+    compile the throwaway forward stays eager: no graph for its (1, 1) shape."""
+    hellaswag = ["--hellaswag_interval=3", "--hellaswag_limit=1",
                  f"--hellaswag_data={ROOT / 'tests' / 'data' / 'hellaswag_sample.jsonl'}"]
+    compiled = ["--compile_cpu=true", "--compile_mode=blocks"] if compile_mode == "blocks" else []
     proc = run(tmp_path, data_dir, "--parallel=fsdp", "--eval_interval=2", "--val_sequences=1", *hellaswag,
-               "--stop_step=3", nproc=2, timeout=150)
+               *compiled, "--stop_step=4", nproc=2, timeout=300 if compiled else 150,
+               env={"TORCH_LOGS": "recompiles"} if compiled else None)
     assert sorted(val_losses(tmp_path)) == [0, 2]
-    assert [r["hellaswag_acc"] for r in metric_rows(tmp_path) if "hellaswag_acc" in r] != []
+    assert [r["step"] for r in metric_rows(tmp_path) if "hellaswag_acc" in r] == [0, 3]
     assert proc.stdout.count("(1 examples)") == 2
+    if compiled:
+        # Rank 1 compiles exactly what rank 0 does (training, then no-grad evaluation): nothing for
+        # the throwaway forward's shape, which would also make its training graph dynamic.
+        recompiles = [[line for line in proc.stderr.splitlines() if f"[rank{r}]" in line and "Recompiling" in line]
+                      for r in (0, 1)]
+        assert len(recompiles[0]) == len(recompiles[1]) and "size" not in proc.stderr, proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- signals under FSDP

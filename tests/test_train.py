@@ -68,6 +68,8 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     last_step, killed_mid_save = 0, 0
     for attempt in range(4):
+        if last_step == 12 and killed_mid_save:  # a fast machine finished the run: nothing left to kill
+            break
         logged_before = logged_steps(tmp_path)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
         deadline = time.monotonic() + 120

@@ -158,15 +158,17 @@ def load_hf_dir(hf_dir: str | Path, device: torch.device):
 
 # ----------------------------------------------------------------------------- tasks
 
-def _quiet_lm_eval() -> None:
-    class _DropExpected(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith(_EXPECTED_LM_EVAL_WARNINGS)
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_EXPECTED_LM_EVAL_WARNINGS)
 
-    logger = logging.getLogger("lm_eval")
-    logger.setLevel(logging.WARNING)
+
+def _quiet_lm_eval() -> None:
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
     for name in ("lm_eval.models.huggingface", "lm_eval.evaluator"):
-        logging.getLogger(name).addFilter(_DropExpected())
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropExpected) for f in logger.filters):  # once, if main runs again
+            logger.addFilter(_DropExpected())
 
 
 def task_manager(tasks: list[str], include_path: str | None):

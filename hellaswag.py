@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> None:
         teardown_distributed()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="HellaSwag validation accuracy (acc, acc_norm) of a model")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or one step directory")
@@ -435,7 +435,7 @@ def main() -> None:
                         help="autocast dtype; float32 = no autocast (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--out", help="the JSON result (default: hellaswag.json in the step or --hf directory)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import checkpoint  # for its error type; the evaluation itself only needs it for --checkpoint
 
     with cli_errors("hellaswag.py", expected=(checkpoint.CheckpointError,)):

@@ -99,14 +99,14 @@ def test_two_processes_give_the_same_totals_as_one(tmp_path, tiny_model):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single
 
 
-def test_hf_cli_matches_our_model(tmp_path, hf_llama, monkeypatch):
+def test_hf_cli_matches_our_model(tmp_path, hf_llama):
     """`hellaswag.py --hf` on a random LlamaForCausalLM gives our model's accuracies for its weights."""
     from export_hf import load_hf
 
     hf_dir = tmp_path / "hf"
     hf_llama(model_config("tiny", n_layers=2), initializer_range=0.1).save_pretrained(hf_dir)
     out = tmp_path / "result.json"
-    proc = run_cli(monkeypatch, "--hf", hf_dir, "--data", FIXTURE, "--limit", 8, "--dtype", "float32",
+    proc = run_cli("--hf", hf_dir, "--data", FIXTURE, "--limit", 8, "--dtype", "float32",
                    "--batch_size", 4, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "acc_norm" in proc.stdout
@@ -116,13 +116,13 @@ def test_hf_cli_matches_our_model(tmp_path, hf_llama, monkeypatch):
     assert {k: from_cli[k] for k in ("acc", "acc_norm", "n")} == ours
 
 
-def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path, tiny_model, monkeypatch):
+def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path, tiny_model):
     """`--checkpoint RUN_DIR` scores its latest step as evaluate() does and writes hellaswag.json there."""
     import checkpoint
 
     model = tiny_model(n_layers=2, **WIDE)
     step_dir = checkpoint.save(tmp_path, 7, {"model": checkpoint.ModelState(model)})
-    proc = run_cli(monkeypatch, "--checkpoint", tmp_path, "--data", FIXTURE, "--limit", 8, "--batch_size", 8)
+    proc = run_cli("--checkpoint", tmp_path, "--data", FIXTURE, "--limit", 8, "--batch_size", 8)
     assert proc.returncode == 0, proc.stderr
     from_cli = json.loads((step_dir / "hellaswag.json").read_text())
     examples = hellaswag.load_examples(str(FIXTURE), limit=8)
@@ -257,10 +257,9 @@ def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph(tiny_model):
 # ----------------------------------------------------------------------------- CLI errors
 
 
-def run_cli(monkeypatch, *args) -> subprocess.CompletedProcess:
-    """`hellaswag.py --device cpu ARGS` as hellaswag.main() in this process (it reads sys.argv)."""
-    monkeypatch.setattr(sys, "argv", ["hellaswag.py", "--device", "cpu", *map(str, args)])
-    return call_main(lambda argv: hellaswag.main(), [], check=False)
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`hellaswag.py --device cpu ARGS` as hellaswag.main() in this process."""
+    return call_main(hellaswag.main, ["--device", "cpu", *map(str, args)], check=False)
 
 
 def one_error_line(stderr: str) -> str:
@@ -270,13 +269,13 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("where", ["directory", "under_a_file"])
-def test_unusable_out_is_refused_before_anything_is_loaded(tmp_path, monkeypatch, where):
+def test_unusable_out_is_refused_before_anything_is_loaded(tmp_path, where):
     """--out naming a directory, or a place no file can be created, is one error line before the
     checkpoint is even looked at (rather than a traceback after the whole evaluation)."""
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory would have to be")
     out = tmp_path if where == "directory" else blocker / "result.json"
-    proc = run_cli(monkeypatch, "--checkpoint", tmp_path / "no_such_run", "--data", FIXTURE, "--out", out)
+    proc = run_cli("--checkpoint", tmp_path / "no_such_run", "--data", FIXTURE, "--out", out)
     line = one_error_line(proc.stderr)
     assert str(out) in line and "no_such_run" not in line
     assert proc.returncode == 2
@@ -293,7 +292,7 @@ def corrupt_hf_dir(tmp_path, hf_llama):
 
 
 @pytest.mark.parametrize("case", ["malformed_data", "missing_data", "missing_checkpoint", "corrupt_hf_weights"])
-def test_data_and_model_errors_are_one_line(tmp_path, request, monkeypatch, case):
+def test_data_and_model_errors_are_one_line(tmp_path, request, case):
     """A malformed or missing data file, a missing checkpoint, or truncated --hf weights: exit
     status 2 and one line naming the problem, no traceback."""
     bad_data = tmp_path / "bad.jsonl"
@@ -306,7 +305,7 @@ def test_data_and_model_errors_are_one_line(tmp_path, request, monkeypatch, case
         data, fragment = tmp_path / "missing.jsonl", "missing.jsonl"
     elif case == "corrupt_hf_weights":
         source, fragment = ["--hf", request.getfixturevalue("corrupt_hf_dir")], "not readable safetensors"
-    proc = run_cli(monkeypatch, *source, "--data", data, "--limit", "4")
+    proc = run_cli(*source, "--data", data, "--limit", "4")
     assert fragment in one_error_line(proc.stderr)
     assert proc.returncode == 2
 

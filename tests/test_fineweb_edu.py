@@ -170,7 +170,12 @@ def big(corpus, tmp_path_factory):
 def test_killed_run_resumes_byte_identical(big, tmp_path, sig):
     """A build killed (SIGKILL or Ctrl-C) after its first shard, then rerun, ends byte-identical to a clean run."""
     out = tmp_path / "killed"
-    argv = [sys.executable, os.path.join(REPO, "fineweb_edu.py"), "--local", big["parquet"], "--out", str(out),
+    # fineweb_edu.main with tasks of 200k characters instead of 4M: the first shard is then written
+    # long before the last (not in one burst from one task), so the signal lands mid-build even on
+    # a fast machine; the resumed build below uses the default task size.
+    run_main = (f"import sys; sys.path.insert(0, {REPO!r}); import fineweb_edu; "
+                f"fineweb_edu.MAX_CHARS_PER_TASK = 200_000; fineweb_edu.main(sys.argv[1:])")
+    argv = [sys.executable, "-c", run_main, "--local", big["parquet"], "--out", str(out),
             "--shard_size", "100000", "--workers", "1", "--cache_dir", str(big["cache"])]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -170,11 +170,21 @@ def big(corpus, tmp_path_factory):
 def test_killed_run_resumes_byte_identical(big, tmp_path, sig):
     """A build killed (SIGKILL or Ctrl-C) after its first shard, then rerun, ends byte-identical to a clean run."""
     out = tmp_path / "killed"
-    # fineweb_edu.main with tasks of 200k characters instead of 4M: the first shard is then written
-    # long before the last (not in one burst from one task), so the signal lands mid-build even on
-    # a fast machine; the resumed build below uses the default task size.
-    run_main = (f"import sys; sys.path.insert(0, {REPO!r}); import fineweb_edu; "
-                f"fineweb_edu.MAX_CHARS_PER_TASK = 200_000; fineweb_edu.main(sys.argv[1:])")
+    # fineweb_edu.main, pausing 3 s after the manifest first lists a shard: the signal always lands
+    # mid-build, however fast the machine (without the pause, the shards of one tokenizing task
+    # can all be written before the test sees the first).
+    run_main = f"""
+import sys, time
+sys.path.insert(0, {REPO!r})
+import fineweb_edu
+write = fineweb_edu._write_manifest
+def write_then_pause(out_dir, manifest):
+    write(out_dir, manifest)
+    if len(manifest["shards"]) == 1:
+        time.sleep(3)
+fineweb_edu._write_manifest = write_then_pause
+fineweb_edu.main(sys.argv[1:])
+"""
     argv = [sys.executable, "-c", run_main, "--local", big["parquet"], "--out", str(out),
             "--shard_size", "100000", "--workers", "1", "--cache_dir", str(big["cache"])]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -190,7 +200,7 @@ def test_killed_run_resumes_byte_identical(big, tmp_path, sig):
     if sig == signal.SIGKILL:
         assert child.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     else:
-        assert child.returncode == 130 and "rerun the same command to resume" in err
+        assert child.returncode == 130 and "rerun the same command to resume" in err, err[-3000:]
     assert not json.loads(manifest.read_text())["complete"]
 
     build(out, [big["parquet"]], cache=big["cache"], shard=100_000)

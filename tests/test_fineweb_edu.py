@@ -173,8 +173,10 @@ def test_killed_run_resumes_byte_identical(big, tmp_path, sig):
     # fineweb_edu.main, pausing 3 s after the manifest first lists a shard: the signal always lands
     # mid-build, however fast the machine (without the pause, the shards of one tokenizing task
     # can all be written before the test sees the first).
+    # SIGINT handled as in a terminal even when the tests run in a background job (which ignores it).
     run_main = f"""
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {REPO!r})
 import fineweb_edu
 write = fineweb_edu._write_manifest

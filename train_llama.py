@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
 import checkpoint
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader

@@ -37,21 +37,23 @@ from train_config import ConfigError, TrainConfig
 from utils import DTYPES, Dist
 
 
-def parallelize(model: Transformer, cfg: TrainConfig, d: Dist) -> tuple[nn.Module, nn.Module]:
+def parallelize(model: Transformer, cfg: TrainConfig, d: Dist,
+                backend: str = "inductor") -> tuple[nn.Module, nn.Module]:
     """(train_model, eval_model) for `model`, which is wrapped in place. eval_model never needs
-    the other ranks once an evaluation has started (see GatheredForEval)."""
+    the other ranks once an evaluation has started (see GatheredForEval). `backend` is
+    torch.compile's (benchmarks/gpu_check.py uses dynamo's "eager" on the CPU)."""
     checkpoint_blocks(model, cfg.activation_checkpointing, cfg.ac_every)
     whole = compiling(cfg, d) and cfg.compile_mode == "model"
     if compiling(cfg, d):
         configure_compiler(cfg)
         if cfg.compile_mode == "blocks":
             for block in model.layers:
-                block.compile()
+                block.compile(backend=backend)
     if cfg.parallel == "fsdp" and dist.is_initialized():
         shard(model, cfg, d)
-        train_model = torch.compile(model) if whole else model
+        train_model = torch.compile(model, backend=backend) if whole else model
         return train_model, GatheredForEval(train_model)
-    compiled = torch.compile(model) if whole else model
+    compiled = torch.compile(model, backend=backend) if whole else model
     return (replicate(compiled, cfg, d) if d.world_size > 1 else compiled), compiled
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -39,7 +38,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -171,10 +169,9 @@ def wrap_like_training(model: torch.nn.Module, plan: Plan, seq_len: int, d=None,
     from utils import Dist
 
     cfg = TrainConfig(seq_len=seq_len, compile_cpu=True, **knobs)
-    # parallelize compiles with torch.compile's default backend (inductor), which on the CPU would
-    # build C++ for minutes; plan.backend is dynamo's "eager" there.
-    with mock.patch.object(torch, "compile", functools.partial(torch.compile, backend=plan.backend)):
-        train_model, _ = parallel.parallelize(model, cfg, d or Dist(device=torch.device(plan.device)))
+    # plan.backend: inductor on CUDA; on the CPU dynamo's "eager", as inductor would build C++ for minutes.
+    train_model, _ = parallel.parallelize(model, cfg, d or Dist(device=torch.device(plan.device)),
+                                          backend=plan.backend)
     return train_model
 
 

@@ -279,6 +279,11 @@ def _model_max_seq_len(model) -> int | None:
 
 # One public entry point for the CLI and for training, hence its keyword options (batch size,
 # autocast, rank/world size, length limit, progress bar) rather than an options object.
+def rank_share(examples: list[dict], rank: int, world_size: int) -> list[dict]:
+    """The examples rank `rank` of `world_size` scores in evaluate (empty when rank >= len)."""
+    return examples[rank::world_size]
+
+
 def evaluate(
     model,
     examples: list[dict],
@@ -292,7 +297,7 @@ def evaluate(
 ) -> dict:
     """{"acc", "acc_norm", "n"} of `model` on `examples`; `model(idx)` returns the logits.
 
-    Each rank scores examples[rank::world_size] (batch_size examples = 4 * batch_size rows per
+    Each rank scores its rank_share of the examples (batch_size examples = 4 * batch_size rows per
     forward) and the counts are summed over ranks with torch.distributed, so with world_size > 1
     every rank must call this. max_seq_len defaults to the model's config.max_seq_len."""
     if not examples:
@@ -301,7 +306,7 @@ def evaluate(
         raise RuntimeError(f"evaluate with world_size={world_size} needs torch.distributed initialized first")
     if max_seq_len is None:
         max_seq_len = _model_max_seq_len(model)
-    local = examples[rank::world_size]
+    local = rank_share(examples, rank, world_size)
     pred, pred_norm = predict(
         model, local, device, batch_size, autocast_dtype, max_seq_len, progress=progress and rank == 0
     )

@@ -400,7 +400,7 @@ def hellaswag_score(run: Run) -> dict:
     import hellaswag  # noqa: PLC0415
 
     d = run.dist
-    if not run.hellaswag_examples[d.rank::d.world_size]:  # fewer examples than ranks
+    if not hellaswag.rank_share(run.hellaswag_examples, d.rank, d.world_size):  # fewer examples than ranks
         parallel.join_eval(run.eval_model, d.device)
     return hellaswag.evaluate(
         run.eval_model, run.hellaswag_examples, d.device, batch_size=max(1, run.cfg.micro_batch // 4),

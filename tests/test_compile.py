@@ -1,18 +1,14 @@
 """CPU stand-ins for the CUDA training path: the compiled loss traces as one graph under bf16
 autocast, and DDP around the compiled model (torchrun, gloo) trains the same losses as eager."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_model
+from runs import metric_rows, run
 from torch._dynamo.utils import counters
 
-ROOT = Path(__file__).resolve().parent.parent
 SEQ = 32
 
 
@@ -49,16 +45,8 @@ def test_compiled_loss_is_one_graph_under_bf16_autocast(grad):
 
 def train(out_dir: Path, data_dir: Path, *extra: str, nproc: int = 1, env: dict | None = None):
     """train_llama.py on the tiny model for 3 steps of 8 x 32 tokens; returns (metrics.jsonl rows, process)."""
-    args = ["--config", str(ROOT / "configs" / "tiny.py"), "--prepare_local_data=false", f"--seq_len={SEQ}",
-            f"--total_batch_tokens={8 * SEQ}", "--micro_batch=2", "--max_steps=3", "--warmup_steps=2",
-            "--eval_interval=0", "--sample_interval=0", "--save_interval=0", "--device=cpu",
-            f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
-    launcher = ([sys.executable] if nproc == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
-    proc = subprocess.run([*launcher, str(ROOT / "train_llama.py"), *args], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()], proc
+    proc = run(out_dir, data_dir, "--max_steps=3", "--warmup_steps=2", *extra, nproc=nproc, timeout=600, env=env)
+    return metric_rows(out_dir), proc
 
 
 def test_ddp_compiled_on_two_gloo_processes_matches_eager(tmp_path, data_dir):

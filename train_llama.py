@@ -438,7 +438,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
                   f"accumulation x {d.world_size} processes | device {d.device} | "
-                  f"compile {cfg.compile_mode if parallel.compiling(cfg, d) else 'off'} | "
+                  f"compile {parallel.compile_mode(cfg, d)} | "
                   f"{'fsdp' if parallel.is_sharded(run.model) else 'ddp' if d.world_size > 1 else 'one process'}")
         run.stop = StopFlag()
         return run
@@ -623,12 +623,12 @@ def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
 
 
 def make_meter(run: Run) -> Throughput:
-    c, d = run.model.config, run.dist
+    d = run.dist
     name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None
     peak, note = peak_flops(name, run.cfg.peak_tflops)
     if d.device.type == "cuda":
         run.log.print(f"MFU: {note}")
-    flops = flops_per_token(run.model.num_params(), c.n_layers, run.cfg.seq_len, c.dim)
+    flops = flops_per_token(run.model, run.cfg.seq_len)
     return Throughput(run.cfg.total_batch_tokens, flops * run.cfg.total_batch_tokens, peak,
                       d.world_size, d.device)
 

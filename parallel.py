@@ -24,6 +24,8 @@ parameters are DTensor shards, and torch.distributed.checkpoint writes the same 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch._dynamo.config
 import torch._functorch.config
@@ -33,6 +35,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Transformer
@@ -213,6 +216,18 @@ def all_reduce_bf16(process_group, bucket):  # noqa: ANN001, ANN201
 
 
 # ----------------------------------------------------------------------------- the training step
+
+def attention_backend(name: str) -> AbstractContextManager:
+    """The context the training step runs in for `--sdpa_backend`: "auto" leaves SDPA to pick
+    per call; "flash", "cudnn", "efficient" or "math" allows that backend alone (a shape it
+    cannot take is then an error, not a silent fallback). From outside the model, so model.py
+    keeps no device code; under torch.compile the backend is fixed when the graph is traced."""
+    if name == "auto":
+        return nullcontext()
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
 
 def set_gradient_sync(model: nn.Module, train_model: nn.Module, sync: bool) -> None:
     """Reduce gradients over the ranks on this micro-step, or only accumulate them locally.

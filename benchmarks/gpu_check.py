@@ -962,14 +962,16 @@ def finish(name: str, code: int | None, seconds: float, timeout: float, out: Pat
 
 # The commands and the limits they run under (per-row timeout, overall deadline, parallel width).
 def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: float | dict[str, float],
-                 deadline: float, width: int = 1, log=print, estimates: dict[str, float] | None = None) -> dict[str, dict]:
+                 deadline: float, width: int = 1, log=print, estimates: dict[str, float] | None = None,
+                 least: float = 5.0) -> dict[str, dict]:
     """Run each command as its own process group, `width` at once, each until it exits, its
     timeout (`timeout`, or `timeout[name]`) passes, or the monotonic `deadline`; one result per
     command, in the given order. A command whose estimated seconds (`estimates`) the time left
     cannot hold is not started: it is skipped and the next one tried.
 
     A command's stdout/stderr go to OUT/logs/NAME.out/.err; its result is OUT/rows/NAME.json if it
-    wrote one, else a failed/timeout verdict with the end of its stderr."""
+    wrote one, else a failed/timeout verdict with the end of its stderr. A row is not started
+    with less than `least` seconds left."""
     for sub in ("logs", "rows"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     estimates = estimates or {}
@@ -980,9 +982,9 @@ def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: 
             name = pending.pop(0)
             now = time.monotonic()
             left = deadline - now
-            if left < max(5.0, estimates.get(name, 0.0)):
+            if left < max(least, estimates.get(name, 0.0)):
                 why = (f"needs about {estimates[name]:.0f} s, {left:.0f} s of the budget (--budget) left"
-                       if left >= 5 else "the time budget (--budget) is spent")
+                       if left >= least else "the time budget (--budget) is spent")
                 results[name] = {"row": name, "verdict": f"skipped: {why}"}
                 log(f"{name}: {results[name]['verdict']}")
                 continue
@@ -1025,7 +1027,7 @@ def run_rows(names: list[str], commands: dict[str, list[str]], out: Path, env: d
     for group, width, deadline in ((timed, 1 if cuda else jobs, t0 + budget - reserve), (beside, jobs, t0 + budget)):
         if group:
             results.update(run_commands({n: commands[n] for n in group}, out, env, limits, deadline, width, log,
-                                        estimates))
+                                        estimates, least=5.0 * time_scale))
     return {n: results[n] for n in names}
 
 

@@ -1076,7 +1076,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the rows by call and exit")
     parser.add_argument("--quick", action="store_true", help="the tiny model, on CUDA too")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    parser.add_argument("--timeout", type=float, help="seconds per row (default: each row's own on CUDA, 120 on CPU)")
+    parser.add_argument("--timeout", type=float, help="seconds per row (default: each row's own on CUDA, 300 on CPU)")
     parser.add_argument("--budget", type=float,
                         help=f"seconds for all rows; a row the rest cannot hold is skipped (default: {BUDGET_S[1]})")
     parser.add_argument("--jobs", type=int, help="correctness rows run at once (default: 4 on CUDA, 2 on CPU)")
@@ -1132,7 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
     jobs = args.jobs or (4 if plan.cuda else 2)
-    timeout = args.timeout or (None if plan.cuda else 120)
+    timeout = args.timeout or (None if plan.cuda else 300)
     what = f"rows {','.join(args.names)}" if args.rows else f"call {args.call}: {','.join(args.names)}"
     print(f"gpu_check: {what} on {plan.device} ({plan.model}), {args.budget:.0f} s in all; logs in {out / 'logs'}; "
           f"inductor cache {plan.cache_dir}", flush=True)

@@ -20,10 +20,11 @@ def test_cpu_battery_runs_both_calls(tmp_path):
     activation projection skipped: it needs CUDA's peak memory); the headline compiles one block
     graph and skips no frame; FSDP compiles per block, skips no frame and trains like the headline,
     as whole-model compile and activation checkpointing do; the attention row ran flash and math
-    inside the model; the table is printed last. The two calls run side by side to save time."""
-    procs = {call: subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--call", str(call), "--out",
-                                     str(tmp_path / f"call{call}"), "--cache_dir", str(tmp_path / "cache")],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    inside the model; the table is printed last. The two calls run side by side, one row at a time each."""
+    procs = {call: subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--call", str(call), "--jobs", "1",
+                                     "--out", str(tmp_path / f"call{call}"), "--cache_dir", str(tmp_path / "cache")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
              for call in (1, 2)}
     rows = {}
     for call, proc in procs.items():

@@ -56,8 +56,8 @@ def peak_flops(device_name: str | None, override_tflops: float = 0.0) -> tuple[f
 
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token of `model` (a model.Transformer, also sharded or on the meta
-    device) on sequences of `seq_len` tokens, by the accounting MFU is reported in across the field: PaLM's (Chowdhery et al.
-    2022, appendix B), as torchtitan and llm.c use it:
+    device) on sequences of `seq_len` tokens, by the accounting MFU is reported in across the
+    field: PaLM's (Chowdhery et al. 2022, appendix B), as torchtitan and llm.c use it:
 
         6 * N + 12 * L * d * T
 
@@ -66,8 +66,8 @@ def flops_per_token(model, seq_len: int) -> float:
     (forward + 2 backward). 12 * L * d * T = the attention scores and their weighted sum (QK^T
     and AV: 2 matmuls x 2 FLOPs x 3 passes, each over d per layer and T keys), with causal
     masking not discounted, as PaLM and llm.c count it. Norms, RoPE, SwiGLU's product and the
-    softmax are left out. For 1p7b at T=1024 this is 10.58 GFLOP/token, 5.8% less than counting
-    the embedding too."""
+    softmax are left out. For 1p7b at T=1024 this is 10.58 GFLOP/token; counting the embedding
+    too would overstate MFU by 5.8%."""
     cfg = model.config
     matmul_params = model.num_params() - model.tok_embeddings.weight.numel()
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len

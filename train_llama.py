@@ -267,7 +267,8 @@ def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.
                 loss = train_model(x, y)
             # The micro-batch's mean loss times its share of the step's targets: the step's loss is
             # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
-            loss = loss / s.accum_steps if step_targets is None else loss * ((y >= 0).sum() * s.world_size / step_targets)
+            loss = (loss / s.accum_steps if step_targets is None
+                    else loss * ((y >= 0).sum() * s.world_size / step_targets))
             loss_sum += loss.detach()
             loss.backward()
     grad_norm = parallel.clip_grad_norm(model.parameters(), s.grad_clip or math.inf)

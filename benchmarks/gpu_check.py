@@ -1,21 +1,25 @@
-"""The one-shot GPU battery: speed, memory and correctness of the real training path in one command.
+"""The GPU battery: speed, memory and correctness of the real training path, in two device calls.
 
-    python benchmarks/gpu_check.py                     # every row: about 8 minutes on one H100/H200
-    python benchmarks/gpu_check.py --rows env,loss     # some rows (--list names them)
+    python benchmarks/gpu_check.py                     # call 1: env, then the headline row first
+    python benchmarks/gpu_check.py --call 2            # call 2: the rest, most wanted first
+    python benchmarks/gpu_check.py --rows env,loss     # named rows (--list shows them by call)
     python benchmarks/gpu_check.py --quick             # the tiny model, on whatever device there is
 
 GPU time comes rarely and briefly, so this is prepared and tested on the CPU: without CUDA the same
-command runs every row on the tiny model (NCCL becomes gloo, no memory cap, torch.compile with
-dynamo's "eager" backend, which counts graph breaks and recompiles as inductor would but builds no
-C++), and tests/test_gpu_check.py runs it that way. Each row runs in its own process group with its
-own timeout: a crash, an out-of-memory or a hang is that row's verdict and the others run on. Each
-row adds one JSON line to OUT/results.jsonl; the table is printed last and saved as OUT/table.txt;
-each row's stdout and stderr are in OUT/logs/. All rows share one inductor cache
-(OUT/inductor_cache), so a graph one row compiled is loaded, not compiled again, by the next.
+commands run every row on the tiny model (NCCL becomes gloo, no memory cap, torch.compile with
+dynamo's "eager" backend, which counts graph breaks, skipped frames and recompiles as inductor
+would but builds no C++), and tests/test_gpu_check.py runs them that way. Call 1 puts the headline
+(1p7b compiled per block at the default micro-batch, MFU over 5 optimizer steps) right after the
+environment, so that it returns within one device call on a cold machine. Each row runs in its own
+process group with its own timeout: a crash, an out-of-memory or a hang is that row's verdict and
+the others run on; a row the budget left cannot hold is skipped. Each row adds one JSON line to
+OUT/results.jsonl; the table is printed last and saved as OUT/table.txt; each row's stdout and
+stderr are in OUT/logs/. All rows share one inductor cache (.cache/inductor in the repo), so a
+graph one row compiled is loaded, not compiled again, by the next, and by the next call.
 
 Verdicts: "ok[: details]", "warning: ...", "out of memory", "mismatch: ..." (a check ran and
-failed), "failed: ..." (the row crashed), "timeout after N s", "skipped: ...". The exit status is 1
-when any row failed, timed out or mismatched.
+failed, or dynamo skipped a frame), "failed: ..." (the row crashed), "timeout after N s",
+"skipped: ...". The exit status is 1 when any row failed, timed out or mismatched.
 """
 
 from __future__ import annotations
@@ -363,11 +367,12 @@ def row_env(plan: Plan) -> dict:
         info["gpt2_vocab"] = None
         info["gpt2_vocab_error"] = first_line(e)
     info.update(inductor_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-                cache_files_at_start=sum(1 for _ in Path(plan.cache_dir).rglob("*")) if Path(plan.cache_dir).is_dir() else 0,
+                cache_files_at_start=sum(1 for _ in Path(plan.cache_dir).rglob("*")),
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     cfg = model_config(plan.model, max_seq_len=plan.seq_len)
     info["sdpa"] = sdpa_backends(cfg, plan.micro_batch, plan.seq_len, torch.device(plan.device))
-    available = [b for b in ("flash_attention", "cudnn_attention", "efficient_attention", "math") if "ms" in info["sdpa"][b]]
+    available = [b for b in ("flash_attention", "cudnn_attention", "efficient_attention", "math")
+                 if "ms" in info["sdpa"][b]]
     if info["gpt2_vocab"] is None:
         verdict = "warning: no GPT-2 vocabulary, so the hellaswag and recompile rows fail: see benchmarks/README.md"
     elif plan.cuda and peak is None:
@@ -417,7 +422,8 @@ def sdpa_backends(cfg, batch: int, seq_len: int, device: torch.device) -> dict:
     return result
 
 
-def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None = None, **knobs) -> dict:
+def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None = None, profile: bool = False,
+              **knobs) -> dict:
     """Optimizer steps of the measured model (plan.accum micro-steps, clip, fused AdamW) through
     train_llama.optimizer_step at one micro-batch, wrapped as train_llama wraps it with the
     TrainConfig `knobs` (parallel, activation_checkpointing, ac_every, compile_mode): tokens/s and
@@ -465,8 +471,8 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None 
             loss = step()
             times.append(time.perf_counter() - t0)
         peak, reserved = peak_gib(device), peak_reserved_gib(device)
-        # On the CPU, where a profiled step takes seconds, the plain rows alone cover the profiler.
-        kernels = top_kernels(step, device) if plan.cuda or not knobs else []
+        # On the CPU, where a profiled step takes seconds, the headline alone covers the profiler.
+        kernels = top_kernels(step, device) if plan.cuda or profile else []
     except Exception as e:  # an OOM is this row's answer; anything else is a crash
         if not is_oom(e):
             raise
@@ -519,7 +525,8 @@ def row_attention(plan: Plan) -> dict:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    ms = time_ms(lambda: train_step(model, model, optimizer, batches, plan, backend), device, plan.steps)
+                    ms = time_ms(lambda: train_step(model, model, optimizer, batches, plan, backend), device,
+                                 plan.steps)
                     with profile(activities=[ProfilerActivity.CPU]) as prof:
                         train_step(model, model, optimizer, batches, plan, backend)
                         sync(device)
@@ -528,7 +535,8 @@ def row_attention(plan: Plan) -> dict:
                     report[key] = {"ms": ms, "ops": ops}
                 except Exception as e:  # a backend that refuses the shape (or the card): that is its answer
                     # SDPA says why a backend refused in warnings; the error itself only says none ran.
-                    why = "; ".join(dict.fromkeys(first_line(w.message) for w in caught if "sdp" in str(w.message).lower()))
+                    why = "; ".join(dict.fromkeys(first_line(w.message) for w in caught
+                                                  if "sdp" in str(w.message).lower()))
                     report[key] = {"error": ("out of memory: " if is_oom(e) else "") + (why or first_line(e))[:300]}
                 optimizer.zero_grad(set_to_none=True)
                 if plan.cuda:
@@ -537,7 +545,8 @@ def row_attention(plan: Plan) -> dict:
     wrong = [k for k, v in ran.items() if not any(k.split("_")[0] in op for op in v["ops"])]
     parts = []
     for seq_len, micro_batch in shapes:
-        times = [f"{k.split('_')[0]} {v['ms']:.0f}" for k, v in ran.items() if k.endswith(f"_seq{seq_len}_mb{micro_batch}")]
+        times = [f"{k.split('_')[0]} {v['ms']:.0f}" for k, v in ran.items()
+                 if k.endswith(f"_seq{seq_len}_mb{micro_batch}")]
         parts.append(f"seq {seq_len}: " + (", ".join(times) or "none ran") + " ms")
     summary = "; ".join(parts)
     if wrong:
@@ -546,7 +555,8 @@ def row_attention(plan: Plan) -> dict:
         verdict = f"failed: flash attention ran at no shape ({summary})"
     else:
         verdict = f"ok: {summary}"
-    return {"config": f"{plan.model} eager step, 1 micro-step, per SDPA backend" + (f", cap {cap:g} GiB" if cap else ""),
+    return {"config": f"{plan.model} eager step, 1 micro-step, per SDPA backend"
+                      + (f", cap {cap:g} GiB" if cap else ""),
             "variants": report, "verdict": verdict}
 
 
@@ -838,7 +848,7 @@ ROWS: dict[str, Row] = {
     # ---- call 1: the headline first, with nothing before it but the environment
     "env": Row(row_env, "versions, card, peak FLOP/s, GPT-2 vocabulary, which SDPA backends run bf16 GQA",
                call=1, cold_s=30, timeout_s=120),
-    HEADLINE: Row(lambda plan: row_speed(plan, plan.micro_batch, compiled=True, compile_mode="blocks"),
+    HEADLINE: Row(lambda plan: row_speed(plan, plan.micro_batch, compiled=True, profile=True, compile_mode="blocks"),
                   "THE HEADLINE: 1p7b compiled per block, default micro-batch, 4 micro-steps, MFU over 5 steps",
                   call=1, cold_s=120, timeout_s=420),
     "train_llama": Row(row_train_llama, "train_llama.py --benchmark, the real script, the headline's shape",
@@ -1042,8 +1052,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         cells = [r["row"], str(r.get("config", ""))[:62], fmt(r.get("micro_batch"), "d"),
                  fmt(r.get("tokens_per_s"), ",.0f"), fmt(r["mfu"] * 100 if r.get("mfu") is not None else None, ".1f"),
-                 fmt(r.get("peak_gib"), ".1f"), fmt(r.get("peak_reserved_gib"), ".1f"), fmt(r.get("ms_per_step"), ".1f"),
-                 fmt(r.get("compile_s"), ".1f"), r["verdict"]]
+                 fmt(r.get("peak_gib"), ".1f"), fmt(r.get("peak_reserved_gib"), ".1f"),
+                 fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("compile_s"), ".1f"), r["verdict"]]
         lines.append(" ".join(format(c, spec) for c, (_, spec) in zip(cells, cols, strict=True)))
     return "\n".join(lines)
 

@@ -88,7 +88,7 @@ def test_fsdp_compiles_every_block_and_skips_no_frame(tmp_path):
     says: dynamo skips no frame, breaks no graph, and builds one graph, the block's, which every
     block runs (Transformer.forward, which FSDP's hooks would make dynamo skip, is not compiled)."""
     import torch.distributed as dist
-    from torch._dynamo.utils import get_compilation_metrics
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
 
     import parallel
     from model import TransformerBlock
@@ -97,6 +97,7 @@ def test_fsdp_compiles_every_block_and_skips_no_frame(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
+    clear_compilation_metrics()  # earlier tests' compilations stay listed otherwise
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         cfg = TrainConfig(seq_len=SEQ, parallel="fsdp", compile_cpu=True, compile_mode="model")

@@ -64,10 +64,10 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-import export_hf
+import hf_io
 import metrics
 from model import Transformer
-from tokenizer import EOT, N_VOCAB, vocab_file
+from tokenizer import EOT, vocab_file
 from utils import DTYPES, UserError, cli_errors, write_atomic
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",
@@ -109,11 +109,11 @@ def to_llama(model: Transformer, source: str = ""):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = model.output.weight.device
-    config = {k: v for k, v in export_hf.hf_config(model.config).items() if k != "torch_dtype"}
+    config = {k: v for k, v in hf_io.hf_config(model.config).items() if k != "torch_dtype"}
     config = LlamaConfig(**config, name_or_path=source)
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
-    hf_model.load_state_dict(export_hf.to_hf_state_dict(model), assign=True)
+    hf_model.load_state_dict(hf_io.to_hf_state_dict(model), assign=True)
     # The rotary inverse frequencies are non-persistent buffers, still on meta: rebuild them.
     with torch.device(device):
         hf_model.model.rotary_emb = type(hf_model.model.rotary_emb)(config=config)
@@ -121,20 +121,18 @@ def to_llama(model: Transformer, source: str = ""):
     return hf_model.eval()
 
 
-def load_checkpoint(path: str | Path, device: torch.device) -> tuple[object, Path, dict]:
+def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full") -> tuple[object, Path, dict]:
     """(LlamaForCausalLM, directory for the results, meta) for a run dir, a step dir, or a
-    weights dir written by `export_hf.py --from_hf`."""
+    weights dir written by `export_hf.py --from_hf`; a checkpoint's files are checked against
+    their recorded checksums (verify="full") or sizes ("size")."""
     path = Path(path)
     if (path / "model_config.json").is_file():
-        return to_llama(export_hf.load_weights(str(path), device), str(path)), path, {}
-    try:
-        ckpt = checkpoint.resolve(path)
-        if ckpt is None:
-            raise UserError(f"{path} holds no complete checkpoint yet")
-        model = checkpoint.load_model(ckpt, device)
-        meta = checkpoint.read_meta(ckpt)
-    except checkpoint.CheckpointError as e:
-        raise UserError(str(e)) from None
+        return to_llama(hf_io.load_weights(str(path), device), str(path)), path, {}
+    ckpt = checkpoint.resolve(path)
+    if ckpt is None:
+        raise UserError(f"{path} holds no complete checkpoint yet")
+    model = checkpoint.load_model(ckpt, device, verify_files=verify)
+    meta = checkpoint.read_meta(ckpt)
     return to_llama(model, str(ckpt)), ckpt, meta
 
 
@@ -145,10 +143,8 @@ def load_hf_dir(hf_dir: str | Path, device: torch.device):
     if not Path(hf_dir, "config.json").is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json); "
                         f"pass --checkpoint for our checkpoints")
+    hf_io.check_vocabulary(hf_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
-    if hf_model.config.vocab_size < N_VOCAB:
-        raise UserError(f"{hf_dir} has vocab_size={hf_model.config.vocab_size}; the tasks are tokenized "
-                        f"with GPT-2's {N_VOCAB}-token vocabulary, so the model must use GPT-2's ids")
     changed = _use_gpt2_special_tokens(hf_model)
     if changed:
         print(f"evaluate: {hf_dir}: using GPT-2's <|endoftext|> ({EOT}) for bos/eos/pad instead of "
@@ -324,7 +320,7 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
     manager = manager_factory() if mine else None
     for i, ckpt in enumerate(mine, 1):
         try:
-            hf_model, _, meta = load_checkpoint(ckpt, device)
+            hf_model, _, meta = load_checkpoint(ckpt, device, args.verify)
         except UserError as e:  # one bad checkpoint should not cost the others' results
             print(f"evaluate: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -397,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--include_path", default=None, help="a directory of extra task YAMLs (offline tasks)")
     parser.add_argument("--out", default=None, help="the JSON result (default: lm_eval_KEY.json beside the "
                                                    "checkpoint; with --all_steps, in the run directory)")
+    parser.add_argument("--verify", choices=("full", "size"), default="full",
+                        help="check each checkpoint's files against their recorded sha256 (full) or sizes only")
     parser.add_argument("--all_steps", action="store_true",
                         help="evaluate every step_* of a run directory not evaluated yet, then plot")
     args = parser.parse_args(argv)
@@ -457,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.hf:
                 hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
             else:
-                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device)
+                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device, args.verify)
             out = Path(args.out) if args.out else result_path(result_dir, key)
             record = evaluate_model(hf_model, result_dir, meta, out, manager, args, settings)
             print(record["table"], end="")

@@ -38,6 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
+import hf_io
 from tokenizer import EOT, get_encoding
 from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, write_atomic
 
@@ -345,6 +347,7 @@ def load_hf_model(hf_dir: str, device: torch.device) -> HFCausalLM:
 
     if not Path(hf_dir, "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    hf_io.check_vocabulary(hf_dir)
     try:
         # float32 weights with autocast, like our checkpoints, so --dtype means the same for both.
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
@@ -363,10 +366,9 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     """The model to evaluate and the directory its result is written to."""
     if args.hf:
         return load_hf_model(args.hf, device), Path(args.hf)
-    import checkpoint  # only this path needs the training-state code
-
     # resolve() names the step directory that load_model loads (a run directory's `latest`).
-    return checkpoint.load_model(args.checkpoint, device), checkpoint.resolve(args.checkpoint)
+    return (checkpoint.load_model(args.checkpoint, device, verify_files=args.verify),
+            checkpoint.resolve(args.checkpoint))
 
 
 def _unwritable(path: Path) -> str | None:
@@ -440,10 +442,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="autocast dtype; float32 = no autocast (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--out", help="the JSON result (default: hellaswag.json in the step or --hf directory)")
+    parser.add_argument("--verify", choices=("full", "size"), default="full",
+                        help="check the checkpoint's files against their recorded sha256 (full) or sizes only")
     args = parser.parse_args(argv)
-    import checkpoint  # for its error type; the evaluation itself only needs it for --checkpoint
-
-    with cli_errors("hellaswag.py", expected=(checkpoint.CheckpointError,)):
+    with cli_errors("hellaswag.py"):
         run(args)
 
 

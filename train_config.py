@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from model import ModelConfig, model_config
 from utils import DTYPES, UserError
@@ -23,6 +25,9 @@ class ConfigError(UserError):
 
 @dataclass
 class TrainConfig:
+    # What kind of run this config trains, recorded in every checkpoint: a run never resumes as another kind.
+    RUN_KIND: ClassVar[str] = "pretraining"
+    SCRIPT: ClassVar[str] = "train_llama.py"
     # model: a preset of model.py, with optional field overrides (config files only)
     model: str = "1p7b"
     model_overrides: dict = field(default_factory=dict)
@@ -162,13 +167,29 @@ def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -
     def describe(k, old, new):
         return f"{k}: checkpoint {old!r} vs now {new!r}"
 
+    # A knob a checkpoint does not record predates it: that run had its default.
+    model_defaults = ModelConfig().to_dict()
+    train_defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                      for f in dataclasses.fields(type(cfg))}
+    saved_model = {**model_defaults, **saved_model} if saved_model else {}
+    saved_train = {**train_defaults, **saved_train}
     refused = [describe(k, saved_model.get(k), v) for k, v in cfg.model_config().to_dict().items()
-               if saved_model.get(k) != v]
-    refused += [describe(k, saved_train.get(k), getattr(cfg, k)) for k in FIXED_ON_RESUME
-                if saved_train.get(k) != getattr(cfg, k)]
-    allowed = [describe(k, saved_train.get(k), getattr(cfg, k)) for k in SCHEDULE_KNOBS
-               if saved_train.get(k) != getattr(cfg, k)]
+               if saved_model and saved_model.get(k) != v]
+    refused += [describe(k, saved_train[k], getattr(cfg, k)) for k in FIXED_ON_RESUME
+                if saved_train[k] != getattr(cfg, k)]
+    allowed = [describe(k, saved_train[k], getattr(cfg, k)) for k in SCHEDULE_KNOBS
+               if saved_train[k] != getattr(cfg, k)]
     return refused, allowed
+
+
+def same_init_from(saved: str, now: str) -> bool:
+    """Whether two --init_from values name the same base model (the same text, or the same path)."""
+    if os.path.normpath(saved or ".") == os.path.normpath(now or "."):
+        return True
+    try:
+        return bool(saved and now) and os.path.samefile(saved, now)
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -217,6 +238,9 @@ def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> Train
         if key == "model_overrides":
             raise ConfigError("model_overrides can only be set in a config file")
         setattr(cfg, key, _parse_value(key, text, getattr(cfg, key)))
+    # Which knobs the command line set (not the config file): a rerun of a finished run exits 0 only
+    # when it names the step it is at (train_llama.check_not_finished).
+    cfg.command_line = {a[2:].partition("=")[0]: getattr(cfg, a[2:].partition("=")[0]) for a in args}
     cfg.validate()
     return cfg
 
@@ -248,6 +272,9 @@ def usage(doc: str, kind: type[TrainConfig] = TrainConfig) -> str:
 @dataclass
 class SFTConfig(TrainConfig):
     """TrainConfig plus the SFT knobs; defaults are the 1.7B recipe (configs/sft_1p7b.py)."""
+
+    RUN_KIND: ClassVar[str] = "fine-tuning"
+    SCRIPT: ClassVar[str] = "finetune.py"
 
     data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
     template: str = "vicuna"  # a name in finetune.TEMPLATES or a .json file of Template's fields

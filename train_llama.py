@@ -31,11 +31,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
+import hf_io
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
-from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
+from train_config import ConfigError, TrainConfig, load_config, resume_differences, same_init_from, usage
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
@@ -317,7 +318,7 @@ def save_if_due(run: Run) -> bool:
 
 def save(run: Run) -> None:
     t0 = time.perf_counter()
-    meta = {"run_id": run.progress.run_id, "train_config": dataclasses.asdict(run.cfg),
+    meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict()}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last)
@@ -466,7 +467,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
     model = build_model(cfg.model_config(), d.device)
     if cfg.init_from and resume_from is None and not benchmark:
-        init_weights_from(cfg.init_from, model, log)
+        init_weights_from(cfg.init_from, model, log, cfg.verify)
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
@@ -549,13 +550,59 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
+        check_same_run(cfg, ckpt, meta)
         refused, allowed = resume_differences(meta.get("train_config", {}), meta.get("model_config", {}), cfg)
         if refused:
             raise ConfigError("cannot resume with a different model or data order: " + "; ".join(refused)
                               + " (use --init_from for weights only, or a new --out_dir)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        check_not_finished(cfg, meta["step"], log)
     return ckpt
+
+
+def run_kind(meta: dict) -> str | None:
+    """The kind of run that wrote a checkpoint: recorded since run kinds were, else told by its
+    loader's data identity (shards: pretraining; instruction examples: fine-tuning)."""
+    if meta.get("run_kind"):
+        return meta["run_kind"]
+    data = (meta.get("loader") or {}).get("data") or {}
+    return "pretraining" if "shards" in data else "fine-tuning" if "examples" in data else None
+
+
+def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
+    """ConfigError unless `ckpt` was written by a run of cfg's kind that started from the same
+    --init_from: a resume continues that run, so anything else would be silently ignored."""
+    kind, scripts = run_kind(meta), {"pretraining": "train_llama.py", "fine-tuning": "finetune.py"}
+    if kind is not None and kind != cfg.RUN_KIND:
+        raise ConfigError(f"{ckpt} was written by a {kind} run ({scripts.get(kind, kind)}) and this is a "
+                          f"{cfg.RUN_KIND} run ({cfg.SCRIPT}): continue it with {scripts.get(kind, kind)}, or "
+                          f"choose another --out_dir (--init_from={ckpt} there starts from its weights)")
+    saved = (meta.get("train_config") or {}).get("init_from", "")
+    if not same_init_from(saved, cfg.init_from):
+        was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
+        keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"
+        raise ConfigError(f"--init_from={cfg.init_from or repr('')} but the run in {ckpt.parent} started from {was} "
+                          f"and a resume continues it from {ckpt.name}, never from a new base: {keep} to resume "
+                          f"it, or choose another --out_dir to start from the new one")
+
+
+def check_not_finished(cfg: TrainConfig, step: int, log: Logger) -> None:
+    """ConfigError (exit 2) for a resume with no step left to train, unless the command line asked
+    for exactly that step (--max_steps=N or --stop_step=N with N the checkpoint's step): a rerun
+    that trains nothing must not look like a run that trained."""
+    asked = getattr(cfg, "command_line", {})
+    for knob, limit in (("max_steps", cfg.max_steps), ("stop_step", cfg.stop_step)):
+        if not limit or step < limit:
+            continue
+        if asked.get(knob) == step:
+            log.print(f"already at step {step}, as --{knob}={step} asks: nothing to do")
+            return
+        if knob == "max_steps" and step == limit:
+            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; "
+                              f"raise --max_steps to continue")
+        raise ConfigError(f"already at step {step}, {'at' if step == limit else 'past'} {knob} {limit}: nothing to "
+                          f"do; raise --{knob} above {step} to continue (or pass --{knob}={step} to accept that)")
 
 
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
@@ -597,15 +644,15 @@ def restore(run: Run, ckpt: Path) -> None:
                   f"tokens seen{note}")
 
 
-def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
+def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:
     """Weights only, from our checkpoint, an imported weights directory (export_hf.py --from_hf)
     or a Hugging Face Llama directory; the optimizer starts fresh."""
+    if (Path(path) / "config.json").is_file():
+        hf_io.check_vocabulary(path)
     if (Path(path) / "config.json").is_file() or (Path(path) / "model_config.json").is_file():
-        from export_hf import load_hf, load_weights  # noqa: PLC0415
-
         # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
-        source = (load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
-                  if (Path(path) / "config.json").is_file() else load_weights(path))
+        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
+                  if (Path(path) / "config.json").is_file() else hf_io.load_weights(path))
         config, state = source.config, source.state_dict()
     else:
         ckpt = checkpoint.resolve(path)
@@ -616,7 +663,7 @@ def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
     if diffs:
         raise ConfigError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
     if state is None:
-        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files="size")
+        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files=verify)
     else:
         model.load_state_dict(state)
     log.print(f"initialized weights from {path}")

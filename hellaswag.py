@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -41,7 +40,7 @@ from tqdm import tqdm
 import checkpoint
 import hf_io
 from tokenizer import EOT, get_encoding
-from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, write_atomic
+from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, unwritable, write_atomic
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hellaswag"
@@ -371,23 +370,10 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
             checkpoint.resolve(args.checkpoint))
 
 
-def _unwritable(path: Path) -> str | None:
-    """Why the result cannot be written to `path`, or None: tried by creating a file beside it."""
-    if path.is_dir():
-        return f"the result path {path} is a directory: pass --out FILE.json, e.g. --out {path / 'hellaswag.json'}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
-    return None
-
-
 def _check_output(path: Path, d: Dist) -> None:
     """UserError on every rank when rank 0 (the one that writes) cannot write `path`: raised now,
     not after the evaluation. Every rank gets rank 0's verdict, so none is left waiting in evaluate."""
-    problem = [_unwritable(path) if d.is_main else None]
+    problem = [unwritable(path) if d.is_main else None]
     if d.world_size > 1:
         dist.broadcast_object_list(problem, src=0)
     if problem[0]:

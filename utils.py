@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -54,6 +55,21 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why a result file cannot be written to `path`, or None: tried by creating a file beside it,
+    so that a command can say so before its work rather than after it."""
+    path = Path(path)
+    if path.is_dir():
+        return f"the result path {path} is a directory: pass --out FILE.json, e.g. --out {path / 'result.json'}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
+    return None
 
 
 def disk_full_message(path: str | Path, e: OSError) -> str | None:

@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from utils import error_line
+from utils import UserError, error_line
 
 # build-nanogpt's names, so its shards load here and ours there: shard 0 is the validation split
 SHARD_PREFIX = "edufineweb"
@@ -60,8 +60,9 @@ FINGERPRINT_EDGE = 1 << 20  # bytes hashed at each end of a shard the manifest d
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 8, 64 << 10  # ...and in evenly spaced blocks between
 
 
-class DataError(ValueError):
-    """Missing, corrupt or unusable data; the message is one line that names the file."""
+class DataError(UserError, ValueError):
+    """Missing, corrupt or unusable data; the message is one line that names the file (a ValueError
+    too, as it was before user errors had a type of their own)."""
 
 
 def shard_name(index: int) -> str:
@@ -360,7 +361,7 @@ class GlobalOrder:
                  seed: int = 1337, shuffle: bool = True, log: Callable[[str], None] = print,
                  unit: str = "sequences"):
         if global_batch % (micro_batch * world_size) != 0:
-            raise ValueError(f"global_batch {global_batch} {unit} is not a multiple of micro_batch "
+            raise DataError(f"global_batch {global_batch} {unit} is not a multiple of micro_batch "
                              f"{micro_batch} x world_size {world_size} = {micro_batch * world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -413,7 +414,7 @@ class GlobalOrder:
     def seek(self, position: int) -> None:
         """Continue from a saved position, whatever the world size and micro-batch that saved it."""
         if position % self.global_batch:
-            raise ValueError(f"saved position {position} is not a multiple of global_batch "
+            raise DataError(f"saved position {position} is not a multiple of global_batch "
                              f"{self.global_batch}: resume with the global batch that saved it")
         self.step = position // self.global_batch * self.accum_steps
 
@@ -527,7 +528,7 @@ class TrainLoader(FollowsOrder):
         """
         for key in ("seed", "seq_len", "shuffle"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"the saved loader state has {key}={state[key]!r} but this loader "
+                raise DataError(f"the saved loader state has {key}={state[key]!r} but this loader "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
         self._check_same_data(state.get("data"), accept_new_data)
         self.close()

@@ -99,9 +99,10 @@ def read_rows(source: str) -> tuple[list[tuple[str, object]], str]:
 
 
 def hub_rows(name: str) -> list[dict]:
-    try:
-        import datasets  # noqa: PLC0415
+    # Outside the try: a missing `datasets` is its own one-line error (what to install), not a hub failure.
+    import datasets  # noqa: PLC0415 - heavy, and only the hub route needs it
 
+    try:
         return datasets.load_dataset(name, split="train").to_list()
     except Exception as e:  # offline, unknown name, no access: all say the same thing to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -187,11 +188,11 @@ class SFTData:
             [c for i, c in enumerate(conversations) if i in held_out], limit, cfg.overlong)
         self.val.sort(key=lambda e: len(e.ids))  # less padding; the mean is over tokens, order-free
         if cfg.eval_interval and not self.val:
-            raise DataError(f"{self.source}: all {val_long} validation examples are longer than seq_len + 1 = "
-                            f"{limit} tokens: raise --seq_len or --val_fraction, or pass --overlong=truncate")
+            raise DataError(f"{self.source}: {_all_too_long('validation', val_long, limit, cfg.overlong)}: raise "
+                            f"--seq_len or --val_fraction" + _or_truncate(cfg.overlong))
         if not self.train:
-            raise DataError(f"{self.source}: all {train_long} training examples are longer than seq_len + 1 = "
-                            f"{limit} tokens: raise --seq_len or pass --overlong=truncate")
+            raise DataError(f"{self.source}: {_all_too_long('training', train_long, limit, cfg.overlong)}: raise "
+                            f"--seq_len" + _or_truncate(cfg.overlong))
         answer_tokens = sum(int(e.trained.sum()) for e in self.train)
         all_tokens = sum(len(e.ids) for e in self.train)
         self.notes = [
@@ -244,6 +245,16 @@ class SFTData:
         val = (SFTValData(self.val, cfg.micro_batch, cfg.seq_len, cfg.pad_multiple, d.rank, d.world_size)
                if cfg.eval_interval else None)
         return loader, val
+
+
+def _all_too_long(split: str, count: int, limit: int, overlong: str) -> str:
+    if overlong == "truncate":  # cut to the limit, and still nothing to train: the prompt fills it
+        return f"all {count} {split} examples have prompts that fill seq_len + 1 = {limit} tokens (no answer token is left)"
+    return f"all {count} {split} examples are longer than seq_len + 1 = {limit} tokens"
+
+
+def _or_truncate(overlong: str) -> str:
+    return ", or pass --overlong=truncate" if overlong == "drop" else ""
 
 
 def collate(examples: list[Example], seq_len: int, pad_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,10 +311,10 @@ class SFTLoader(FollowsOrder):
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
         for key in ("seed", "seq_len", "shuffle"):
             if state.get(key) != getattr(self, key):
-                raise ValueError(f"the saved loader state has {key}={state.get(key)!r} but this run "
+                raise DataError(f"the saved loader state has {key}={state.get(key)!r} but this run "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
         saved = state.get("data") or {}
-        differences = [f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(v)}"
+        differences = [f"{k}: checkpoint {_short(saved[k]) if k in saved else 'records none'} vs now {_short(v)}"
                        for k, v in self.identity.items() if saved.get(k) != v]
         if differences and not accept_new_data:
             raise DataError(f"the instruction data differs from the checkpoint's ({'; '.join(differences)}): use "

@@ -52,6 +52,11 @@ N_ENDINGS = 4
 LENGTH_MULTIPLE = 64
 
 
+class HellaSwagError(UserError, ValueError):
+    """Unusable HellaSwag data or settings: one line naming the file, example or value (a
+    ValueError too, as it was before user errors had a type of their own)."""
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -87,21 +92,21 @@ def _download(url: str, path: Path) -> None:
 def _check_example(example: object, where: str) -> dict:
     """The example with its label as an int; ValueError naming `where` if it is malformed."""
     if not isinstance(example, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(example).__name__}")
+        raise HellaSwagError(f"{where}: expected a JSON object, got {type(example).__name__}")
     ctx = example.get("ctx")
     if not isinstance(ctx, str) or not ctx:
-        raise ValueError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r}")
+        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r}")
     endings = example.get("endings")
     if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
-        raise ValueError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings")
+        raise HellaSwagError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings")
     if len(endings) != N_ENDINGS:
-        raise ValueError(f"{where}: expected {N_ENDINGS} endings, got {len(endings)}")
+        raise HellaSwagError(f"{where}: expected {N_ENDINGS} endings, got {len(endings)}")
     label = example.get("label")
     # The jsonl release stores ints; copies exported from the `datasets` version store strings.
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
-        raise ValueError(f"{where}: label must be an integer in 0-{N_ENDINGS - 1}, got {label!r}")
+        raise HellaSwagError(f"{where}: label must be an integer in 0-{N_ENDINGS - 1}, got {label!r}")
     return {**example, "label": label}
 
 
@@ -119,7 +124,7 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
         if not file.is_file():
             raise FileNotFoundError(f"HellaSwag data file {file} does not exist; pass --data PATH.jsonl")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of examples, got {limit}")
+        raise HellaSwagError(f"limit must be a positive number of examples, got {limit}")
     examples = []
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -131,10 +136,10 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise HellaSwagError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             examples.append(_check_example(example, where))
     if not examples:
-        raise ValueError(f"{file} holds no HellaSwag examples")
+        raise HellaSwagError(f"{file} holds no HellaSwag examples")
     return examples
 
 
@@ -157,11 +162,11 @@ def render_example(
     ctx = enc.encode_ordinary(example["ctx"])
     endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     if not ctx:
-        raise ValueError(f"HellaSwag example {example.get('ind', '?')}: the context encodes to no tokens")
+        raise HellaSwagError(f"HellaSwag example {example.get('ind', '?')}: the context encodes to no tokens")
     if max_seq_len is not None:
         room = max_seq_len - max(len(e) for e in endings)
         if room < 1:
-            raise ValueError(
+            raise HellaSwagError(
                 f"HellaSwag example {example.get('ind', '?')}: an ending of "
                 f"{max(len(e) for e in endings)} tokens leaves no room for context within "
                 f"max_seq_len={max_seq_len}; evaluate with a longer max_seq_len"
@@ -226,7 +231,7 @@ def predict(
 ) -> tuple[list[int], list[int]]:
     """Predicted ending per example, in the order given: (by summed loss, by mean loss)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}")
+        raise HellaSwagError(f"batch_size must be a positive number of examples, got {batch_size}")
     device = torch.device(device)
     enc = get_encoding()
     rendered = [render_example(ex, enc, max_seq_len) for ex in examples]
@@ -302,7 +307,7 @@ def evaluate(
     forward) and the counts are summed over ranks with torch.distributed, so with world_size > 1
     every rank must call this. max_seq_len defaults to the model's config.max_seq_len."""
     if not examples:
-        raise ValueError("no HellaSwag examples to evaluate")
+        raise HellaSwagError("no HellaSwag examples to evaluate")
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"evaluate with world_size={world_size} needs torch.distributed initialized first")
     if max_seq_len is None:
@@ -351,10 +356,10 @@ def load_hf_model(hf_dir: str, device: torch.device) -> HFCausalLM:
         # float32 weights with autocast, like our checkpoints, so --dtype means the same for both.
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
     except SafetensorError as e:  # transformers passes it on without the file's name
-        raise ValueError(f"a weights file in {hf_dir} is not readable safetensors ({e}): truncated "
+        raise HellaSwagError(f"a weights file in {hf_dir} is not readable safetensors ({e}): truncated "
                          f"or corrupt; copy or export the model again") from None
     if hf_model.config.vocab_size <= EOT:
-        raise ValueError(
+        raise HellaSwagError(
             f"{hf_dir} has vocab_size={hf_model.config.vocab_size}; HellaSwag is rendered with "
             f"GPT-2's tokenizer, so the model must use GPT-2 token ids"
         )

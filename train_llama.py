@@ -578,7 +578,10 @@ def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
         raise ConfigError(f"{ckpt} was written by a {kind} run ({scripts.get(kind, kind)}) and this is a "
                           f"{cfg.RUN_KIND} run ({cfg.SCRIPT}): continue it with {scripts.get(kind, kind)}, or "
                           f"choose another --out_dir (--init_from={ckpt} there starts from its weights)")
-    saved = (meta.get("train_config") or {}).get("init_from", "")
+    if "train_config" not in meta:
+        raise ConfigError(f"{ckpt} records no train_config: it was not written by a training run, so there is "
+                          f"no run to resume; start from its weights with --init_from={ckpt} in another --out_dir")
+    saved = meta["train_config"].get("init_from", "")
     if not same_init_from(saved, cfg.init_from):
         was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
         keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"

@@ -396,3 +396,16 @@ def test_a_finished_run_trains_nothing_and_says_so(finished, base_model):
     assert line.endswith("already complete at step 3 (max_steps 3): nothing to do; raise --max_steps to continue")
     proc = finetune_run(finished, base_model, "--max_steps=3", "--eval_interval=0")
     assert "already at step 3, as --max_steps=3 asks: nothing to do" in proc.stdout
+
+
+def test_refusal_hints_hold_for_the_command_given(tmp_path, base_model):
+    """--overlong=truncate is not suggested when it is set, and a checkpoint that records no config
+    is named as such rather than compared as "checkpoint None"."""
+    line = one_line(finetune_run(tmp_path / "a", base_model, "--seq_len=16", "--total_batch_tokens=64",
+                                 "--overlong=truncate", check=False))
+    assert "prompts that fill seq_len + 1 = 17 tokens" in line and "--overlong=truncate" not in line
+    assert "--overlong=truncate" in one_line(finetune_run(tmp_path / "b", base_model, "--seq_len=16",
+                                                          "--total_batch_tokens=64", check=False))
+    checkpoint.save(tmp_path / "c", 2, {"model": checkpoint.ModelState(make_tiny_model(max_seq_len=SEQ))})
+    line = one_line(finetune_run(tmp_path / "c", base_model, check=False))
+    assert "records no train_config" in line and "None" not in line

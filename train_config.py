@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from model import ModelConfig, model_config
 from utils import DTYPES, UserError
@@ -192,6 +192,53 @@ def same_init_from(saved: str, now: str) -> bool:
         return False
 
 
+def run_kind(meta: dict) -> str | None:
+    """The kind of run that wrote a checkpoint: recorded since run kinds were, else told by its
+    loader's data identity (shards: pretraining; instruction examples: fine-tuning)."""
+    if meta.get("run_kind"):
+        return meta["run_kind"]
+    data = (meta.get("loader") or {}).get("data") or {}
+    return "pretraining" if "shards" in data else "fine-tuning" if "examples" in data else None
+
+
+def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
+    """ConfigError unless `ckpt` was written by a run of cfg's kind that started from the same
+    --init_from: a resume continues that run, so anything else would be silently ignored."""
+    kind, scripts = run_kind(meta), {"pretraining": "train_llama.py", "fine-tuning": "finetune.py"}
+    if kind is not None and kind != cfg.RUN_KIND:
+        raise ConfigError(f"{ckpt} was written by a {kind} run ({scripts.get(kind, kind)}) and this is a "
+                          f"{cfg.RUN_KIND} run ({cfg.SCRIPT}): continue it with {scripts.get(kind, kind)}, or "
+                          f"choose another --out_dir (--init_from={ckpt} there starts from its weights)")
+    if "train_config" not in meta:
+        raise ConfigError(f"{ckpt} records no train_config: it was not written by a training run, so there is "
+                          f"no run to resume; start from its weights with --init_from={ckpt} in another --out_dir")
+    saved = meta["train_config"].get("init_from", "")
+    if not same_init_from(saved, cfg.init_from):
+        was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
+        keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"
+        raise ConfigError(f"--init_from={cfg.init_from or repr('')} but the run in {ckpt.parent} started from {was} "
+                          f"and a resume continues it from {ckpt.name}, never from a new base: {keep} to resume "
+                          f"it, or choose another --out_dir to start from the new one")
+
+
+def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None]) -> None:
+    """ConfigError (exit 2) for a resume with no step left to train, unless the command line asked
+    for exactly that step (--max_steps=N or --stop_step=N with N the checkpoint's step): a rerun
+    that trains nothing must not look like a run that trained."""
+    asked = getattr(cfg, "command_line", {})
+    for knob, limit in (("max_steps", cfg.max_steps), ("stop_step", cfg.stop_step)):
+        if not limit or step < limit:
+            continue
+        if asked.get(knob) == step:
+            note(f"already at step {step}, as --{knob}={step} asks: nothing to do")
+            return
+        if knob == "max_steps" and step == limit:
+            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; "
+                              f"raise --max_steps to continue")
+        raise ConfigError(f"already at step {step}, {'at' if step == limit else 'past'} {knob} {limit}: nothing to "
+                          f"do; raise --{knob} above {step} to continue (or pass --{knob}={step} to accept that)")
+
+
 # ----------------------------------------------------------------------------- parsing
 
 def _parse_value(name: str, text: str, current):
@@ -277,7 +324,7 @@ class SFTConfig(TrainConfig):
     SCRIPT: ClassVar[str] = "finetune.py"
 
     data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
-    template: str = "vicuna"  # a name in finetune.TEMPLATES or a .json file of Template's fields
+    template: str = "vicuna"  # a name in chat_template.TEMPLATES or a .json file of Template's fields
     val_fraction: float = 0.02  # rows held out for validation (fixed split seed)
     overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
     pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile

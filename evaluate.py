@@ -68,7 +68,7 @@ import export_hf
 import metrics
 from model import Transformer
 from tokenizer import EOT, N_VOCAB, vocab_file
-from utils import DTYPES, UserError, cli_errors, write_atomic
+from utils import DTYPES, UserError, cli_errors, closed_output_survives, write_atomic
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",
                  "openbookqa", "lambada_openai")
@@ -433,7 +433,17 @@ def _setup_processes(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    with closed_output_survives():
+        args = parse_args(argv)
+        try:
+            _main(args)
+        except KeyboardInterrupt:
+            print("evaluate: interrupted; every checkpoint evaluated so far kept its lm_eval_KEY.json: rerun the "
+                  "same command to continue", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+
+def _main(args: argparse.Namespace) -> None:
     with cli_errors("evaluate"):
         rank, world_size, device = _setup_processes(args.device)
         try:

@@ -206,6 +206,7 @@ def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> Train
         path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else "")
         cfg = _load_config_file(path, kind)
     names = {f.name for f in dataclasses.fields(kind)}
+    named_data_dir, given = cfg.data_dir, set()
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"unexpected argument {arg!r}: use --key=value (see --help)")
@@ -217,8 +218,20 @@ def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> Train
         if key == "model_overrides":
             raise ConfigError("model_overrides can only be set in a config file")
         setattr(cfg, key, _parse_value(key, text, getattr(cfg, key)))
+        given.add(key)
+    if cfg.prepare_local_data and cfg.data_dir != named_data_dir and "prepare_local_data" not in given:
+        _local_data_elsewhere(cfg.data_dir, named_data_dir)
+        cfg.prepare_local_data = False
     cfg.validate()
     return cfg
+
+
+def _local_data_elsewhere(data_dir: str, named_data_dir: str) -> None:
+    """A config builds its offline corpus only into the data_dir it names: a mistyped --data_dir must
+    not quietly become a second corpus. Another directory is read as it is, if it holds shards."""
+    if not Path(data_dir).is_dir() or not any(Path(data_dir).glob("*_train_*.npy")):
+        raise ConfigError(f"--data_dir={data_dir} holds no shards, and the config builds its corpus only into "
+                          f"{named_data_dir}: check the path, or add --prepare_local_data=true to build it there")
 
 
 def _load_config_file(path: str, kind: type[TrainConfig]) -> TrainConfig:

@@ -33,10 +33,10 @@ import torch.nn as nn
 import checkpoint
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
-from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
+from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
 from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
-from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
+from utils import DTYPES, Dist, cli_errors, closed_output_survives, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
 
@@ -68,7 +68,8 @@ class StopFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log  # the run's log: the line reaches its log file when the terminal is gone
         self.requested_at: float | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
@@ -83,8 +84,8 @@ class StopFlag:
                 return
             os._exit(128 + signum)
         self.requested_at = now
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
-              f"(send it again to exit at once)", flush=True)
+        self.log(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
+                 f"(send it again to exit at once)")
 
     def close(self) -> None:
         for sig, handler in self.previous.items():
@@ -149,18 +150,20 @@ class Run:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage(__doc__))
-        return {}
-    try:
-        with cli_errors("train_llama.py", expected=(DataError,)):
-            try:
-                return train(load_config(argv))
-            finally:
-                teardown_distributed()
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was lost", file=sys.stderr)
-        raise SystemExit(130) from None
+    with closed_output_survives():
+        if "-h" in argv or "--help" in argv:
+            with cli_errors("train_llama.py"):
+                print(usage(__doc__, argv))
+            return {}
+        try:
+            with cli_errors("train_llama.py", expected=(DataError,)):
+                try:
+                    return train(load_config(argv))
+                finally:
+                    teardown_distributed()
+        except KeyboardInterrupt:
+            print("interrupted before training started; nothing was lost", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
@@ -318,7 +321,7 @@ def save_if_due(run: Run) -> bool:
 def save(run: Run) -> None:
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "train_config": dataclasses.asdict(run.cfg),
-            "model_config": run.model.config.to_dict()}
+            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position()}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last)
     seconds = time.perf_counter() - t0
@@ -427,6 +430,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
     """Process group, lock, checks, data, model, optimizer, resume, compile: a Run ready to train."""
     d = setup_distributed(cfg.device)
     benchmark = cfg.benchmark > 0
+    leftovers = launch_leftovers(cfg.out_dir) if d.is_main and not benchmark else []
     lock = None if benchmark else acquire_lock(cfg, d)
     log = Logger(cfg.out_dir, d.is_main, write_file=not benchmark,
                  wandb_project=cfg.wandb_project if cfg.wandb else None,
@@ -440,7 +444,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
                   f"accumulation x {d.world_size} processes | device {d.device} | "
                   f"compile {cfg.compile_mode if parallel.compiling(cfg, d) else 'off'} | "
                   f"{'fsdp' if parallel.is_sharded(run.model) else 'ddp' if d.world_size > 1 else 'one process'}")
-        run.stop = StopFlag()
+        run.stop = StopFlag(log.print)
         return run
     except BaseException:
         if run is not None:
@@ -449,7 +453,32 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
             log.close()
             if lock is not None:
                 lock.close()
+        remove_leftovers(leftovers)
         raise
+
+
+def launch_leftovers(out_dir: str) -> list[Path]:
+    """What a launch is about to create in and above out_dir (its lock and log files, then the
+    directories, innermost first): a launch that fails its checks removes them again, so that a
+    typo leaves no empty run directory behind."""
+    out = Path(out_dir).absolute()
+    created = [out / name for name in (checkpoint.LOCK, "metrics.jsonl", LOG_FILE) if not (out / name).exists()]
+    directory = out
+    while not directory.exists():
+        created.append(directory)
+        directory = directory.parent
+    return created
+
+
+def remove_leftovers(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            if path.is_dir():
+                path.rmdir()  # only when empty: whatever else is there is not ours to delete
+            elif path.exists():
+                path.unlink()
+        except OSError:
+            pass
 
 
 def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,
@@ -595,6 +624,12 @@ def restore(run: Run, ckpt: Path) -> None:
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "
                   f"tokens seen{note}")
+    position = meta.get("metrics_position")
+    if position is not None and ckpt.parent.resolve() == Path(run.cfg.out_dir).resolve():
+        dropped = run.log.drop_after(position)
+        if dropped:
+            run.log.print(f"metrics.jsonl: dropped the {dropped} rows logged after this checkpoint was saved "
+                          f"(its steps are done again now, so no step appears twice)")
 
 
 def init_weights_from(path: str, model: Transformer, log: Logger) -> None:

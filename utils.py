@@ -121,6 +121,58 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class _SurvivingStream:
+    """A text stream whose reader may vanish: on EPIPE (`| tee` stopped by the terminal's Ctrl-C,
+    `| head` done) its file descriptor is pointed at /dev/null and the write is dropped, so the
+    program goes on, finishes its step, saves and exits as it would have. Everything else is
+    the wrapped stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop_reader(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # the buffered rest now flushes into /dev/null
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor (a StringIO): nothing buffered outside us
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_reader()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_reader()
+            try:
+                self._stream.flush()
+            except OSError:
+                pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def closed_output_survives() -> Iterator[None]:
+    """Within it, a closed stdout or stderr (the reader of a pipe gone) silences that stream
+    instead of raising BrokenPipeError: a Ctrl-C through `| tee` must still save the run."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _SurvivingStream(sys.stdout), _SurvivingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
+
+
 @contextlib.contextmanager
 def cli_errors(program: str, expected: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Turn the errors a user can act on into one line on stderr and exit status 2.

@@ -311,6 +311,7 @@ class GlobalOrder:
         self.log, self.unit = log, unit
         self.step = 0  # micro-steps taken by this rank; global batch step // accum_steps
         self._orders: dict[int, np.ndarray] = {}
+        self._epoch_logged = False
 
     @property
     def accum_steps(self) -> int:
@@ -322,8 +323,10 @@ class GlobalOrder:
             order = np.arange(self.n, dtype=np.uint32 if self.n < 2**32 else np.int64)
             if self.shuffle:
                 np.random.default_rng(self.seed + epoch).shuffle(order)
-            if epoch > 0:
-                how = f"a new permutation (seed {self.seed + epoch})" if self.shuffle else "index order again"
+            if epoch > 0 and not self._epoch_logged:  # once: a fine-tuning run may go through 70 epochs
+                self._epoch_logged = True
+                how = (f"a new permutation (seed {self.seed + epoch}; each later epoch the next seed)"
+                       if self.shuffle else "index order again, as each later epoch")
                 self.log(f"epoch {epoch} starts after {epoch * self.n:,} {self.unit}, in {how}")
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
             self._orders[epoch] = order

@@ -42,6 +42,8 @@ from tokenizer import EOT, get_encoding
 from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, write_atomic
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# The tests' 32 hand-made rows in HellaSwag's format: a score on them says nothing about a model.
+FORMAT_SAMPLE = Path(__file__).resolve().parent / "tests" / "data" / "hellaswag_sample.jsonl"
 DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hellaswag"
 N_VAL = 10042  # examples in the validation split
 N_ENDINGS = 4
@@ -119,6 +121,9 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
             raise FileNotFoundError(f"HellaSwag data file {file} does not exist; pass --data PATH.jsonl")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
+    if file.resolve() == FORMAT_SAMPLE:
+        print(f"note: {file} is a 32-example format sample for the tests, not HellaSwag: its score means "
+              f"nothing (see README: HellaSwag, Data)", file=sys.stderr, flush=True)
     examples = []
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

@@ -61,6 +61,7 @@ class TrainConfig:
     sample_interval: int = 1000  # steps between seeded samples from sample_prompt
     sample_prompt: str = "Hello, I'm a language model,"  # the text a sample continues
     sample_tokens: int = 64  # tokens per sample
+    sample_temperature: float = 1.0  # sampling temperature (top-k 50); 0 = greedy
     hellaswag_interval: int = 0  # steps between HellaSwag scores
     hellaswag_limit: int = 0  # score the first N examples; 0 = all 10,042
     hellaswag_data: str = ""  # local hellaswag_val.jsonl; empty = download once and cache
@@ -106,7 +107,7 @@ class TrainConfig:
                     "log_interval", "max_skipped_steps")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
-                         "save_interval", "keep_last", "stop_step", "peak_tflops", "benchmark")
+                         "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops", "benchmark")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
@@ -339,6 +340,7 @@ class SFTConfig(TrainConfig):
     max_steps: int = 1189  # ~3 epochs of alpaca-cleaned at 128 examples per step (or set epochs)
     eval_interval: int = 100
     sample_interval: int = 0
+    sample_temperature: float = 0.0  # greedy, as `chat.py --temperature 0` answers
     out_dir: str = "out/sft"
     save_interval: int = 200
 

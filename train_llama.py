@@ -420,7 +420,8 @@ def sample_text(run: Run) -> str:
     prompt = torch.tensor([enc.encode_ordinary(run.cfg.sample_prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
     with run.autocast():
-        out = run.model.generate(prompt, run.cfg.sample_tokens, temperature=1.0, top_k=50, generator=generator)
+        out = run.model.generate(prompt, run.cfg.sample_tokens, temperature=run.cfg.sample_temperature, top_k=50,
+                                 generator=generator)
     return enc.decode(out[0].tolist())
 
 

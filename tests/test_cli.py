@@ -126,3 +126,23 @@ def test_finetune_without_its_base_model_names_the_pretraining_command(tmp_path,
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "python train_llama.py --config configs/tiny.py`" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_files_share_one_file_mode(tmp_path, tiny_model):
+    """model.safetensors gets the mode of the other exported files (safetensors itself writes 0600)."""
+    import export_hf
+
+    export_hf.save_hf(tiny_model(), tmp_path / "hf")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_a_new_epoch_is_logged_once():
+    """Seventy epochs of a small fine-tuning set give one epoch line, not seventy."""
+    from dataloader import GlobalOrder
+
+    lines = []
+    order = GlobalOrder(10, 5, 5, log=lines.append)
+    for step in range(30):
+        order.ids(step)
+    assert len(lines) == 1 and lines[0].startswith("epoch 1 starts"), lines

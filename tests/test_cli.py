@@ -28,21 +28,24 @@ def test_ctrl_c_through_a_dying_pipe_saves_and_exits_0(tmp_path, data_dir):
         [sys.executable, str(ROOT / "train_llama.py"), *BASE, f"--data_dir={data_dir}", f"--out_dir={out}",
          "--max_steps=100000", "--warmup_steps=10"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env, process_group=0)
-    reader = subprocess.Popen([sys.executable, "-c", READER], stdin=trainer.stdout, stdout=subprocess.DEVNULL,
-                              process_group=trainer.pid)
-    trainer.stdout.close()  # the reader holds the pipe's only read end, as tee would
+    reader = None
     try:
+        reader = subprocess.Popen([sys.executable, "-c", READER], stdin=trainer.stdout, stdout=subprocess.DEVNULL,
+                                  process_group=trainer.pid)
+        trainer.stdout.close()  # the reader holds the pipe's only read end, as tee would
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file() or '"loss"' not in (out / "metrics.jsonl").read_text():
-            assert time.monotonic() < deadline and trainer.poll() is None, trainer.stderr.read().decode()[-2000:]
+            assert trainer.poll() is None, trainer.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no step logged in 120 s"
             time.sleep(0.1)
         os.killpg(trainer.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the pipeline
         err = trainer.communicate(timeout=120)[1].decode()
+        reader.wait(timeout=60)
     finally:
         for proc in (trainer, reader):
-            if proc.poll() is None:
+            if proc is not None and proc.poll() is None:
                 proc.kill()
-        reader.wait()
+                proc.wait()
     assert reader.returncode == 130
     assert trainer.returncode == 0, err[-2000:]
     log = (out / "log.txt").read_text()
@@ -128,15 +131,6 @@ def test_finetune_without_its_base_model_names_the_pretraining_command(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_exported_files_share_one_file_mode(tmp_path, tiny_model):
-    """model.safetensors gets the mode of the other exported files (safetensors itself writes 0600)."""
-    import export_hf
-
-    export_hf.save_hf(tiny_model(), tmp_path / "hf")
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
-    assert len(set(modes.values())) == 1, modes
-
-
 def test_a_new_epoch_is_logged_once():
     """Seventy epochs of a small fine-tuning set give one epoch line, not seventy."""
     from dataloader import GlobalOrder
@@ -146,3 +140,30 @@ def test_a_new_epoch_is_logged_once():
     for step in range(30):
         order.ids(step)
     assert len(lines) == 1 and lines[0].startswith("epoch 1 starts"), lines
+
+
+def test_unreachable_hub_switches_evaluation_to_the_cache(monkeypatch):
+    """No connection to the hub (or HF_HUB_OFFLINE set): evaluate.py says why and sets the offline
+    switches, so lm-eval reads its cache at once instead of retrying."""
+    import evaluate
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
+    started = time.monotonic()
+    assert "127.0.0.1 unreachable" in evaluate.hub_offline()
+    assert time.monotonic() - started < 5 and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert evaluate.hub_offline() == "HF_HUB_OFFLINE is set"
+
+
+def test_shipped_local_hellaswag_task_runs_offline(tmp_path, monkeypatch, tiny_model):
+    """tasks/hellaswag_sample.yaml, from the repository root, scores a checkpoint with no network."""
+    import evaluate
+    import export_hf
+
+    export_hf.save_weights(tiny_model(), tmp_path / "weights")
+    monkeypatch.chdir(ROOT)
+    evaluate.main(["--checkpoint", str(tmp_path / "weights"), "--tasks", "hellaswag_sample", "--include_path",
+                   "tasks", "--limit", "8", "--device", "cpu", "--out", str(tmp_path / "result.json")])
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["n_samples"]["hellaswag_sample"] == 8 and "acc" in record["scores"]["hellaswag_sample"]

@@ -506,6 +506,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
         restore(run, resume_from)
+        drop_superseded_metrics(run, resume_from)
     run.meter = make_meter(run)
     run.synthetic = torch.Generator().manual_seed(cfg.seed)
     if cfg.hellaswag_interval and not benchmark:
@@ -625,12 +626,18 @@ def restore(run: Run, ckpt: Path) -> None:
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "
                   f"tokens seen{note}")
-    position = meta.get("metrics_position")
-    if position is not None and ckpt.parent.resolve() == Path(run.cfg.out_dir).resolve():
-        dropped = run.log.drop_after(position)
-        if dropped:
-            run.log.print(f"metrics.jsonl: dropped the {dropped} rows logged after this checkpoint was saved "
-                          f"(its steps are done again now, so no step appears twice)")
+
+
+def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
+    """At launch, cut metrics.jsonl back to where it ended when `ckpt` was saved: the rows after it
+    are of steps this run does again, and would otherwise appear twice."""
+    position = checkpoint.read_meta(ckpt).get("metrics_position")
+    if position is None or ckpt.parent.resolve() != Path(run.cfg.out_dir).resolve():
+        return  # a checkpoint from before this was recorded, or another run's metrics.jsonl
+    dropped = run.log.drop_after(position)
+    if dropped:
+        run.log.print(f"metrics.jsonl: dropped the {dropped} rows logged after this checkpoint was saved "
+                      f"(its steps are done again now, so no step appears twice)")
 
 
 def init_weights_from(path: str, model: Transformer, log: Logger) -> None:

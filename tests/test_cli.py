@@ -99,11 +99,13 @@ def test_help_into_a_closed_pipe_is_quiet():
     assert proc.returncode == 0 and proc.stdout.startswith("Pretrain") and proc.stderr == "", proc.stderr
 
 
-def test_a_refused_launch_leaves_no_directory(tmp_path):
-    """A launch that fails its checks (here: no data) creates no out_dir, lock or metrics.jsonl; in an
+def test_a_refused_launch_leaves_no_directory(tmp_path, data_dir):
+    """A launch that fails its checks (no data, a missing --init_from) creates no out_dir, lock or metrics.jsonl; in an
     existing out_dir it adds nothing."""
     line = refusal(tmp_path / "out" / "run", tmp_path / "no_data")
     assert "does not exist" in line and not (tmp_path / "out").exists()
+    line = refusal(tmp_path / "out" / "run", data_dir, f"--init_from={tmp_path / 'no_model'}")
+    assert "no_model" in line and not (tmp_path / "out").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
     refusal(tmp_path / "used", tmp_path / "no_data")

@@ -169,3 +169,17 @@ def test_shipped_local_hellaswag_task_runs_offline(tmp_path, monkeypatch, tiny_m
                    "tasks", "--limit", "8", "--device", "cpu", "--out", str(tmp_path / "result.json")])
     record = json.loads((tmp_path / "result.json").read_text())
     assert record["n_samples"]["hellaswag_sample"] == 8 and "acc" in record["scores"]["hellaswag_sample"]
+
+
+def test_a_closed_stdout_is_silenced_not_raised(monkeypatch):
+    """What every CLI runs in: a write into a pipe whose reader is gone is dropped, then and after."""
+    from utils import closed_output_survives
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        with closed_output_survives():
+            print("step 1", flush=True)
+            print("saved checkpoint", flush=True)
+        print("after", flush=True)  # the descriptor now leads to /dev/null

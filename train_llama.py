@@ -36,7 +36,8 @@ from dataloader import DataError, TrainLoader, ValLoader
 from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
 from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
-from utils import DTYPES, Dist, cli_errors, closed_output_survives, setup_distributed, teardown_distributed
+from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
+                   setup_distributed, teardown_distributed)
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
 
@@ -431,7 +432,9 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
     """Process group, lock, checks, data, model, optimizer, resume, compile: a Run ready to train."""
     d = setup_distributed(cfg.device)
     benchmark = cfg.benchmark > 0
-    leftovers = launch_leftovers(cfg.out_dir) if d.is_main and not benchmark else []
+    # What a launch refused during set-up removes again: a typo leaves no empty run directory behind.
+    leftovers = (paths_to_create(cfg.out_dir, (checkpoint.LOCK, "metrics.jsonl", LOG_FILE))
+                 if d.is_main and not benchmark else [])
     lock = None if benchmark else acquire_lock(cfg, d)
     log = Logger(cfg.out_dir, d.is_main, write_file=not benchmark,
                  wandb_project=cfg.wandb_project if cfg.wandb else None,
@@ -454,32 +457,8 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
             log.close()
             if lock is not None:
                 lock.close()
-        remove_leftovers(leftovers)
+        remove_created(leftovers)
         raise
-
-
-def launch_leftovers(out_dir: str) -> list[Path]:
-    """What a launch is about to create in and above out_dir (its lock and log files, then the
-    directories, innermost first): a launch that fails its checks removes them again, so that a
-    typo leaves no empty run directory behind."""
-    out = Path(out_dir).absolute()
-    created = [out / name for name in (checkpoint.LOCK, "metrics.jsonl", LOG_FILE) if not (out / name).exists()]
-    directory = out
-    while not directory.exists():
-        created.append(directory)
-        directory = directory.parent
-    return created
-
-
-def remove_leftovers(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            if path.is_dir():
-                path.rmdir()  # only when empty: whatever else is there is not ours to delete
-            elif path.exists():
-                path.unlink()
-        except OSError:
-            pass
 
 
 def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,

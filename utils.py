@@ -56,6 +56,29 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+def paths_to_create(directory: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """The files `names` in `directory` and the directories up to it that do not exist yet,
+    innermost first: what remove_created takes away again after a launch that did not start."""
+    directory = Path(directory).absolute()
+    missing = [directory / name for name in names if not (directory / name).exists()]
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Remove what paths_to_create listed; a directory only when empty (the rest is not ours)."""
+    for path in paths:
+        try:
+            if path.is_dir():
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
+        except OSError:
+            pass
+
+
 def disk_full_message(path: str | Path, e: OSError) -> str | None:
     """One line for a full disk (or quota) while writing under `path`; None for other errors."""
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -486,6 +486,9 @@ def _main(args: argparse.Namespace) -> None:
                         "dtype": args.dtype}
             key = settings_key(settings)
             _quiet_lm_eval()
+            if "hellaswag_sample" in args.tasks:
+                print("evaluate: note: hellaswag_sample is the tests' 32-row format sample, not HellaSwag: its "
+                      "score means nothing (use hellaswag_local for the real validation split)", file=sys.stderr)
 
             def manager_factory():
                 return task_manager(args.tasks, args.include_path)

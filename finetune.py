@@ -426,7 +426,8 @@ class SFTLoader(FollowsOrder):
         self.log = log
         # the pretraining loader's order: world-size independent, one number of position
         self.order = GlobalOrder(len(examples), global_batch, cfg.micro_batch, rank, world_size, cfg.seed,
-                                 cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples")
+                                 cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples",
+                                 every_epoch=False)
         self.targets = [int(e.trained[1:].sum()) for e in examples]  # what collate marks as targets
 
     def targets_in_step(self) -> int:

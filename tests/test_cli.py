@@ -133,15 +133,18 @@ def test_finetune_without_its_base_model_names_the_pretraining_command(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_new_epoch_is_logged_once():
-    """Seventy epochs of a small fine-tuning set give one epoch line, not seventy."""
-    from dataloader import GlobalOrder
+def test_fine_tuning_logs_a_new_epoch_once():
+    """Ten epochs of the 22-example set give one epoch line, not ten."""
+    from finetune import SFTData, SFTLoader
 
-    lines = []
-    order = GlobalOrder(10, 5, 5, log=lines.append)
-    for step in range(30):
-        order.ids(step)
-    assert len(lines) == 1 and lines[0].startswith("epoch 1 starts"), lines
+    cfg = load_config(["--config", str(ROOT / "configs" / "sft_tiny.py"), "--init_from=x",
+                       f"--data={ROOT / 'tests' / 'data' / 'alpaca_tiny.json'}"], kind=SFTConfig)
+    data, lines = SFTData(cfg), []
+    loader = SFTLoader(data.train, data.identity, 8, cfg, log=lines.append)
+    for _ in range(30):
+        loader.next_batch()
+    epochs = [line for line in lines if "epoch" in line]
+    assert len(epochs) == 1 and "epoch 1 starts" in epochs[0], lines
 
 
 def test_unreachable_hub_switches_evaluation_to_the_cache(monkeypatch):

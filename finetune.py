@@ -58,7 +58,7 @@ import torch
 
 from dataloader import DataError, FollowsOrder, GlobalOrder
 from tokenizer import EOT, get_encoding
-from train_config import ConfigError, SFTConfig, load_config, usage
+from train_config import ConfigError, SFTConfig, TrainConfig, load_config, load_config_file, usage
 from utils import cli_errors, closed_output_survives, teardown_distributed
 
 SPLIT_SEED = 0  # the validation split's permutation: fixed, so every run holds out the same rows
@@ -536,11 +536,9 @@ def check_base_model(cfg: SFTConfig) -> None:
 def pretraining_command(out_dir: str) -> str:
     """The train_llama.py command that writes `out_dir`: a config in configs/ whose out_dir it is,
     else the tiny config sent there."""
-    from train_config import TrainConfig, _load_config_file  # noqa: PLC0415
-
     for path in sorted((Path(__file__).parent / "configs").glob("*.py")):
         try:
-            cfg = _load_config_file(str(path), TrainConfig)
+            cfg = load_config_file(str(path), TrainConfig)
         except Exception:  # noqa: BLE001 - a config that does not load is simply not the one
             continue
         if not isinstance(cfg, SFTConfig) and Path(cfg.out_dir) == Path(out_dir):

@@ -218,7 +218,7 @@ def _parse_config(argv: list[str], kind: type[TrainConfig]) -> TrainConfig:
     if "--config" in args or any(a.startswith("--config=") for a in args):
         i = next(i for i, a in enumerate(args) if a == "--config" or a.startswith("--config="))
         path = args.pop(i).partition("=")[2] or (args.pop(i) if i < len(args) else "")
-        cfg = _load_config_file(path, kind)
+        cfg = load_config_file(path, kind)
     names = {f.name for f in dataclasses.fields(kind)}
     named_data_dir, given = cfg.data_dir, set()
     for arg in args:
@@ -247,7 +247,8 @@ def _local_data_elsewhere(data_dir: str, named_data_dir: str) -> None:
                           f"{named_data_dir}: check the path, or add --prepare_local_data=true to build it there")
 
 
-def _load_config_file(path: str, kind: type[TrainConfig]) -> TrainConfig:
+def load_config_file(path: str, kind: type[TrainConfig]) -> TrainConfig:
+    """The config a file's config() returns, unvalidated; ConfigError if there is none."""
     if not path or not Path(path).is_file():
         raise ConfigError(f"config file {path!r} not found (try --config configs/tiny.py)")
     spec = importlib.util.spec_from_file_location("run_config", path)

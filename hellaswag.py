@@ -121,9 +121,6 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
             raise FileNotFoundError(f"HellaSwag data file {file} does not exist; pass --data PATH.jsonl")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
-    if file.resolve() == FORMAT_SAMPLE:
-        print(f"note: {file} is a 32-example format sample for the tests, not HellaSwag: its score means "
-              f"nothing (see README: HellaSwag, Data)", file=sys.stderr, flush=True)
     examples = []
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -428,6 +425,9 @@ def run(args: argparse.Namespace) -> None:
                 f"hellaswag: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} on "
                 f"{result['n']} examples ({seconds:.1f} s, {result['n'] / seconds:.1f} ex/s) -> {path}"
             )
+            if args.data and Path(args.data).resolve() == FORMAT_SAMPLE:
+                print(f"hellaswag: note: {args.data} is the tests' 32-example format sample, not HellaSwag: "
+                      f"its score means nothing (README: HellaSwag, Data)")
     finally:
         teardown_distributed()
 

@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> dict:
                     check_base_model(cfg)
                     data = SFTData(cfg)
                     if cfg.epochs:
-                        cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(cfg.total_batch_tokens // cfg.seq_len))
+                        per_step = cfg.total_batch_tokens // cfg.seq_len
+                        cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(per_step))
                     return train(cfg, make_data=data.loaders)
                 finally:
                     teardown_distributed()

@@ -16,7 +16,9 @@ import finetune
 import train_llama
 from train_config import ConfigError, SFTConfig, TrainConfig, knob_help, load_config
 
-READER = "import os, signal, sys\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\nfor line in sys.stdin: print(line, end='')"
+# `tee` in Python: copies stdin and dies at once on SIGINT, as a terminal's pipeline does
+READER = ("import os, signal, sys\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\n"
+          "for line in sys.stdin: print(line, end='')")
 
 
 def test_ctrl_c_through_a_dying_pipe_saves_and_exits_0(tmp_path, data_dir):

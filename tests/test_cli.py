@@ -1,6 +1,7 @@
 """What a newcomer meets at the command line: Ctrl-C through a pipe, --help, the refusals of a
 launch that cannot start, and a resumed run's metrics.jsonl."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -77,7 +78,7 @@ def test_every_knob_has_a_help_sentence():
     """Each field of TrainConfig and SFTConfig has its --help sentence (its trailing comment) and a group."""
     for kind in (TrainConfig, SFTConfig):
         described = knob_help(kind)
-        assert set(described) == {f.name for f in __import__("dataclasses").fields(kind)}
+        assert set(described) == {f.name for f in dataclasses.fields(kind)}
         missing = [name for name, (group, sentence) in described.items() if not sentence or not group]
         assert not missing, f"{kind.__name__}: add a trailing comment (its --help sentence) to {missing}"
 

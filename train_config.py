@@ -57,7 +57,7 @@ class TrainConfig:
     max_skipped_steps: int = 5  # stop after this many consecutive non-finite steps
     # evaluation and sampling (0 = never)
     eval_interval: int = 250  # steps between validation losses
-    val_sequences: int = 640  # fixed validation set: 640 x 1024 tokens, the same on any GPU count
+    val_sequences: int = 640  # sequences in the fixed validation set, the same on any GPU count
     sample_interval: int = 1000  # steps between seeded samples from sample_prompt
     sample_prompt: str = "Hello, I'm a language model,"  # the text a sample continues
     sample_tokens: int = 64  # tokens per sample

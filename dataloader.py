@@ -359,7 +359,7 @@ class GlobalOrder:
     # rename them.
     def __init__(self, n: int, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 1337, shuffle: bool = True, log: Callable[[str], None] = print,
-                 unit: str = "sequences"):
+                 unit: str = "sequences", every_epoch: bool = True):
         if global_batch % (micro_batch * world_size) != 0:
             raise DataError(f"global_batch {global_batch} {unit} is not a multiple of micro_batch "
                              f"{micro_batch} x world_size {world_size} = {micro_batch * world_size}")
@@ -370,6 +370,8 @@ class GlobalOrder:
         self.log, self.unit = log, unit
         self.step = 0  # micro-steps taken by this rank; global batch step // accum_steps
         self._orders: dict[int, np.ndarray] = {}
+        # False logs only the first new epoch: a fine-tuning run may go through seventy of them
+        self.every_epoch, self._epoch_logged = every_epoch, False
 
     @property
     def accum_steps(self) -> int:
@@ -381,9 +383,11 @@ class GlobalOrder:
             order = np.arange(self.n, dtype=np.uint32 if self.n < 2**32 else np.int64)
             if self.shuffle:
                 np.random.default_rng(self.seed + epoch).shuffle(order)
-            if epoch > 0:
+            if epoch > 0 and (self.every_epoch or not self._epoch_logged):
+                self._epoch_logged = True
                 how = f"a new permutation (seed {self.seed + epoch})" if self.shuffle else "index order again"
-                self.log(f"epoch {epoch} starts after {epoch * self.n:,} {self.unit}, in {how}")
+                later = "" if self.every_epoch else "; each later epoch likewise, with the next seed (not logged)"
+                self.log(f"epoch {epoch} starts after {epoch * self.n:,} {self.unit}, in {how}{later}")
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
             self._orders[epoch] = order
         return self._orders[epoch]

@@ -34,11 +34,12 @@ import checkpoint
 import hf_io
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
-from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
+from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
 from train_config import (ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
                           resume_differences, usage)
-from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
+from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
+                   setup_distributed, teardown_distributed)
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
 
@@ -70,7 +71,8 @@ class StopFlag:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log  # the run's log: the line reaches its log file when the terminal is gone
         self.requested_at: float | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
@@ -85,8 +87,8 @@ class StopFlag:
                 return
             os._exit(128 + signum)
         self.requested_at = now
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
-              f"(send it again to exit at once)", flush=True)
+        self.log(f"received {signal.Signals(signum).name}: saving a checkpoint after this step "
+                 f"(send it again to exit at once)")
 
     def close(self) -> None:
         for sig, handler in self.previous.items():
@@ -151,18 +153,20 @@ class Run:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage(__doc__))
-        return {}
-    try:
-        with cli_errors("train_llama.py", expected=(DataError,)):
-            try:
-                return train(load_config(argv))
-            finally:
-                teardown_distributed()
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was lost", file=sys.stderr)
-        raise SystemExit(130) from None
+    with closed_output_survives():
+        if "-h" in argv or "--help" in argv:
+            with cli_errors("train_llama.py"):
+                print(usage(__doc__, argv))
+            return {}
+        try:
+            with cli_errors("train_llama.py", expected=(DataError,)):
+                try:
+                    return train(load_config(argv))
+                finally:
+                    teardown_distributed()
+        except KeyboardInterrupt:
+            print("interrupted before training started; nothing was lost", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
@@ -374,7 +378,7 @@ def save_if_due(run: Run) -> bool:
 def save(run: Run) -> None:
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
-            "model_config": run.model.config.to_dict()}
+            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position()}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last)
     seconds = time.perf_counter() - t0
@@ -473,7 +477,8 @@ def sample_text(run: Run) -> str:
     prompt = torch.tensor([enc.encode_ordinary(run.cfg.sample_prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
     with run.autocast():
-        out = run.model.generate(prompt, run.cfg.sample_tokens, temperature=1.0, top_k=50, generator=generator)
+        out = run.model.generate(prompt, run.cfg.sample_tokens, temperature=run.cfg.sample_temperature, top_k=50,
+                                 generator=generator)
     return enc.decode(out[0].tolist())
 
 
@@ -483,6 +488,9 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
     """Process group, lock, checks, data, model, optimizer, resume, compile: a Run ready to train."""
     d = setup_distributed(cfg.device)
     benchmark = cfg.benchmark > 0
+    # What a launch refused during set-up removes again: a typo leaves no empty run directory behind.
+    leftovers = (paths_to_create(cfg.out_dir, (checkpoint.LOCK, "metrics.jsonl", LOG_FILE))
+                 if d.is_main and not benchmark else [])
     lock = None if benchmark else acquire_lock(cfg, d)
     log = Logger(cfg.out_dir, d.is_main, write_file=not benchmark,
                  wandb_project=cfg.wandb_project if cfg.wandb else None,
@@ -496,7 +504,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
                   f"accumulation x {d.world_size} processes | device {d.device} | "
                   f"compile {parallel.compile_mode(cfg, d)} | "
                   f"{'fsdp' if parallel.is_sharded(run.model) else 'ddp' if d.world_size > 1 else 'one process'}")
-        run.stop = StopFlag()
+        run.stop = StopFlag(log.print)
         return run
     except BaseException:
         if run is not None:
@@ -505,6 +513,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
             log.close()
             if lock is not None:
                 lock.close()
+        remove_created(leftovers)
         raise
 
 
@@ -532,6 +541,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
         restore(run, resume_from)
+        drop_superseded_metrics(run, resume_from)
     run.meter = make_meter(run)
     run.synthetic = torch.Generator().manual_seed(cfg.seed)
     if cfg.hellaswag_interval and not benchmark:
@@ -653,6 +663,18 @@ def restore(run: Run, ckpt: Path) -> None:
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "
                   f"tokens seen{note}")
+
+
+def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
+    """At launch, cut metrics.jsonl back to where it ended when `ckpt` was saved: the rows after it
+    are of steps this run does again, and would otherwise appear twice."""
+    position = checkpoint.read_meta(ckpt).get("metrics_position")
+    if position is None or ckpt.parent.resolve() != Path(run.cfg.out_dir).resolve():
+        return  # a checkpoint from before this was recorded, or another run's metrics.jsonl
+    dropped = run.log.drop_after(position)
+    if dropped:
+        run.log.print(f"metrics.jsonl: dropped the {dropped} rows logged after this checkpoint was saved "
+                      f"(its steps are done again now, so no step appears twice)")
 
 
 def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:

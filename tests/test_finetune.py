@@ -1,12 +1,14 @@
 """finetune.py: the answer-only loss, the template, the data's order and checks, and the real script
 end to end (fine-tune, resume, chat with the result)."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import chat
 import checkpoint
 import export_hf
 import finetune
+import train_llama
 from conftest import make_tiny_model
 from export_hf import save_weights
 from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
@@ -325,6 +328,16 @@ def test_finetuned_model_answers_its_training_instructions(tuned):
                                      "--max_new_tokens", "24"])
         assert proc.stdout == row["output"] + "\n", proc.stdout
         assert "template vicuna (the checkpoint's)" in proc.stderr
+
+
+def test_in_loop_sample_is_what_chat_answers(tuned):
+    """SFT's in-loop sample is greedy by default: the trained answer, as `chat.py --temperature 0` gives it."""
+    out, rows = tuned
+    prompt = TEMPLATES["vicuna"].render([{"role": "user", "content": prompt_of(rows[0])}], add_generation_prompt=True)
+    cfg = SFTConfig(sample_prompt=prompt, sample_tokens=24)
+    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(device=torch.device("cpu")),
+                          model=checkpoint.load_model(out), autocast=contextlib.nullcontext)
+    assert train_llama.sample_text(run).startswith(prompt + rows[0]["output"] + "<|endoftext|>")
 
 
 def test_export_carries_the_chat_template(tuned, tmp_path):

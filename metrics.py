@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -125,7 +126,11 @@ class Logger:
             return
         if write_file:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+            self.path = Path(out_dir) / "metrics.jsonl"
+            torn = self.path.is_file() and self.path.stat().st_size and _last_byte(self.path) != b"\n"
+            self.file = open(self.path, "a")
+            if torn:  # an earlier write was cut short (full disk, kill): the next record starts a line
+                self.file.write("\n")
         if wandb_project:
             import wandb  # noqa: PLC0415 - optional, imported only when switched on
 
@@ -145,8 +150,12 @@ class Logger:
         if not self.active:
             return
         if self.file:
-            self.file.write(json.dumps({"step": step, **values}) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps({"step": step, **values}) + "\n")
+                self.file.flush()
+            except OSError as e:  # with the file's name, so a full disk says where
+                self._abandon_file()
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.wandb:
             self.wandb.log(numbers, step=step)
@@ -154,9 +163,21 @@ class Logger:
             for k, v in numbers.items():
                 self.tb.add_scalar(k, v, step)
 
+    def _abandon_file(self) -> None:
+        """Close the file after a failed write without flushing the rest again (that fails too)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.file = None
+
     def close(self) -> None:
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                self.file = None
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self.wandb:
             self.wandb.finish()
         if self.tb:
@@ -171,19 +192,30 @@ def format_duration(seconds: float) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (or of the run directory's); a line that is not JSON, a
+    record torn by a write cut short, is skipped and counted in a note on stderr."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: pass a run directory or its metrics.jsonl")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows, torn = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise SystemExit(f"error: {path}:{n} is not JSON") from None
+            except json.JSONDecodeError:  # a record whose write was cut short (full disk, kill)
+                torn.append(n)
+    if torn:
+        print(f"note: {path}: skipped {len(torn)} torn line(s) (line {', '.join(map(str, torn[:5]))}"
+              f"{', ...' if len(torn) > 5 else ''}): records whose write was cut short", file=sys.stderr)
     return rows
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 def plot(rows: list[dict], out_png: str | Path) -> None:

@@ -31,11 +31,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
+import hf_io
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
-from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
+from train_config import (ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
+                          resume_differences, usage)
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
@@ -371,7 +373,7 @@ def save_if_due(run: Run) -> bool:
 
 def save(run: Run) -> None:
     t0 = time.perf_counter()
-    meta = {"run_id": run.progress.run_id, "train_config": dataclasses.asdict(run.cfg),
+    meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict()}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last)
@@ -520,7 +522,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
     model = build_model(cfg.model_config(), d.device)
     if cfg.init_from and resume_from is None and not benchmark:
-        init_weights_from(cfg.init_from, model, log)
+        init_weights_from(cfg.init_from, model, log, cfg.verify)
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
@@ -603,12 +605,14 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
+        check_same_run(cfg, ckpt, meta)
         refused, allowed = resume_differences(meta.get("train_config", {}), meta.get("model_config", {}), cfg)
         if refused:
             raise ConfigError("cannot resume with a different model or data order: " + "; ".join(refused)
                               + " (use --init_from for weights only, or a new --out_dir)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        check_not_finished(cfg, meta["step"], log.print)
     return ckpt
 
 
@@ -651,15 +655,15 @@ def restore(run: Run, ckpt: Path) -> None:
                   f"tokens seen{note}")
 
 
-def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
+def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:
     """Weights only, from our checkpoint, an imported weights directory (export_hf.py --from_hf)
     or a Hugging Face Llama directory; the optimizer starts fresh."""
+    if (Path(path) / "config.json").is_file():
+        hf_io.check_vocabulary(path)
     if (Path(path) / "config.json").is_file() or (Path(path) / "model_config.json").is_file():
-        from export_hf import load_hf, load_weights  # noqa: PLC0415
-
         # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
-        source = (load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
-                  if (Path(path) / "config.json").is_file() else load_weights(path))
+        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
+                  if (Path(path) / "config.json").is_file() else hf_io.load_weights(path))
         config, state = source.config, source.state_dict()
     else:
         ckpt = checkpoint.resolve(path)
@@ -670,7 +674,7 @@ def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
     if diffs:
         raise ConfigError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
     if state is None:
-        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files="size")
+        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files=verify)
     else:
         model.load_state_dict(state)
     log.print(f"initialized weights from {path}")

@@ -32,10 +32,12 @@ import torch.nn as nn
 
 import checkpoint
 import parallel
+import stability
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
 from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
+from stability import Health, LossScaler, SpikeDetector, StepStats
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
@@ -113,7 +115,12 @@ class Run:
     lock: checkpoint.RunLock | None = None
     hellaswag_examples: list | None = None
     synthetic: torch.Generator | None = None
-    consecutive_skips: int = 0
+    consecutive_skips: int = 0  # steps in a row skipped or spiking (float16 overflows are not counted)
+    spikes: SpikeDetector | None = None
+    scaler: LossScaler = field(default_factory=lambda: LossScaler(enabled=False))
+    health: Health = field(default_factory=Health)
+    event: dict | None = None  # this step's spike, skip, rollback or overflow record, for log_step
+    score: float = 0.0  # this step's spike score (SpikeDetector)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
     started: float = field(default_factory=time.perf_counter)
 
@@ -123,20 +130,21 @@ class Run:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """bf16/fp16 autocast on CUDA; None (float32, no autocast) on CPU or with dtype float32."""
-        if self.dist.device.type != "cuda" or self.cfg.dtype == "float32":
+        """bf16/fp16 autocast on CUDA (on CPU with cpu_autocast); None (float32, no autocast) otherwise."""
+        if (self.dist.device.type != "cuda" and not self.cfg.cpu_autocast) or self.cfg.dtype == "float32":
             return None
         return DTYPES[self.cfg.dtype]
 
     def autocast(self):
         dtype = self.autocast_dtype
-        return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+        return nullcontext() if dtype is None else torch.autocast(self.dist.device.type, dtype=dtype)
 
     def checkpoint_state(self) -> dict:
         """The named stateful objects a checkpoint holds (checkpoint.py's contract)."""
         return {"model": checkpoint.ModelState(self.model),
                 "optim": checkpoint.OptimizerState(self.model, self.optimizer),
-                "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress}
+                "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress,
+                "spikes": self.spikes, "scaler": self.scaler}
 
     def close(self) -> None:
         for part in (self.loader, self.stop, self.lock):
@@ -175,10 +183,16 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
         while run.progress.step < run.last_step:
             lr = set_learning_rate(run)
             evaluate_if_due(run)
-            loss, grad_norm, applied = train_step(run)
-            log_step(run, loss, grad_norm, lr, applied)
+            stats, applied = train_step(run)
+            log_step(run, stats, lr, applied)
+            if roll_back_if_spiked(run):
+                continue
             if save_if_due(run):
                 break
+    except torch.OutOfMemoryError:
+        if run.meter.times:
+            raise
+        raise ConfigError(out_of_memory_message(run)) from None
     finally:
         run.close()
     return summarize(run)
@@ -201,27 +215,34 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Micro-steps -> clip -> AdamW step (skipped everywhere if any rank saw a non-finite value).
-    Returns (mean loss on this rank, gradient norm, whether the update was applied)."""
+def train_step(run: Run) -> tuple[StepStats, bool]:
+    """Micro-steps -> clip -> AdamW step, skipped everywhere if any rank saw a non-finite value or
+    the step spiked (judge_step). Returns (the step's values, whether the update was applied)."""
     cfg, d = run.cfg, run.dist
     parallel.release_eval(run.eval_model, cfg)
     run.meter.start()
-    loss_sum = torch.zeros((), device=d.device)
+    loss_sum, z_sum = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
     step_targets = step_target_count(run)
+    batch_index = None if run.benchmark else run.loader.order.batch  # the data order's global batch
     for micro_step in range(run.accum_steps):
         x, y = next_batch(run)
         last = micro_step == run.accum_steps - 1
         parallel.set_gradient_sync(run.model, run.train_model, last or cfg.fsdp_reduce_every_micro_step)
         with run.autocast():
-            loss = run.train_model(x, y)
+            loss, z = run.train_model(x, y, z_loss=cfg.z_loss) if cfg.z_loss else (run.train_model(x, y), None)
         # The micro-batch's mean loss times its share of the step's targets: the step's loss is the
         # mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
-        loss = loss / run.accum_steps if step_targets is None else loss * ((y >= 0).sum() * d.world_size / step_targets)
+        share = 1 / run.accum_steps if step_targets is None else (y >= 0).sum() * d.world_size / step_targets
+        loss = loss / run.accum_steps if step_targets is None else loss * share
         loss_sum += loss.detach()
-        loss.backward()
+        if z is not None:
+            z_sum += z * share
+        run.scaler.scaled(loss).backward()
+    run.scaler.unscale_(run.model.parameters())
     grad_norm = parallel.clip_grad_norm(run.model.parameters(), cfg.grad_clip or math.inf)
-    applied, stopping = agree_on_step(run, grad_norm, loss_sum)
+    stats = agree_on_step(run, grad_norm, loss_sum, z_sum)
+    applied = judge_step(run, stats, batch_index)
+    stopping = stats.stop
     if applied:
         run.optimizer.step()
         if not run.memory_logged:  # what each rank holds, once the AdamW state exists
@@ -229,14 +250,18 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
             sizes = parallel.memory_per_rank(run.model, run.optimizer)
             run.log.print(parallel.describe_memory(sizes))
             run.log.metrics(run.progress.step + 1, **{f"{k}_per_rank": v for k, v in sizes.items()})
+    overflow = run.event is not None and run.event["event"] == "overflow"
+    run.scaler.update(overflow)
     run.optimizer.zero_grad(set_to_none=True)
     run.meter.stop()
     run.progress.step += 1
     run.progress.tokens_seen += cfg.total_batch_tokens
-    run.consecutive_skips = 0 if applied else run.consecutive_skips + 1
-    run.progress.skipped_total += not applied
+    if not overflow:  # an overflow is float16 finding its scale, not a sign of trouble
+        run.consecutive_skips = 0 if run.event is None else run.consecutive_skips + 1
+        run.progress.skipped_total += not applied
+        run.health.judged(healthy=run.event is None)
     run.stopping = stopping
-    return loss_sum, grad_norm, applied
+    return stats, applied
 
 
 def step_target_count(run: Run) -> int | None:
@@ -256,37 +281,83 @@ def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(run.dist.device, non_blocking=True), y.to(run.dist.device, non_blocking=True)
 
 
-def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor) -> tuple[bool, bool]:
-    """(apply the update?, stop now?), the same on every rank: the one host-device sync per step.
-
-    A non-finite loss or gradient norm on any rank skips the update everywhere; a signal to any
-    rank stops all of them after the same step.
-    """
+def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum: torch.Tensor) -> StepStats:
+    """The step's loss, gradient norm and flags on the host, the same on every rank: the one
+    host-device sync per step (and one all-reduce). A non-finite value on any rank is seen by all;
+    a signal to any rank stops all of them after the same step."""
     requested = run.stop is not None and run.stop.requested
-    flags = torch.stack([~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum)),
-                         torch.tensor(requested, device=grad_norm.device)]).float()
+    values = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
+                          torch.tensor(float(requested), device=grad_norm.device),
+                          loss_sum.float(), grad_norm.float(), z_sum.float()])
     if run.dist.world_size > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, stop_requested = flags.tolist()
-    return not nonfinite, bool(stop_requested)
+        dist.all_reduce(values)  # SUM (gloo has no AVG): flags > 0 anywhere; the means below
+        values[3:] /= run.dist.world_size  # the gradient norm is the same on every rank already
+    bad_loss, bad_norm, stop, loss, norm, z = values.tolist()
+    return StepStats(loss=loss - run.cfg.z_loss * z, grad_norm=norm, z_loss=z, loss_finite=not bad_loss,
+                     norm_finite=not bad_norm, stop=bool(stop))
 
 
-def log_step(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float, applied: bool) -> None:
+def judge_step(run: Run, stats: StepStats, batch_index: int | None) -> bool:
+    """Whether to apply the update. Sets run.event for a non-finite step (or a float16 overflow)
+    and for a spike, which also writes its forensics; --on_spike says what a spike does."""
+    cfg, health = run.cfg, run.health
+    run.event = None
+    step = run.progress.step + 1
+    if not (stats.loss_finite and stats.norm_finite):
+        overflow = run.scaler.enabled and stats.loss_finite
+        run.event = {"event": "overflow" if overflow else "skip", "step": step, "reason": "non-finite"}
+        return False
+    run.score = run.spikes.score(stats.loss, stats.grad_norm)
+    if cfg.on_spike == "off" or run.benchmark or not run.spikes.is_spike(run.score):
+        run.spikes.record(stats.loss, stats.grad_norm)
+        return True
+    action = cfg.on_spike
+    if action == "rollback" and health.good is None:
+        action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
+    record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
+              "reason": "spike", "loss": stats.loss, "score": run.score, "grad_norm": stats.grad_norm,
+              "batch": batch_index}
+    if action == "rollback":
+        start = saved_state(health.good, "loader")["position"] // run.loader.order.global_batch
+        record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))
+    elif cfg.on_spike == "rollback":
+        record["note"] = "no checkpoint confirmed before this spike: skipped instead of rolled back"
+    record["forensics"] = spike_forensics(run, record, batch_index)
+    run.event = record
+    return action == "warn"
+
+
+def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
+    """Each sequence of the spiking global batch scored on its own (the weights that spiked, before
+    any update), written with the worst ones' sources to out_dir/spikes/ on rank 0: its path."""
+    from tokenizer import get_encoding  # noqa: PLC0415
+
+    d, accum = run.dist, run.accum_steps
+    sequences = []
+    for step in range(batch_index * accum, (batch_index + 1) * accum):
+        x, y, sources = run.loader.batch_at(step)
+        losses = stability.sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast)
+        sequences += [{**source, "loss": loss, "tokens": row.tolist()} for source, loss, row in zip(sources, losses, x)]
+    parallel.release_eval(run.eval_model, run.cfg)
+    if d.world_size > 1:
+        everyone = [None] * d.world_size
+        dist.all_gather_object(everyone, sequences)
+        sequences = [s for part in everyone for s in part]
+    if not d.is_main:
+        return None
+    return str(stability.write_forensics(run.cfg.out_dir, dict(record), sequences, get_encoding().decode))
+
+
+def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     step, log, meter = run.progress.step, run.log, run.meter
-    if not applied:
-        log.print(f"step {step}: non-finite loss or gradient norm, update skipped "
-                  f"({run.consecutive_skips} in a row, {run.progress.skipped_total} in total)")
-        log.metrics(step, skipped=True, skipped_total=run.progress.skipped_total)
-        if run.consecutive_skips >= run.cfg.max_skipped_steps:
-            raise ConfigError(f"stopping: {run.consecutive_skips} consecutive non-finite steps; the last "
-                              f"good checkpoint is kept in {run.cfg.out_dir} (lower max_lr or check the data)")
+    if run.event is not None:
+        log_event(run)
+    if run.consecutive_skips >= run.cfg.max_skipped_steps:
+        raise ConfigError(f"stopping: {run.consecutive_skips} steps in a row were skipped or spiking, the run "
+                          f"diverged; {last_good_checkpoint(run)} (lower --max_lr or check the data)")
+    if not applied or (step % run.cfg.log_interval and step != run.last_step):
         return
-    if step % run.cfg.log_interval and step != run.last_step:
-        return
-    if run.dist.world_size > 1:
-        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-        loss_sum /= run.dist.world_size
-    loss, norm, dt = loss_sum.item(), grad_norm.item(), meter.times[-1]
+    loss, norm, dt = stats.loss, stats.grad_norm, meter.times[-1]
     mfu = meter.mfu(dt)
     eta = (run.last_step - step) * meter.recent()
     mem = torch.cuda.max_memory_allocated(run.dist.device) / 2**30 if run.dist.device.type == "cuda" else None
@@ -296,20 +367,82 @@ def log_step(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: floa
     if len(meter.times) == 10:
         log.print(f"at the measured speed, the remaining {run.last_step - step:,} steps take about "
                   f"{format_duration(eta)}")
+    extra = {"z_loss": stats.z_loss} if run.cfg.z_loss else {}
+    if run.scaler.enabled:
+        extra["loss_scale"] = run.scaler.scale
     log.metrics(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=meter.tokens_per_s(dt), mfu=mfu,
-                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem)
+                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.score, **extra)
+
+
+def log_event(run: Run) -> None:
+    """One readable line and one metrics.jsonl record for a skip, spike, rollback or overflow."""
+    e, step = run.event, run.progress.step
+    if e["event"] == "overflow":
+        run.log.print(f"step {step}: float16 overflow, update skipped; loss scale now {run.scaler.scale:g}")
+        run.log.metrics(step, event="overflow", loss_scale=run.scaler.scale)
+        return
+    if e["reason"] == "non-finite":
+        what = "non-finite loss or gradient norm"
+    else:
+        what = (f"loss spike: loss {e['loss']:.4f}, gradient norm {e['grad_norm']:.3f}, score {e['score']:.1f} "
+                f"> {run.cfg.spike_threshold:g} (global batch {e['batch']}; forensics {e['forensics']})")
+    action = {"spike": "update applied (--on_spike=warn)",
+              "skip": f"update skipped ({run.consecutive_skips} in a row, {run.progress.skipped_total} in total)",
+              "rollback": (f"rolling back to {e.get('to')} and skipping global batches "
+                           f"[{e['skip_batches'][0]}, {e['skip_batches'][1]})" if "skip_batches" in e else "")}
+    run.log.print(f"step {step}: {what}; {action[e['event']]}" + (f" ({e['note']})" if "note" in e else ""))
+    record = {k: v for k, v in e.items() if k != "step"}
+    if e["event"] == "skip":
+        record.update(skipped=True, skipped_total=run.progress.skipped_total)
+    run.log.metrics(step, **record)
+
+
+def last_good_checkpoint(run: Run) -> str:
+    good = run.health.good
+    if good is not None and (good / checkpoint.META).is_file():
+        return f"the last good checkpoint is {good} (resume from it with --resume={good})"
+    return f"no checkpoint in {run.cfg.out_dir} was confirmed good before it (start again, e.g. with a lower --max_lr)"
+
+
+def roll_back_if_spiked(run: Run) -> bool:
+    """After a step whose spike asks for a rollback: back to the last good checkpoint, in this
+    process, with the data window from its position through the spiking batch skipped from now on
+    (and kept in the checkpoints). True when it rolled back."""
+    e, health = run.event, run.health
+    if e is None or "skip_batches" not in e:
+        return False
+    if health.rollbacks >= run.cfg.max_rollbacks:
+        raise ConfigError(f"stopping: a spike at step {e['step']} after {health.rollbacks} rollbacks "
+                          f"(--max_rollbacks={run.cfg.max_rollbacks}); {last_good_checkpoint(run)}")
+    health.rollbacks += 1
+    windows = [*run.loader.order.skipped, tuple(e["skip_batches"])]
+    target = health.good
+    restore(run, target)
+    run.loader.load_state_dict(saved_state(target, "loader"), accept_new_data=run.cfg.accept_new_data)
+    run.loader.skip(windows)
+    run.consecutive_skips, health.pending, health.unhealthy = 0, None, False
+    return True
 
 
 def save_if_due(run: Run) -> bool:
     """Save when due (interval, last step, signal); True when the run should stop now."""
-    cfg, step = run.cfg, run.progress.step
+    cfg, step, health = run.cfg, run.progress.step, run.health
     stopping = run.stopping
     if run.benchmark:
         return stopping
-    if stopping or step == run.last_step or (cfg.save_interval and step % cfg.save_interval == 0):
+    due = step == run.last_step or (cfg.save_interval and step % cfg.save_interval == 0)
+    if due and health.unhealthy and not stopping:
+        # A checkpoint of weights that just spiked (or whose step was skipped) must not push a
+        # healthier one out: the save waits for the next healthy step.
+        health.save_deferred = step != run.last_step
+        run.log.print(f"step {step}: not saving a checkpoint after a skipped or spiking step"
+                      + ("; saving at the next healthy step" if health.save_deferred else
+                         f"; {last_good_checkpoint(run)}"))
+    elif stopping or due or (health.save_deferred and not health.unhealthy):
         if step == cfg.max_steps:
             evaluate_if_due(run, force=True)
         save(run)
+        health.save_deferred = False
     if stopping:
         run.log.print(f"stopped by signal after step {step}; resume with the same command")
     return stopping
@@ -320,7 +453,8 @@ def save(run: Run) -> None:
     meta = {"run_id": run.progress.run_id, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict()}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
-                           keep_last=run.cfg.keep_last)
+                           keep_last=run.cfg.keep_last, keep=run.health.good)
+    run.health.pending = path
     seconds = time.perf_counter() - t0
     run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
     run.log.metrics(run.progress.step, save_s=seconds)
@@ -455,6 +589,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
 def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,
               make_data: Callable) -> Run:
     benchmark = cfg.benchmark > 0
+    check_precision(cfg, d)
     accum_steps = gradient_accumulation(cfg, d.world_size)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if d.device.type == "cuda":
@@ -464,6 +599,8 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     loader, val = (None, None) if benchmark else make_data(cfg, d, log)
     if resume_from is not None:  # the data check comes before any heavy loading
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
+    if loader is not None and cfg.skip_batches:
+        loader.skip(stability.parse_windows(cfg.skip_batches))
     model = build_model(cfg.model_config(), d.device)
     if cfg.init_from and resume_from is None and not benchmark:
         init_weights_from(cfg.init_from, model, log)
@@ -471,7 +608,9 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
-              val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock)
+              val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock,
+              spikes=SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history),
+              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)))
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
@@ -481,6 +620,31 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if cfg.hellaswag_interval and not benchmark:
         run.hellaswag_examples = load_hellaswag(cfg)
     return run
+
+
+def check_precision(cfg: TrainConfig, d: Dist) -> None:
+    """bfloat16 needs compute capability 8.0 (A100, RTX 30xx) or later: on a V100, T4 or RTX 20xx
+    it is emulated at a fraction of the speed, if at all; float16 with loss scaling is the way."""
+    if d.device.type != "cuda" or cfg.dtype != "bfloat16":
+        return
+    major, minor = torch.cuda.get_device_capability(d.device)
+    if major < 8:
+        raise ConfigError(f"--dtype=bfloat16: {torch.cuda.get_device_name(d.device)} (compute capability "
+                          f"{major}.{minor}) has no bfloat16 support; use --dtype=float16 (with dynamic loss "
+                          f"scaling) or --dtype=float32")
+
+
+def out_of_memory_message(run: Run) -> str:
+    """The one line for a CUDA out-of-memory error before the first step completed."""
+    cfg, device = run.cfg, run.dist.device
+    memory = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        memory = f" on {torch.cuda.get_device_name(device)} ({total:.1f} GiB, peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated)"
+    smaller = max(1, cfg.micro_batch // 2)
+    return (f"out of memory at the first step with --micro_batch={cfg.micro_batch} x --seq_len={cfg.seq_len}"
+            f"{memory}: try --micro_batch={smaller} (the same global batch, more accumulation), "
+            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs")
 
 
 def saved_state(ckpt: Path, name: str):
@@ -590,7 +754,12 @@ def restore(run: Run, ckpt: Path) -> None:
     """Model, optimizer, loader position, RNG and counters from `ckpt` (checkpoint.py's contract)."""
     state = run.checkpoint_state()
     del state["loader"]  # restored (and its data checked) before the model was built
+    saved = checkpoint.read_meta(ckpt)
+    for optional in ("spikes", "scaler"):  # older checkpoints have neither
+        if optional not in saved:
+            del state[optional]
     meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
+    run.health.good = ckpt
     written_by = meta.get("world_size", run.dist.world_size)
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "

@@ -484,7 +484,7 @@ class TrainLoader(FollowsOrder):
             if isinstance(batch, BaseException):
                 self._worker = None
                 raise batch
-        self.order.step += 1
+        self.order.step = self.order.following(self.order.step)
         return batch
 
     def _start_worker(self) -> None:

@@ -316,7 +316,7 @@ def judge_step(run: Run, stats: StepStats, batch_index: int | None) -> bool:
         action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
     record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
               "reason": "spike", "loss": stats.loss, "score": run.score, "grad_norm": stats.grad_norm,
-              "batch": batch_index}
+              "batch": batch_index, "position": batch_index * cfg.total_batch_tokens // cfg.seq_len}
     if action == "rollback":
         start = saved_state(health.good, "loader")["position"] // run.loader.order.global_batch
         record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))

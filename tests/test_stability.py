@@ -2,12 +2,15 @@
 z-loss, float16 loss scaling and hardware changes on resume (README, "Stability")."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from runs import BASE, SEQ, call_main, losses, metric_rows, refusal, weights
+from runs import BASE, ROOT, SEQ, assert_close, call_main, losses, metric_rows, refusal, weights
 
 import checkpoint
 import train_llama
@@ -190,14 +193,23 @@ def test_z_loss_is_logged_separately(tmp_path, small):
 
 # ----------------------------------------------------------------------------- precision and hardware
 
-def test_float16_with_loss_scaling_resumed_equals_straight(tmp_path, small):
+def test_float16_with_loss_scaling_resumed_equals_straight_and_fsdp(tmp_path, small):
     """--dtype=float16 --cpu_autocast=true: loss_scale logged; its scaler in the checkpoint, so a
-    resumed run equals the straight one bitwise."""
+    resumed run equals the straight one bitwise; two FSDP2 processes with the same scaler train
+    like it (to 5e-2: FSDP holds the gathered parameters, norms and embeddings included, in
+    float16, where one process keeps them in float32 under autocast)."""
     fp16 = ["--dtype=float16", "--cpu_autocast=true", "--max_steps=6", "--save_interval=3"]
     train_small(small, tmp_path / "straight", "clean", *fp16)
     train_small(small, tmp_path / "resumed", "clean", *fp16, "--stop_step=3")
     train_small(small, tmp_path / "resumed", "clean", *fp16)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    argv = [str(small["config"]) if a.endswith("tiny.py") else a for a in BASE]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train_llama.py"), *argv, f"--data_dir={small['clean']}",
+                    f"--out_dir={tmp_path / 'fsdp'}", *LEARN, *fp16, "--parallel=fsdp"],
+                   check=True, capture_output=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "straight"), 5e-2)
+    assert all(r["loss_scale"] == 2.0 ** 16 for r in metric_rows(tmp_path / "fsdp") if "loss" in r)
     rows = [r for r in metric_rows(tmp_path / "straight") if "loss" in r]
     assert all(r["loss_scale"] == 2.0 ** 16 for r in rows)
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path / "resumed"))["scaler"]["scale"] == 2.0 ** 16

@@ -90,23 +90,21 @@ def test_skip_skips_only_the_spike_and_forensics_names_the_window(tmp_path, smal
 
 
 def test_rollback_equals_a_hand_skipped_run(tmp_path, small):
-    """--on_spike=rollback goes back to step 8 (confirmed by step 9) and skips batches [8, 11): from
-    there it equals, bitwise, a fresh run given --skip_batches=8:11 by hand; the window is in the
-    checkpoint, and a resume of the hand-skipped run equals it straight."""
-    rolled, hand, resumed = tmp_path / "rolled", tmp_path / "hand", tmp_path / "resumed"
-    proc = train_small(small, rolled, "spiky", "--on_spike=rollback", "--save_interval=4")
+    """--on_spike=rollback goes back to step 8 (confirmed by step 9) and skips batches [8, 11); saved
+    at step 12 with the window in its checkpoint and resumed, it equals, bitwise, a fresh run given
+    --skip_batches=8:11 by hand."""
+    rolled, hand = tmp_path / "rolled", tmp_path / "hand"
+    proc = train_small(small, rolled, "spiky", "--on_spike=rollback", "--save_interval=4", "--stop_step=12")
     [event] = events(rolled)
     assert event["event"] == "rollback" and event["skip_batches"] == [8, 11]
     assert event["to"] == str(rolled / "step_0000008")
     assert "rolling back to" in proc.stdout
+    assert checkpoint.read_meta(checkpoint.resolve(rolled))["loader"]["skip_batches"] == [[8, 11]]
+    train_small(small, rolled, "spiky", "--on_spike=off", "--save_interval=4")  # the window comes from the checkpoint
     train_small(small, hand, "spiky", "--on_spike=off", "--skip_batches=8:11", "--save_interval=4")
     assert losses(rolled) == losses(hand)
     for k, v in weights(hand).items():
         assert torch.equal(v, weights(rolled)[k]), k
-    assert checkpoint.read_meta(checkpoint.resolve(rolled))["loader"]["skip_batches"] == [[8, 11]]
-    train_small(small, resumed, "spiky", "--on_spike=off", "--skip_batches=8:11", "--stop_step=9")
-    train_small(small, resumed, "spiky", "--on_spike=off")  # the window comes from the checkpoint
-    assert losses(resumed) == losses(hand)
 
 
 def test_max_rollbacks_stops_naming_the_last_good_checkpoint(tmp_path, small):
@@ -196,11 +194,11 @@ def test_z_loss_is_logged_separately(tmp_path, small):
 def test_float16_with_loss_scaling_resumed_equals_straight_and_fsdp(tmp_path, small):
     """--dtype=float16 --cpu_autocast=true: loss_scale logged; its scaler in the checkpoint, so a
     resumed run equals the straight one bitwise; two FSDP2 processes with the same scaler train
-    like it (to 5e-2: FSDP holds the gathered parameters, norms and embeddings included, in
+    like it (to 1e-2: FSDP holds the gathered parameters, norms and embeddings included, in
     float16, where one process keeps them in float32 under autocast)."""
-    fp16 = ["--dtype=float16", "--cpu_autocast=true", "--max_steps=6", "--save_interval=3"]
+    fp16 = ["--dtype=float16", "--cpu_autocast=true", "--max_steps=4", "--save_interval=2", "--max_lr=1e-3"]
     train_small(small, tmp_path / "straight", "clean", *fp16)
-    train_small(small, tmp_path / "resumed", "clean", *fp16, "--stop_step=3")
+    train_small(small, tmp_path / "resumed", "clean", *fp16, "--stop_step=2")
     train_small(small, tmp_path / "resumed", "clean", *fp16)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     argv = [str(small["config"]) if a.endswith("tiny.py") else a for a in BASE]
@@ -208,7 +206,7 @@ def test_float16_with_loss_scaling_resumed_equals_straight_and_fsdp(tmp_path, sm
                     str(ROOT / "train_llama.py"), *argv, f"--data_dir={small['clean']}",
                     f"--out_dir={tmp_path / 'fsdp'}", *LEARN, *fp16, "--parallel=fsdp"],
                    check=True, capture_output=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "straight"), 5e-2)
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "straight"), 1e-2)
     assert all(r["loss_scale"] == 2.0 ** 16 for r in metric_rows(tmp_path / "fsdp") if "loss" in r)
     rows = [r for r in metric_rows(tmp_path / "straight") if "loss" in r]
     assert all(r["loss_scale"] == 2.0 ** 16 for r in rows)

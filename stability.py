@@ -1,5 +1,6 @@
-"""What keeps a long run alive: spike detection, the data windows a run skips, spike forensics and
-dynamic loss scaling for float16. train_llama.py decides what to do with them (README, "Stability").
+"""What keeps a long run alive: spike detection, the data windows a run skips, spike forensics,
+dynamic loss scaling for float16, and the checks of precision and memory a changed card needs.
+train_llama.py's loop calls the functions at the end; README, "Stability", says what they do.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from utils import UserError, write_atomic
+import checkpoint
+from utils import Dist, UserError, write_atomic
+
+if TYPE_CHECKING:  # for annotations only: a library module never imports a script at run time
+    from train_config import TrainConfig
+    from train_llama import Run
 
 ON_SPIKE = ("off", "warn", "skip", "rollback")
 
@@ -179,3 +187,112 @@ class Health:
         if self.pending is not None:
             self.good = self.pending if healthy else self.good
             self.pending = None
+
+
+# ----------------------------------------------------------------------------- what train_llama calls
+
+def judge_step(run: Run, stats: StepStats, batch_index: int | None) -> bool:
+    """Whether to apply the update. Sets run.event for a non-finite step (or a float16 overflow)
+    and for a spike, which also writes its forensics; --on_spike says what a spike does."""
+    cfg, health = run.cfg, run.health
+    run.event = None
+    step = run.progress.step + 1
+    if not (stats.loss_finite and stats.norm_finite):
+        overflow = run.scaler.enabled and stats.loss_finite
+        run.event = {"event": "overflow" if overflow else "skip", "step": step, "reason": "non-finite"}
+        return False
+    run.score = run.spikes.score(stats.loss, stats.grad_norm)
+    if cfg.on_spike == "off" or run.benchmark or not run.spikes.is_spike(run.score):
+        run.spikes.record(stats.loss, stats.grad_norm)
+        return True
+    action = cfg.on_spike
+    if action == "rollback" and health.good is None:
+        action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
+    record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
+              "reason": "spike", "loss": stats.loss, "score": run.score, "grad_norm": stats.grad_norm,
+              "batch": batch_index, "position": batch_index * cfg.total_batch_tokens // cfg.seq_len}
+    if action == "rollback":
+        start = checkpoint.read_meta(health.good)["loader"]["position"] // run.loader.order.global_batch
+        record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))
+    elif cfg.on_spike == "rollback":
+        record["note"] = "no checkpoint confirmed before this spike: skipped instead of rolled back"
+    record["forensics"] = spike_forensics(run, record, batch_index)
+    run.event = record
+    return action == "warn"
+
+
+def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
+    """Each sequence of the spiking global batch scored on its own (the weights that spiked, before
+    any update), written with the worst ones' sources to out_dir/spikes/ on rank 0: its path."""
+    from tokenizer import get_encoding  # noqa: PLC0415
+
+    d, accum = run.dist, run.accum_steps
+    sequences = []
+    for step in range(batch_index * accum, (batch_index + 1) * accum):
+        x, y, sources = run.loader.batch_at(step)
+        losses = sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast)
+        sequences += [{**source, "loss": loss, "tokens": row.tolist()} for source, loss, row in zip(sources, losses, x)]
+    if d.world_size > 1:
+        everyone = [None] * d.world_size
+        dist.all_gather_object(everyone, sequences)
+        sequences = [s for part in everyone for s in part]
+    if not d.is_main:
+        return None
+    return str(write_forensics(run.cfg.out_dir, dict(record), sequences, get_encoding().decode))
+
+
+def log_event(run: Run) -> None:
+    """One readable line and one metrics.jsonl record for a skip, spike, rollback or overflow."""
+    e, step = run.event, run.progress.step
+    if e["event"] == "overflow":
+        run.log.print(f"step {step}: float16 overflow, update skipped; loss scale now {run.scaler.scale:g}")
+        run.log.metrics(step, event="overflow", loss_scale=run.scaler.scale)
+        return
+    if e["reason"] == "non-finite":
+        what = "non-finite loss or gradient norm"
+    else:
+        what = (f"loss spike: loss {e['loss']:.4f}, gradient norm {e['grad_norm']:.3f}, score {e['score']:.1f} "
+                f"> {run.cfg.spike_threshold:g} (global batch {e['batch']}; forensics {e['forensics']})")
+    action = {"spike": "update applied (--on_spike=warn)",
+              "skip": f"update skipped ({run.consecutive_skips} in a row, {run.progress.skipped_total} in total)",
+              "rollback": (f"rolling back to {e.get('to')} and skipping global batches "
+                           f"[{e['skip_batches'][0]}, {e['skip_batches'][1]})" if "skip_batches" in e else "")}
+    run.log.print(f"step {step}: {what}; {action[e['event']]}" + (f" ({e['note']})" if "note" in e else ""))
+    record = {k: v for k, v in e.items() if k != "step"}
+    if e["event"] == "skip":
+        record.update(skipped=True, skipped_total=run.progress.skipped_total)
+    run.log.metrics(step, **record)
+
+
+def last_good_checkpoint(run: Run) -> str:
+    """The end of a stop line: the checkpoint to resume from, which exists, or that there is none."""
+    good = run.health.good
+    if good is not None and (good / checkpoint.META).is_file():
+        return f"the last good checkpoint is {good} (resume from it with --resume={good})"
+    return f"no checkpoint in {run.cfg.out_dir} was confirmed good before it (start again, e.g. with a lower --max_lr)"
+
+
+def check_precision(cfg: TrainConfig, d: Dist) -> None:
+    """bfloat16 needs compute capability 8.0 (A100, RTX 30xx) or later: on a V100, T4 or RTX 20xx
+    it is emulated at a fraction of the speed, if at all; float16 with loss scaling is the way."""
+    if d.device.type != "cuda" or cfg.dtype != "bfloat16":
+        return
+    major, minor = torch.cuda.get_device_capability(d.device)
+    if major < 8:
+        raise UserError(f"--dtype=bfloat16: {torch.cuda.get_device_name(d.device)} (compute capability "
+                        f"{major}.{minor}) has no bfloat16 support; use --dtype=float16 (with dynamic loss "
+                        f"scaling) or --dtype=float32")
+
+
+def out_of_memory_message(run: Run) -> str:
+    """The one line for a CUDA out-of-memory error before the first step completed."""
+    cfg, device = run.cfg, run.dist.device
+    memory = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        memory = f" on {torch.cuda.get_device_name(device)} ({total:.1f} GiB, peak {peak:.1f} GiB allocated)"
+    smaller = max(1, cfg.micro_batch // 2)
+    return (f"out of memory at the first step with --micro_batch={cfg.micro_batch} x --seq_len={cfg.seq_len}"
+            f"{memory}: try --micro_batch={smaller} (the same global batch, more accumulation), "
+            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs")

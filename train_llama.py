@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
     except torch.OutOfMemoryError:
         if run.meter.times:
             raise
-        raise ConfigError(out_of_memory_message(run)) from None
+        raise ConfigError(stability.out_of_memory_message(run)) from None
     finally:
         run.close()
     return summarize(run)
@@ -241,7 +241,8 @@ def train_step(run: Run) -> tuple[StepStats, bool]:
     run.scaler.unscale_(run.model.parameters())
     grad_norm = parallel.clip_grad_norm(run.model.parameters(), cfg.grad_clip or math.inf)
     stats = agree_on_step(run, grad_norm, loss_sum, z_sum)
-    applied = judge_step(run, stats, batch_index)
+    applied = stability.judge_step(run, stats, batch_index)
+    parallel.release_eval(run.eval_model, cfg)  # what a spike's forensics gathered (FSDP)
     stopping = stats.stop
     if applied:
         run.optimizer.step()
@@ -297,64 +298,13 @@ def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_s
                      norm_finite=not bad_norm, stop=bool(stop))
 
 
-def judge_step(run: Run, stats: StepStats, batch_index: int | None) -> bool:
-    """Whether to apply the update. Sets run.event for a non-finite step (or a float16 overflow)
-    and for a spike, which also writes its forensics; --on_spike says what a spike does."""
-    cfg, health = run.cfg, run.health
-    run.event = None
-    step = run.progress.step + 1
-    if not (stats.loss_finite and stats.norm_finite):
-        overflow = run.scaler.enabled and stats.loss_finite
-        run.event = {"event": "overflow" if overflow else "skip", "step": step, "reason": "non-finite"}
-        return False
-    run.score = run.spikes.score(stats.loss, stats.grad_norm)
-    if cfg.on_spike == "off" or run.benchmark or not run.spikes.is_spike(run.score):
-        run.spikes.record(stats.loss, stats.grad_norm)
-        return True
-    action = cfg.on_spike
-    if action == "rollback" and health.good is None:
-        action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
-    record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
-              "reason": "spike", "loss": stats.loss, "score": run.score, "grad_norm": stats.grad_norm,
-              "batch": batch_index, "position": batch_index * cfg.total_batch_tokens // cfg.seq_len}
-    if action == "rollback":
-        start = saved_state(health.good, "loader")["position"] // run.loader.order.global_batch
-        record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))
-    elif cfg.on_spike == "rollback":
-        record["note"] = "no checkpoint confirmed before this spike: skipped instead of rolled back"
-    record["forensics"] = spike_forensics(run, record, batch_index)
-    run.event = record
-    return action == "warn"
-
-
-def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
-    """Each sequence of the spiking global batch scored on its own (the weights that spiked, before
-    any update), written with the worst ones' sources to out_dir/spikes/ on rank 0: its path."""
-    from tokenizer import get_encoding  # noqa: PLC0415
-
-    d, accum = run.dist, run.accum_steps
-    sequences = []
-    for step in range(batch_index * accum, (batch_index + 1) * accum):
-        x, y, sources = run.loader.batch_at(step)
-        losses = stability.sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast)
-        sequences += [{**source, "loss": loss, "tokens": row.tolist()} for source, loss, row in zip(sources, losses, x)]
-    parallel.release_eval(run.eval_model, run.cfg)
-    if d.world_size > 1:
-        everyone = [None] * d.world_size
-        dist.all_gather_object(everyone, sequences)
-        sequences = [s for part in everyone for s in part]
-    if not d.is_main:
-        return None
-    return str(stability.write_forensics(run.cfg.out_dir, dict(record), sequences, get_encoding().decode))
-
-
 def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     step, log, meter = run.progress.step, run.log, run.meter
     if run.event is not None:
-        log_event(run)
+        stability.log_event(run)
     if run.consecutive_skips >= run.cfg.max_skipped_steps:
         raise ConfigError(f"stopping: {run.consecutive_skips} steps in a row were skipped or spiking, the run "
-                          f"diverged; {last_good_checkpoint(run)} (lower --max_lr or check the data)")
+                          f"diverged; {stability.last_good_checkpoint(run)} (lower --max_lr or check the data)")
     if not applied or (step % run.cfg.log_interval and step != run.last_step):
         return
     loss, norm, dt = stats.loss, stats.grad_norm, meter.times[-1]
@@ -374,36 +324,6 @@ def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
                 ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.score, **extra)
 
 
-def log_event(run: Run) -> None:
-    """One readable line and one metrics.jsonl record for a skip, spike, rollback or overflow."""
-    e, step = run.event, run.progress.step
-    if e["event"] == "overflow":
-        run.log.print(f"step {step}: float16 overflow, update skipped; loss scale now {run.scaler.scale:g}")
-        run.log.metrics(step, event="overflow", loss_scale=run.scaler.scale)
-        return
-    if e["reason"] == "non-finite":
-        what = "non-finite loss or gradient norm"
-    else:
-        what = (f"loss spike: loss {e['loss']:.4f}, gradient norm {e['grad_norm']:.3f}, score {e['score']:.1f} "
-                f"> {run.cfg.spike_threshold:g} (global batch {e['batch']}; forensics {e['forensics']})")
-    action = {"spike": "update applied (--on_spike=warn)",
-              "skip": f"update skipped ({run.consecutive_skips} in a row, {run.progress.skipped_total} in total)",
-              "rollback": (f"rolling back to {e.get('to')} and skipping global batches "
-                           f"[{e['skip_batches'][0]}, {e['skip_batches'][1]})" if "skip_batches" in e else "")}
-    run.log.print(f"step {step}: {what}; {action[e['event']]}" + (f" ({e['note']})" if "note" in e else ""))
-    record = {k: v for k, v in e.items() if k != "step"}
-    if e["event"] == "skip":
-        record.update(skipped=True, skipped_total=run.progress.skipped_total)
-    run.log.metrics(step, **record)
-
-
-def last_good_checkpoint(run: Run) -> str:
-    good = run.health.good
-    if good is not None and (good / checkpoint.META).is_file():
-        return f"the last good checkpoint is {good} (resume from it with --resume={good})"
-    return f"no checkpoint in {run.cfg.out_dir} was confirmed good before it (start again, e.g. with a lower --max_lr)"
-
-
 def roll_back_if_spiked(run: Run) -> bool:
     """After a step whose spike asks for a rollback: back to the last good checkpoint, in this
     process, with the data window from its position through the spiking batch skipped from now on
@@ -413,7 +333,7 @@ def roll_back_if_spiked(run: Run) -> bool:
         return False
     if health.rollbacks >= run.cfg.max_rollbacks:
         raise ConfigError(f"stopping: a spike at step {e['step']} after {health.rollbacks} rollbacks "
-                          f"(--max_rollbacks={run.cfg.max_rollbacks}); {last_good_checkpoint(run)}")
+                          f"(--max_rollbacks={run.cfg.max_rollbacks}); {stability.last_good_checkpoint(run)}")
     health.rollbacks += 1
     windows = [*run.loader.order.skipped, tuple(e["skip_batches"])]
     target = health.good
@@ -437,7 +357,7 @@ def save_if_due(run: Run) -> bool:
         health.save_deferred = step != run.last_step
         run.log.print(f"step {step}: not saving a checkpoint after a skipped or spiking step"
                       + ("; saving at the next healthy step" if health.save_deferred else
-                         f"; {last_good_checkpoint(run)}"))
+                         f"; {stability.last_good_checkpoint(run)}"))
     elif stopping or due or (health.save_deferred and not health.unhealthy):
         if step == cfg.max_steps:
             evaluate_if_due(run, force=True)
@@ -589,7 +509,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
 def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,
               make_data: Callable) -> Run:
     benchmark = cfg.benchmark > 0
-    check_precision(cfg, d)
+    stability.check_precision(cfg, d)
     accum_steps = gradient_accumulation(cfg, d.world_size)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if d.device.type == "cuda":
@@ -620,31 +540,6 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if cfg.hellaswag_interval and not benchmark:
         run.hellaswag_examples = load_hellaswag(cfg)
     return run
-
-
-def check_precision(cfg: TrainConfig, d: Dist) -> None:
-    """bfloat16 needs compute capability 8.0 (A100, RTX 30xx) or later: on a V100, T4 or RTX 20xx
-    it is emulated at a fraction of the speed, if at all; float16 with loss scaling is the way."""
-    if d.device.type != "cuda" or cfg.dtype != "bfloat16":
-        return
-    major, minor = torch.cuda.get_device_capability(d.device)
-    if major < 8:
-        raise ConfigError(f"--dtype=bfloat16: {torch.cuda.get_device_name(d.device)} (compute capability "
-                          f"{major}.{minor}) has no bfloat16 support; use --dtype=float16 (with dynamic loss "
-                          f"scaling) or --dtype=float32")
-
-
-def out_of_memory_message(run: Run) -> str:
-    """The one line for a CUDA out-of-memory error before the first step completed."""
-    cfg, device = run.cfg, run.dist.device
-    memory = ""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory / 2**30
-        memory = f" on {torch.cuda.get_device_name(device)} ({total:.1f} GiB, peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB allocated)"
-    smaller = max(1, cfg.micro_batch // 2)
-    return (f"out of memory at the first step with --micro_batch={cfg.micro_batch} x --seq_len={cfg.seq_len}"
-            f"{memory}: try --micro_batch={smaller} (the same global batch, more accumulation), "
-            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs")
 
 
 def saved_state(ckpt: Path, name: str):

@@ -300,14 +300,20 @@ class SFTLoader(FollowsOrder):
         """The examples of this rank's micro-step `step` (dataloader.GlobalOrder's arithmetic)."""
         return self.order.ids(step)
 
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Micro-step `step`'s x, y again and the index of each example (spike forensics)."""
+        ids = self.order.ids(step)
+        return (*collate([self.examples[i] for i in ids], self.seq_len, self.pad_multiple),
+                [{"example": i} for i in ids])
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = collate([self.examples[i] for i in self.order.ids(self.order.step)], self.seq_len,
                         self.pad_multiple)
-        self.order.step += 1
+        self.order.step = self.order.following(self.order.step)
         return batch
 
     def state_dict(self) -> dict:
-        return {"position": self.order.position(), "seed": self.seed, "seq_len": self.seq_len,
+        return {**self.order_state(), "seed": self.seed, "seq_len": self.seq_len,
                 "shuffle": self.shuffle, "data": self.identity}
 
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
@@ -325,10 +331,7 @@ class SFTLoader(FollowsOrder):
         if differences:
             self.log(f"sft data: differs from the checkpoint's ({'; '.join(differences)}); continuing on it as "
                      f"accept_new_data asks")
-        self.order.seek(int(state["position"]))
-
-    def close(self) -> None:
-        pass
+        self.seek_order(state)
 
 
 def _short(value) -> str:

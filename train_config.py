@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from model import ModelConfig, model_config
+from stability import ON_SPIKE, parse_windows
 from utils import DTYPES, UserError
 
 
@@ -62,7 +63,16 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW's second-moment decay
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    max_skipped_steps: int = 5  # stop after this many consecutive non-finite steps
+    max_skipped_steps: int = 5  # stop after this many consecutive skipped steps (non-finite or spiking)
+    # stability (README, "Stability"): what a loss or gradient-norm spike does
+    on_spike: str = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
+    spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
+    spike_window: int = 200  # the healthy steps a step is compared with
+    spike_min_history: int = 50  # no step is judged before this many healthy steps
+    max_rollbacks: int = 3  # rollbacks in one process before the run stops
+    rollback_margin: int = 0  # global batches skipped past the spiking one on a rollback
+    skip_batches: str = ""  # "A:B,C:D": global batches [A, B) of the data order never trained on
+    z_loss: float = 0.0  # PaLM's auxiliary loss, z_loss x mean(log(sum(exp(logits)))^2); 1e-4 in PaLM
     # evaluation and sampling (0 = never)
     eval_interval: int = 250  # steps between validation losses
     val_sequences: int = 640  # sequences in the fixed validation set, the same on any GPU count
@@ -84,7 +94,8 @@ class TrainConfig:
     verify: str = "full"  # on load: "full" checks every file's sha256, "size" only the sizes
     # system
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in float32
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (float16: with dynamic loss scaling); CPU runs in float32
+    cpu_autocast: bool = False  # CPU steps under the dtype's autocast too (tests the fp16/bf16 path)
     compile: bool = True  # torch.compile on CUDA (on CPU only when compile_cpu is set)
     compile_cpu: bool = False  # torch.compile on CPU too (slow to start, for tests)
     compile_mode: str = "model"  # "model": one graph; "blocks": each block (half the compile time)
@@ -113,10 +124,12 @@ class TrainConfig:
     def validate(self) -> None:
         """ConfigError naming the first knob whose value cannot work, and what would."""
         positive = ("seq_len", "total_batch_tokens", "micro_batch", "max_steps", "max_lr", "eps",
-                    "log_interval", "max_skipped_steps")
+                    "log_interval", "max_skipped_steps", "spike_threshold", "spike_window",
+                    "spike_min_history")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
-                         "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops", "benchmark")
+                         "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops",
+                         "benchmark", "max_rollbacks", "rollback_margin", "z_loss")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
@@ -145,6 +158,12 @@ class TrainConfig:
             raise ConfigError(f"--dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device={self.device!r}: choose auto, cpu or cuda")
+        if self.on_spike not in ON_SPIKE:
+            raise ConfigError(f"--on_spike={self.on_spike!r}: choose one of {', '.join(ON_SPIKE)}")
+        if self.spike_min_history > self.spike_window:
+            raise ConfigError(f"--spike_min_history={self.spike_min_history} is more than --spike_window="
+                              f"{self.spike_window} healthy steps kept: no step would ever be judged")
+        parse_windows(self.skip_batches)
         if self.verify not in ("full", "size"):
             raise ConfigError(f"--verify={self.verify!r}: choose full (sha256 of every file) or size")
         if self.start_over not in ("", "archive", "delete"):
@@ -171,6 +190,9 @@ FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", 
 # Knobs that define the run's length and schedule: changing them on resume is allowed, with a warning.
 SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "beta1",
                   "beta2", "eps", "grad_clip")
+# Knobs that change the arithmetic: allowed on resume (a smaller card may need float16), with a warning
+# that the losses will no longer match a straight run's exactly.
+ARITHMETIC_KNOBS = ("dtype", "cpu_autocast", "z_loss")
 
 
 def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -191,6 +213,9 @@ def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -
                 if saved_train[k] != getattr(cfg, k)]
     allowed = [describe(k, saved_train[k], getattr(cfg, k)) for k in SCHEDULE_KNOBS
                if saved_train[k] != getattr(cfg, k)]
+    allowed += [describe(k, saved_train[k], getattr(cfg, k))
+                + " (the arithmetic differs: losses will not match a straight run exactly)"
+                for k in ARITHMETIC_KNOBS if saved_train[k] != getattr(cfg, k)]
     return refused, allowed
 
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 
 import metrics
+import parallel
 from model import ModelConfig
 from utils import UserError
 
@@ -417,3 +418,106 @@ def compare_measured(c: ModelConfig, s: Setting, seq_len: int, measured_bytes: f
     projected = peak_bytes(c, s, seq_len)
     return {"projected_gib": projected / GiB, "measured_gib": measured_bytes / GiB,
             "error": projected / measured_bytes - 1 if measured_bytes else None}
+
+
+# ----------------------------------------------------------------------------- --micro_batch=auto
+
+def memory_budget(device, local_processes: int = 1) -> tuple[float, str]:
+    """(bytes one rank may use, how that was found). CUDA: the device's free memory less the
+    reserve. CPU: 80% of the memory the kernel says is available (/proc/meminfo MemAvailable,
+    else all physical memory), shared by this machine's processes."""
+    import os  # noqa: PLC0415
+
+    if device.type == "cuda":
+        import torch  # noqa: PLC0415
+
+        free, total = torch.cuda.mem_get_info(device)
+        return free - CUDA_RESERVE_GIB * GiB, (f"{free / GiB:.1f} GiB free of {total / GiB:.1f} GiB on "
+                                               f"{torch.cuda.get_device_name(device)}, less {CUDA_RESERVE_GIB:g} GiB")
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    share = 0.8 * available / max(1, local_processes)
+    return share, f"80% of {available / GiB:.1f} GiB available RAM / {local_processes} process(es)"
+
+
+def auto_micro_batch(cfg, world_size: int, device, budget_bytes: float) -> tuple[int, str]:
+    """(micro-batch, why): the largest micro-batch that keeps cfg's global batch exact and whose
+    projected peak fits `budget_bytes`; the smallest one (with a warning in `why`) when none does."""
+    choices = micro_batch_choices(cfg.total_batch_tokens, cfg.seq_len, world_size)
+    if not choices:
+        raise UserError(f"--micro_batch=auto: total_batch_tokens={cfg.total_batch_tokens:,} / seq_len={cfg.seq_len} "
+                        f"sequences do not divide over {world_size} processes")
+    base = setting_from_config(cfg, world_size, device.type, micro_batch=1)
+    c = cfg.model_config()
+    best, peak = largest_fitting_micro_batch(c, base, cfg.seq_len, cfg.total_batch_tokens, budget_bytes)
+    if best is None:
+        return 1, (f"no micro-batch fits: even 1 is projected at {peak / GiB:.1f} GiB of {budget_bytes / GiB:.1f} GiB "
+                   f"(see plan.py for FSDP and activation checkpointing); trying 1")
+    bigger = [m for m in choices if m > best]
+    note = ""
+    if bigger:
+        s = _with(base, bigger[0], cfg.total_batch_tokens, cfg.seq_len)
+        note = f"; {bigger[0]} would need {peak_bytes(c, s, cfg.seq_len) / GiB:.1f} GiB"
+    return best, (f"the largest of {choices} projected to fit: {peak / GiB:.1f} GiB of {budget_bytes / GiB:.1f} GiB"
+                  f"{note}")
+
+
+def confirm_micro_batch(micro_batch: int, choices: list[int], fits) -> tuple[int, list[int]]:
+    """Try `fits(micro_batch)` (one real step: False when it ran out of memory) and halve, within
+    `choices`, until one fits: (the micro-batch, those that did not fit)."""
+    failed = []
+    while not fits(micro_batch):
+        failed.append(micro_batch)
+        smaller = next_smaller(choices, micro_batch)
+        if smaller is None:
+            raise UserError(f"--micro_batch=auto: even micro_batch={micro_batch} runs out of memory; see "
+                            f"plan.py for FSDP and activation checkpointing")
+        micro_batch = smaller
+    return micro_batch, failed
+
+
+def fits_one_step(model, train_model, optimizer, micro_batch: int, seq_len: int, autocast) -> bool:
+    """Whether one training micro-step at `micro_batch` (forward, backward with the gradients
+    reduced, AdamW's moments present) runs without running out of CUDA memory. Nothing changes:
+    no optimizer step is taken, moments made here are dropped, and what a failed try held is
+    freed before returning. Every rank must call it (DDP and FSDP communicate in it)."""
+    import gc  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    made = not optimizer.state
+    device = next(model.parameters()).device
+    ok = True
+    try:
+        if made:  # as AdamW's first step makes them
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        tokens = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len + 1), device=device)
+        parallel.set_gradient_sync(model, train_model, True)
+        with autocast:
+            loss = train_model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        del loss, tokens
+    except torch.OutOfMemoryError:
+        ok = False  # the exception (and the frames holding the failed try's tensors) ends here
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if made:
+            optimizer.state.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    if torch.distributed.is_initialized():  # one rank out of memory: all take the smaller micro-batch
+        flag = torch.tensor(float(ok), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok

@@ -34,7 +34,9 @@ class TrainConfig:
     accept_new_data: bool = False  # resume although the shards differ from the checkpoint's
     # batch: tokens per optimizer step; the gradient accumulation follows from the GPU count
     total_batch_tokens: int = 524_288
-    micro_batch: int = 16
+    # sequences per forward on each rank, or "auto": the largest that planner.py projects to fit
+    # the device's memory and that keeps the batch exact (confirmed by one step on CUDA)
+    micro_batch: int | str = 16
     # schedule
     max_steps: int = 38_147  # 38,147 x 524,288 = 20.0B tokens
     warmup_steps: int = 715
@@ -95,7 +97,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """ConfigError naming the first knob whose value cannot work, and what would."""
-        positive = ("seq_len", "total_batch_tokens", "micro_batch", "max_steps", "max_lr", "eps",
+        positive = ("seq_len", "total_batch_tokens", "max_steps", "max_lr", "eps",
                     "log_interval", "max_skipped_steps")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
@@ -103,6 +105,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
+        if self.micro_batch != "auto" and not (isinstance(self.micro_batch, int) and self.micro_batch > 0):
+            raise ConfigError(f"--micro_batch={self.micro_batch!r} must be a positive number or auto")
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be 0 or more")
@@ -173,7 +177,14 @@ def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -
 
 # ----------------------------------------------------------------------------- parsing
 
+# Knobs that take "auto" besides a number: the number's type, by an example value.
+AUTO_KNOBS = {"micro_batch": 1}
+
 def _parse_value(name: str, text: str, current):
+    if name in AUTO_KNOBS:
+        if text.strip().lower() == "auto":
+            return "auto"
+        current = AUTO_KNOBS[name]  # a number otherwise, also where the config file said auto
     kind = type(current)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -193,7 +204,8 @@ def _parse_value(name: str, text: str, current):
                     pass
     elif kind is str:
         return text
-    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__} (like --{name}={current!r})")
+    also = " or auto" if name in AUTO_KNOBS else ""
+    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__}{also} (like --{name}={current!r})")
 
 
 def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> TrainConfig:
@@ -257,7 +269,7 @@ class SFTConfig(TrainConfig):
     epochs: float = 0.0  # > 0: max_steps = ceil(epochs x train examples / examples per step)
     # overrides of pretraining's defaults: the Alpaca recipe (see configs/sft_1p7b.py)
     total_batch_tokens: int = 128 * 1024  # 128 examples per step at seq_len 1024
-    micro_batch: int = 16
+    micro_batch: int | str = 16
     max_lr: float = 2e-5
     min_lr: float = 0.0
     warmup_steps: int = 36

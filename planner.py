@@ -248,26 +248,23 @@ def backward_transient_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
 
 def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     """Projected peak bytes per rank and its terms: {"params", "grads", "optimizer", "weights_extra",
-    "activations", "loss", "transient", "optimizer_transient", "peak"}."""
+    "activations", "loss", "transient", "optimizer_transient", "accumulated", "peak"}."""
     n = parameter_counts(c)
     total, block, root = n["total"], n["block"], n["root"]
     g = s.group
+    gathered = 2 if s.low_precision else 4  # bytes of a parameter FSDP gathers
+    deferred = s.sharded and s.accum > 1 and not s.reduce_every_micro_step
     terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": 8 * total / g}
     if not s.sharded:
         # autocast keeps a bf16 copy of every weight from its first use to backward
         terms["weights_extra"] = 2 * total if s.low_precision else 0
     else:
-        gathered = 2 if s.low_precision else 4  # bytes of a gathered parameter
-        deferred = s.accum > 1 and not s.reduce_every_micro_step
-        if deferred:
-            # Until the last micro-step syncs, every block stays gathered after its backward
-            # and its unsharded float32 gradients accumulate.
-            terms["weights_extra"] = gathered * total + 4 * total
-        else:
-            # The root (embeddings, output) stays gathered through backward and its output
-            # weight's unsharded gradient lives until the root reduce-scatters at the end;
-            # one block gathered and the next prefetched, with a block's unsharded gradients.
-            terms["weights_extra"] = gathered * root + 4 * c.vocab_size * c.dim + 2 * gathered * block + 4 * block
+        # The root (embeddings, output) stays gathered through backward; one block gathered and
+        # the next prefetched. Until the last micro-step syncs, the unsharded float32 gradients
+        # accumulate (all of them); else a block's unsharded gradients and the output weight's,
+        # which lives until the root reduce-scatters at the end of backward.
+        grads = 4 * total if deferred else 4 * c.vocab_size * c.dim + 4 * block
+        terms["weights_extra"] = gathered * (root + 2 * block) + grads
     terms["activations"] = activation_bytes(c, s, seq_len)
     terms["loss"] = loss_bytes(c, s, seq_len)
     terms["transient"] = backward_transient_bytes(c, s, seq_len)
@@ -285,7 +282,11 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
         grads_in_backward = 4 * c.vocab_size * c.dim
     backward = (terms["params"] + terms["optimizer"] + grads_in_backward + terms["weights_extra"]
                 + terms["activations"] + terms["loss"] + terms["transient"])
-    terms["peak"] = max(backward, terms["params"] + terms["grads"] + terms["optimizer"] + terms["optimizer_transient"])
+    # A backward that does not sync leaves every block gathered (reshard_after_backward is off
+    # while accumulating) beside all the unsharded gradients; its activations are gone by then.
+    terms["accumulated"] = terms["params"] + terms["optimizer"] + (gathered + 4) * total if deferred else 0
+    terms["peak"] = max(backward, terms["accumulated"],
+                        terms["params"] + terms["grads"] + terms["optimizer"] + terms["optimizer_transient"])
     return terms
 
 

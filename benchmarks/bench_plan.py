@@ -1,7 +1,7 @@
 """planner.py's projected peak memory against a measured training step, on the CPU.
 
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_plan.py                # the default cases
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_plan.py --cases tiny:128:4 124m:16:1
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_plan.py --cases tiny:128:4 124m:16:1:none+full
 
 Each case (preset:seq_len:micro_batch) runs under DDP and FSDP with each activation-checkpointing
 mode: the model wrapped as train_llama wraps it, AdamW's state made up front (as after a first
@@ -99,7 +99,7 @@ def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d) -
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["tiny:128:4", "tiny:128:8", "124m:16:1", "124m:16:2"],
-                        help="preset:seq_len:micro_batch")
+                        help="preset:seq_len:micro_batch[:checkpointing modes joined by +, default --ac]")
     parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"])
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"])
     args = parser.parse_args(argv)
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     try:
         for case in args.cases:
-            preset, seq_len, micro_batch = case.split(":")
+            preset, seq_len, micro_batch, *modes = case.split(":")
             for par in args.parallel:
-                for ac in args.ac:
+                for ac in (modes[0].split("+") if modes else args.ac):
                     measured = measure(preset, int(seq_len), int(micro_batch), par, ac, d)
                     cfg = TrainConfig(model=preset, seq_len=int(seq_len), micro_batch=int(micro_batch),
                                       total_batch_tokens=int(micro_batch) * int(seq_len) * d.world_size * ACCUM,

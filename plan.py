@@ -208,7 +208,7 @@ def render(report: dict, markdown: bool) -> str:
         lines.append(f"nothing fits: {report['nothing_fits']}")
     else:
         lines.append("* recommended: the fastest setting that fits")
-        lines.append(report["command"])
+        lines.append(f"`{report['command']}`" if markdown else report["command"])
     return "\n".join(lines)
 
 
@@ -231,7 +231,8 @@ def plan(argv: list[str]) -> dict:
     links = planner.LINKS[link][1] + (f"; between nodes {planner.LINKS[args.network][1]}" if args.nodes > 1 else "")
     return {
         "title": f"{args.config}: {cfg.model} ({n['total']:,} parameters), seq {cfg.seq_len}, "
-                 f"{cfg.total_batch_tokens:,} tokens/step on {args.nodes} x {args.gpus} x {card.name} "
+                 f"{cfg.total_batch_tokens:,} tokens/step on {world} x {card.name}"
+                 f"{f' ({args.nodes} nodes)' if args.nodes > 1 else ''} "
                  f"({card.memory_gib:g} GiB, {card.peak_tflops:g} TFLOP/s bf16); projections, not measurements",
         "assumptions": f"{mfu_note}; {planner.CUDA_RESERVE_GIB:g} GiB per card kept for the CUDA context; "
                        f"bf16 on CUDA, compiled; link: {links}",

@@ -522,3 +522,17 @@ def fits_one_step(model, train_model, optimizer, micro_batch: int, seq_len: int,
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         ok = bool(flag.item())
     return ok
+
+
+def gpu_check_projection(c: ModelConfig, seq_len: int, micro_batch: int, accum: int, compiled: bool,
+                         knobs: dict, measured_gib: float | None) -> dict:
+    """For a benchmarks/gpu_check.py speed row (one process, bf16 on CUDA, TrainConfig `knobs`):
+    {"projected_gib", "projection_error"} against its torch.cuda.max_memory_allocated; {} without
+    a measurement (the CPU)."""
+    if measured_gib is None:
+        return {}
+    s = Setting(parallel=knobs.get("parallel", "ddp"), activation_checkpointing=knobs.get("activation_checkpointing", "none"),
+                ac_every=knobs.get("ac_every", 2), micro_batch=micro_batch, world_size=1, accum=accum,
+                device="cuda", compiled=compiled)
+    found = compare_measured(c, s, seq_len, measured_gib * GiB)
+    return {"projected_gib": found["projected_gib"], "projection_error": found["error"]}

@@ -396,6 +396,7 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, **knobs) -> dict:
     and the top kernels. FSDP applies under torchrun only (one rank: NCCL on CUDA, gloo on CPU)."""
     import metrics
     import parallel
+    import planner
     from model import build_model, model_config
     from utils import setup_distributed, teardown_distributed
 
@@ -455,6 +456,7 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, **knobs) -> dict:
             "ms_per_step": step_s * 1000, "first_step_s": first_step_s,
             "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": n_params,
             "tokens_per_step": micro_batch * plan.seq_len * plan.accum, "sharded": parallel.is_sharded(model),
+            **planner.gpu_check_projection(cfg, plan.seq_len, micro_batch, plan.accum, compiled, knobs, peak),
             **stats, "top_kernels": kernels, "verdict": verdict}
 
 

@@ -161,3 +161,20 @@ def test_projected_peak_memory_is_within_15_percent_of_measured():
     assert len(rows) == 12 + 2
     worst = max(rows, key=lambda r: abs(r["error"]))
     assert abs(worst["error"]) <= 0.15, worst
+
+
+def test_readme_table_is_plan_output():
+    """The README's memory table is plan.py's markdown output, row for row."""
+    out = call_main(plan.main, ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--gpu", "RTX A6000",
+                                "--gpus", "2", "--micro_batches", "4,8,16", "--markdown"]).stdout
+    rows = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 27 and "\n".join(rows) in (ROOT / "README.md").read_text()
+
+
+def test_gpu_check_rows_get_the_projection():
+    """A measured CUDA row gets the planner's projection and its error; a CPU row (no peak) nothing."""
+    from model import model_config
+
+    found = planner.gpu_check_projection(model_config("1p7b"), 1024, 16, 4, True, {"parallel": "fsdp"}, 60.0)
+    assert found["projection_error"] == pytest.approx(found["projected_gib"] / 60.0 - 1)
+    assert planner.gpu_check_projection(model_config("tiny"), 32, 2, 2, False, {}, None) == {}

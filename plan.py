@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict
 
 import planner
-from train_config import ConfigError, SFTConfig, TrainConfig, _load_config_file, load_config
+from train_config import ConfigError, SFTConfig, TrainConfig, load_config
 from utils import UserError, cli_errors
 
 AC_MODES = ("none", "selective", "full")
@@ -52,8 +52,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def load(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
     """The config as training would load it (finetune.py's SFTConfig for an SFT config file)."""
-    kind = SFTConfig if isinstance(_load_config_file(args.config, TrainConfig), SFTConfig) else TrainConfig
-    return load_config(["--config", args.config, *overrides], kind=kind)
+    found = load_config(["--config", args.config])  # an SFTConfig file returns one: its knobs are allowed too
+    return load_config(["--config", args.config, *overrides], kind=type(found))
 
 
 def pick_card(args: argparse.Namespace) -> planner.Card:

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +177,18 @@ def test_gpu_check_rows_get_the_projection():
     found = planner.gpu_check_projection(model_config("1p7b"), 1024, 16, 4, True, {"parallel": "fsdp"}, 60.0)
     assert found["projection_error"] == pytest.approx(found["projected_gib"] / 60.0 - 1)
     assert planner.gpu_check_projection(model_config("tiny"), 32, 2, 2, False, {}, None) == {}
+
+
+def test_micro_batch_auto_finetunes_tiny(tmp_path, tiny_model):
+    """finetune.py takes --micro_batch=auto too: 4 examples a step on one process -> 4."""
+    import finetune
+    from export_hf import save_weights
+
+    save_weights(tiny_model(max_seq_len=64), tmp_path / "base")
+    argv = ["--config", str(ROOT / "configs" / "sft_tiny.py"), f"--data={ROOT / 'tests' / 'data' / 'alpaca_tiny.json'}",
+            "--seq_len=64", "--total_batch_tokens=256", "--micro_batch=auto", "--max_steps=2", "--eval_interval=0",
+            "--sample_interval=0", "--save_interval=0", f"--init_from={tmp_path / 'base'}",
+            f"--out_dir={tmp_path / 'sft'}", "--device=cpu"]
+    out = call_main(finetune.main, argv).stdout
+    assert "micro_batch=auto: 4: the largest of [1, 2, 4] projected to fit" in out
+    assert [r["step"] for r in metric_rows(tmp_path / "sft") if "loss" in r] == [1, 2]

@@ -106,7 +106,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
         if self.micro_batch != "auto" and not (isinstance(self.micro_batch, int) and self.micro_batch > 0):
-            raise ConfigError(f"--micro_batch={self.micro_batch!r} must be a positive number or auto")
+            raise ConfigError(f"--micro_batch={self.micro_batch!r} must be positive (sequences per micro-step) or auto")
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be 0 or more")

@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--tokens", type=float, help="tokens to train on (default: the config's max_steps x batch)")
     parser.add_argument("--gpu_mem", type=float, help="GiB per card, for a card the table does not know")
     parser.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak TFLOP/s (datasheet)")
-    parser.add_argument("--mfu", type=float, help=f"assumed MFU (default: {planner.DEFAULT_MFU:.0%}, or --measured)")
+    parser.add_argument("--mfu", type=float, help=f"assumed MFU (default: {planner.DEFAULT_MFU:g}, or --measured)")
     parser.add_argument("--measured", help="a benchmarks/gpu_check.py results.jsonl: use its best measured MFU")
     parser.add_argument("--link", choices=sorted(planner.LINKS), help="link between a node's GPUs (default: the card's)")
     parser.add_argument("--network", default="ib_ndr", choices=sorted(planner.LINKS),
@@ -85,7 +85,10 @@ def assumed_mfu(args: argparse.Namespace) -> tuple[float, str]:
 def measured_mfu(path: str) -> tuple[float, str]:
     """The best MFU of the rows that ran fine in a gpu_check results file."""
     try:
-        rows = [json.loads(line) for line in open(path) if line.strip()]
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"--measured {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"--measured {path}: not a gpu_check results.jsonl ({e})") from None
     rated = [r for r in rows if r.get("mfu") and str(r.get("verdict", "")).startswith("ok")]

@@ -192,3 +192,16 @@ def test_micro_batch_auto_finetunes_tiny(tmp_path, tiny_model):
     out = call_main(finetune.main, argv).stdout
     assert "micro_batch=auto: 4: the largest of [1, 2, 4] projected to fit" in out
     assert [r["step"] for r in metric_rows(tmp_path / "sft") if "loss" in r] == [1, 2]
+
+
+def test_measured_mfu_replaces_the_assumption(tmp_path):
+    """--measured takes the best MFU of a gpu_check results file's rows that ran fine, and says so;
+    --help prints the usage."""
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"row": "compiled_mb16", "config": "1p7b compiled", "mfu": 0.47, "verdict": "ok: 0 graph breaks"},
+        {"row": "eager_mb16", "mfu": 0.9, "verdict": "out of memory"}, {"row": "env", "verdict": "ok"}]))
+    argv = ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--measured", str(results)]
+    assert plan_json(*argv)["mfu"] == 0.47
+    assert "MFU 47.0% measured" in call_main(plan.main, argv).stdout
+    assert "--gpu_mem" in call_main(plan.main, ["--help"]).stdout

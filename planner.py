@@ -16,13 +16,18 @@ interconnect's datasheet bandwidth.
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
+
+import torch
 
 import metrics
 import parallel
 from model import ModelConfig
+from train_config import TrainConfig
 from utils import UserError
 
 GiB = 2**30
@@ -136,12 +141,12 @@ class Setting:
         return (self.shard_size or self.world_size) if self.sharded else 1
 
     def label(self) -> str:
-        kind = "FSDP, reduce every micro-step" if self.parallel == "fsdp" and self.reduce_every_micro_step \
-            else self.parallel.upper()
-        return kind
+        if self.parallel == "fsdp" and self.reduce_every_micro_step:
+            return "FSDP, reduce every micro-step"
+        return self.parallel.upper()
 
 
-def setting_from_config(cfg, world_size: int, device: str, micro_batch: int | None = None) -> Setting:
+def setting_from_config(cfg: TrainConfig, world_size: int, device: str, micro_batch: int | None = None) -> Setting:
     """The Setting a TrainConfig describes (micro_batch given when cfg's is "auto")."""
     mb = micro_batch if micro_batch is not None else cfg.micro_batch
     per_step = mb * cfg.seq_len * world_size
@@ -181,8 +186,8 @@ def block_bytes_per_token(c: ModelConfig, s: Setting) -> float:
     every linear casts its input to bf16 on its own (3 casts for q/k/v, 2 for w1/w3); q, k, v,
     the attention output and the FFN in bf16. bf16 parameters (FSDP): the residual stream is
     bf16, each norm keeps its float32 copy and x*rsqrt (8d) and one bf16 output (2d).
-    Checked to the byte on the CPU with MemTracker (bench_parallel.py --activations: 124m and
-    tiny in float32 and autocast; 1p7b autocast eager = 51.07 x dim).
+    Checked to the byte on the CPU with MemTracker (bench_parallel.py's bytes_after_forward on
+    124m and tiny in float32, autocast and bf16 parameters; 1p7b autocast eager = 51.07 x dim).
     """
     d, kv, f, h = c.dim, c.n_kv_heads * c.head_dim, c.ffn_dim, c.n_heads
     small = 4 * h + 8  # log-sum-exp per head, one rsqrt per norm (float32)
@@ -423,15 +428,11 @@ def compare_measured(c: ModelConfig, s: Setting, seq_len: int, measured_bytes: f
 
 # ----------------------------------------------------------------------------- --micro_batch=auto
 
-def memory_budget(device, local_processes: int = 1) -> tuple[float, str]:
+def memory_budget(device: torch.device, local_processes: int = 1) -> tuple[float, str]:
     """(bytes one rank may use, how that was found). CUDA: the device's free memory less the
     reserve. CPU: 80% of the memory the kernel says is available (/proc/meminfo MemAvailable,
     else all physical memory), shared by this machine's processes."""
-    import os  # noqa: PLC0415
-
     if device.type == "cuda":
-        import torch  # noqa: PLC0415
-
         free, total = torch.cuda.mem_get_info(device)
         return free - CUDA_RESERVE_GIB * GiB, (f"{free / GiB:.1f} GiB free of {total / GiB:.1f} GiB on "
                                                f"{torch.cuda.get_device_name(device)}, less {CUDA_RESERVE_GIB:g} GiB")
@@ -449,7 +450,7 @@ def memory_budget(device, local_processes: int = 1) -> tuple[float, str]:
     return share, f"80% of {available / GiB:.1f} GiB available RAM / {local_processes} process(es)"
 
 
-def auto_micro_batch(cfg, world_size: int, device, budget_bytes: float) -> tuple[int, str]:
+def auto_micro_batch(cfg: TrainConfig, world_size: int, device: torch.device, budget_bytes: float) -> tuple[int, str]:
     """(micro-batch, why): the largest micro-batch that keeps cfg's global batch exact and whose
     projected peak fits `budget_bytes`; the smallest one (with a warning in `why`) when none does."""
     choices = micro_batch_choices(cfg.total_batch_tokens, cfg.seq_len, world_size)
@@ -485,15 +486,12 @@ def confirm_micro_batch(micro_batch: int, choices: list[int], fits) -> tuple[int
     return micro_batch, failed
 
 
-def fits_one_step(model, train_model, optimizer, micro_batch: int, seq_len: int, autocast) -> bool:
+def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  micro_batch: int, seq_len: int, autocast) -> bool:
     """Whether one training micro-step at `micro_batch` (forward, backward with the gradients
     reduced, AdamW's moments present) runs without running out of CUDA memory. Nothing changes:
     no optimizer step is taken, moments made here are dropped, and what a failed try held is
     freed before returning. Every rank must call it (DDP and FSDP communicate in it)."""
-    import gc  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
     made = not optimizer.state
     device = next(model.parameters()).device
     ok = True

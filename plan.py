@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict
 
 import planner
-from train_config import ConfigError, SFTConfig, TrainConfig, load_config
+from train_config import SFTConfig, TrainConfig, load_config
 from utils import UserError, cli_errors
 
 AC_MODES = ("none", "selective", "full")
@@ -104,7 +104,10 @@ def micro_batches(args: argparse.Namespace, cfg: TrainConfig, world: int) -> lis
         raise UserError(f"total_batch_tokens={cfg.total_batch_tokens:,} / seq_len={cfg.seq_len} sequences do not "
                         f"divide over {world} GPUs: no micro-batch keeps the batch exact")
     if args.micro_batches:
-        wanted = [int(m) for m in args.micro_batches.split(",") if m.strip()]
+        try:
+            wanted = [int(m) for m in args.micro_batches.split(",") if m.strip()]
+        except ValueError:
+            raise UserError(f"--micro_batches {args.micro_batches!r}: expected numbers like 4,8,16") from None
         bad = [m for m in wanted if m not in choices]
         if bad:
             raise UserError(f"--micro_batches {bad[0]} does not divide the {choices[-1]} sequences per GPU "
@@ -249,7 +252,7 @@ def plan(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    with cli_errors("plan.py", expected=(ConfigError, KeyError)):
+    with cli_errors("plan.py"):
         report = plan(argv)
     if report.pop("json"):
         print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1))

@@ -26,7 +26,7 @@ import torch
 
 import metrics
 import parallel
-from model import ModelConfig
+from model import ModelConfig, Transformer
 from train_config import TrainConfig
 from utils import UserError
 
@@ -168,10 +168,16 @@ def parameter_counts(c: ModelConfig) -> dict[str, int]:
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token with every parameter but the input embedding in 6N (a lookup
-    does no matmul), as metrics.py computes MFU."""
-    n = parameter_counts(c)
-    return metrics.flops_per_token(n["total"] - n["embedding"], c.n_layers, seq_len, c.dim)
+    """Training FLOPs per token as metrics.py counts them for MFU, of the model built on the meta
+    device (no memory; built once per config)."""
+    key = repr(c)
+    if key not in _META_MODELS:
+        with torch.device("meta"):
+            _META_MODELS[key] = Transformer(c)
+    return metrics.flops_per_token(_META_MODELS[key], seq_len)
+
+
+_META_MODELS: dict[str, Transformer] = {}
 
 
 # ----------------------------------------------------------------------------- activations

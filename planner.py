@@ -493,7 +493,7 @@ def confirm_micro_batch(micro_batch: int, choices: list[int], fits) -> tuple[int
 
 
 def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  micro_batch: int, seq_len: int, autocast) -> bool:
+                  micro_batch: int, seq_len: int, autocast, sdpa_backend: str = "auto") -> bool:
     """Whether one training micro-step at `micro_batch` (forward, backward with the gradients
     reduced, AdamW's moments present) runs without running out of CUDA memory. Nothing changes:
     no optimizer step is taken, moments made here are dropped, and what a failed try held is
@@ -509,7 +509,7 @@ def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimize
                                           "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         tokens = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len + 1), device=device)
         parallel.set_gradient_sync(model, train_model, True)
-        with autocast:
+        with parallel.attention_backend(sdpa_backend), autocast:
             loss = train_model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
         del loss, tokens

@@ -255,6 +255,7 @@ def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None])
 # Knobs that take "auto" besides a number: the number's type, by an example value.
 AUTO_KNOBS = {"micro_batch": 1}
 
+
 def _parse_value(name: str, text: str, current):
     if name in AUTO_KNOBS:
         if text.strip().lower() == "auto":

@@ -535,7 +535,7 @@ def confirm_micro_batch(run: Run, make_data: Callable) -> None:
     cfg, d = run.cfg, run.dist
     choices = planner.micro_batch_choices(cfg.total_batch_tokens, cfg.seq_len, d.world_size)
     micro_batch, failed = planner.confirm_micro_batch(cfg.micro_batch, choices, lambda mb: planner.fits_one_step(
-        run.model, run.train_model, run.optimizer, mb, cfg.seq_len, run.autocast()))
+        run.model, run.train_model, run.optimizer, mb, cfg.seq_len, run.autocast(), cfg.sdpa_backend))
     if not failed:
         run.log.print(f"micro_batch=auto: {micro_batch} confirmed by one step")
         return

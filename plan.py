@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="plan.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a config file, as for train_llama.py / finetune.py")
-    parser.add_argument("--gpu", default="H100", help='card name, e.g. "RTX A6000", H100, "A100 80GB" (default: %(default)s)')
+    parser.add_argument("--gpu", default="H100",
+                        help='card name, e.g. "RTX A6000", H100, "A100 80GB" (default: %(default)s)')
     parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (default: %(default)s)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--tokens", type=float, help="tokens to train on (default: the config's max_steps x batch)")
@@ -40,7 +41,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak TFLOP/s (datasheet)")
     parser.add_argument("--mfu", type=float, help=f"assumed MFU (default: {planner.DEFAULT_MFU:g}, or --measured)")
     parser.add_argument("--measured", help="a benchmarks/gpu_check.py results.jsonl: use its best measured MFU")
-    parser.add_argument("--link", choices=sorted(planner.LINKS), help="link between a node's GPUs (default: the card's)")
+    parser.add_argument("--link", choices=sorted(planner.LINKS),
+                        help="link between a node's GPUs (default: the card's)")
     parser.add_argument("--network", default="ib_ndr", choices=sorted(planner.LINKS),
                         help="link between nodes, per GPU (default: %(default)s)")
     parser.add_argument("--micro_batches", help="comma-separated micro-batches (default: the four largest "
@@ -244,7 +246,8 @@ def plan(argv: list[str]) -> dict:
                        f"bf16 on CUDA, compiled; link: {links}",
         "config": args.config, "card": asdict(card), "gpus": args.gpus, "nodes": args.nodes, "mfu": mfu,
         "tokens": tokens, "rows": [r.to_dict() for r in rows], "recommended": best,
-        "command": command(cfg, args.config, rows[best].setting, args.gpus, args.nodes, overrides) if best is not None else None,
+        "command": (command(cfg, args.config, rows[best].setting, args.gpus, args.nodes, overrides)
+                    if best is not None else None),
         "nothing_fits": smallest_change(cfg, card, args.gpus, args.nodes) if best is None else None,
         "markdown": args.markdown, "json": args.json,
     }

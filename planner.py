@@ -535,7 +535,8 @@ def gpu_check_projection(c: ModelConfig, seq_len: int, micro_batch: int, accum: 
     a measurement (the CPU)."""
     if measured_gib is None:
         return {}
-    s = Setting(parallel=knobs.get("parallel", "ddp"), activation_checkpointing=knobs.get("activation_checkpointing", "none"),
+    s = Setting(parallel=knobs.get("parallel", "ddp"),
+                activation_checkpointing=knobs.get("activation_checkpointing", "none"),
                 ac_every=knobs.get("ac_every", 2), micro_batch=micro_batch, world_size=1, accum=accum,
                 device="cuda", compiled=compiled)
     found = compare_measured(c, s, seq_len, measured_gib * GiB)

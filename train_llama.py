@@ -539,7 +539,8 @@ def confirm_micro_batch(run: Run, make_data: Callable) -> None:
     if not failed:
         run.log.print(f"micro_batch=auto: {micro_batch} confirmed by one step")
         return
-    run.log.print(f"micro_batch=auto: {', '.join(map(str, failed))} ran out of memory in a real step; using {micro_batch}")
+    run.log.print(f"micro_batch=auto: {', '.join(map(str, failed))} ran out of memory in a real step; "
+                  f"using {micro_batch}")
     run.cfg = dataclasses.replace(cfg, micro_batch=micro_batch)
     run.accum_steps = gradient_accumulation(run.cfg, d.world_size)
     if run.loader is not None:

@@ -135,11 +135,12 @@ def test_fits_one_step_leaves_the_model_and_optimizer_as_they_were(tiny_model):
 
 def test_micro_batch_auto_trains_tiny(tmp_path, data_dir):
     """--micro_batch=auto on the CPU picks the largest exact micro-batch (8 sequences a step: 8),
-    logs why, and trains."""
-    out = run_here(tmp_path / "run", data_dir, "--micro_batch=auto", "--max_steps=2").stdout
+    logs why, and trains; a run saved at micro-batch 2 resumes with auto."""
+    run_here(tmp_path / "run", data_dir, "--max_steps=2")
+    out = run_here(tmp_path / "run", data_dir, "--micro_batch=auto", "--max_steps=4").stdout
     assert "micro_batch=auto: 8: the largest of [1, 2, 4, 8] projected to fit" in out
-    assert "8 micro-batch x 32 seq x 1 accumulation" in out
-    assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == [1, 2]
+    assert "resumed from" in out and "8 micro-batch x 32 seq x 1 accumulation" in out
+    assert [r["step"] for r in metric_rows(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- measured

@@ -51,7 +51,7 @@ class TrainConfig:
     accept_new_data: bool = False  # resume although the shards differ from the checkpoint's
     # batch: tokens per optimizer step; the gradient accumulation follows from the GPU count
     total_batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and micro-steps
-    micro_batch: int = 16  # sequences per forward on each GPU
+    micro_batch: int | str = 16  # sequences per forward on each GPU, or auto: the largest planner.py fits
     # schedule
     max_steps: int = 38_147  # length of the run in optimizer steps (default: 20.0B tokens)
     warmup_steps: int = 715  # steps of linear warmup to max_lr
@@ -123,7 +123,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """ConfigError naming the first knob whose value cannot work, and what would."""
-        positive = ("seq_len", "total_batch_tokens", "micro_batch", "max_steps", "max_lr", "eps",
+        positive = ("seq_len", "total_batch_tokens", "max_steps", "max_lr", "eps",
                     "log_interval", "max_skipped_steps", "spike_threshold", "spike_window",
                     "spike_min_history")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
@@ -133,6 +133,8 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
+        if self.micro_batch != "auto" and not (isinstance(self.micro_batch, int) and self.micro_batch > 0):
+            raise ConfigError(f"--micro_batch={self.micro_batch!r} must be positive (sequences per micro-step) or auto")
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be 0 or more")
@@ -278,7 +280,15 @@ def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None])
 
 # ----------------------------------------------------------------------------- parsing
 
+# Knobs that take "auto" besides a number: the number's type, by an example value.
+AUTO_KNOBS = {"micro_batch": 1}
+
+
 def _parse_value(name: str, text: str, current):
+    if name in AUTO_KNOBS:
+        if text.strip().lower() == "auto":
+            return "auto"
+        current = AUTO_KNOBS[name]  # a number otherwise, also where the config file said auto
     kind = type(current)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -298,7 +308,8 @@ def _parse_value(name: str, text: str, current):
                     pass
     elif kind is str:
         return text
-    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__} (like --{name}={current!r})")
+    also = " or auto" if name in AUTO_KNOBS else ""
+    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__}{also} (like --{name}={current!r})")
 
 
 def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> TrainConfig:
@@ -439,7 +450,7 @@ class SFTConfig(TrainConfig):
     # overrides of pretraining's defaults: the Alpaca recipe (see configs/sft_1p7b.py); --help shows
     # each under its pretraining group with the sentence written there
     total_batch_tokens: int = 128 * 1024  # 128 examples per step at seq_len 1024
-    micro_batch: int = 16
+    micro_batch: int | str = 16
     max_lr: float = 2e-5
     min_lr: float = 0.0
     warmup_steps: int = 36

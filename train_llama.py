@@ -33,6 +33,7 @@ import torch.nn as nn
 import checkpoint
 import hf_io
 import parallel
+import planner
 import stability
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
@@ -566,7 +567,13 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
                  tensorboard=cfg.tensorboard, config=cfg)
     run = None
     try:
+        auto = cfg.micro_batch == "auto"
+        if auto:
+            cfg = plan_micro_batch(cfg, d, log)
         run = build_run(cfg, d, log, lock, make_data)
+        if auto and d.device.type == "cuda":
+            confirm_micro_batch(run, make_data)
+            cfg = run.cfg
         log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
@@ -584,6 +591,41 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
                 lock.close()
         remove_created(leftovers)
         raise
+
+
+def plan_micro_batch(cfg: TrainConfig, d: Dist, log: Logger) -> TrainConfig:
+    """--micro_batch=auto: planner.py's largest fitting micro-batch for this device's memory, the
+    smallest any rank found (ranks must agree: it sets the accumulation)."""
+    budget, where = planner.memory_budget(d.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    micro_batch, why = planner.auto_micro_batch(cfg, d.world_size, d.device, budget)
+    if d.world_size > 1:
+        agreed = torch.tensor(micro_batch, device=d.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if agreed.item() != micro_batch:
+            micro_batch, why = int(agreed.item()), "the smallest any rank's memory allows"
+    log.print(f"micro_batch=auto: {micro_batch}: {why} ({where})")
+    return dataclasses.replace(cfg, micro_batch=micro_batch)
+
+
+def confirm_micro_batch(run: Run, make_data: Callable) -> None:
+    """On CUDA, one real micro-step at the planned micro-batch, halved (within the exact choices)
+    while it runs out of memory; the loaders are remade for a smaller one, at the same position."""
+    cfg, d = run.cfg, run.dist
+    choices = planner.micro_batch_choices(cfg.total_batch_tokens, cfg.seq_len, d.world_size)
+    micro_batch, failed = planner.confirm_micro_batch(cfg.micro_batch, choices, lambda mb: planner.fits_one_step(
+        run.model, run.train_model, run.optimizer, mb, cfg.seq_len, run.autocast(), cfg.sdpa_backend))
+    if not failed:
+        run.log.print(f"micro_batch=auto: {micro_batch} confirmed by one step")
+        return
+    run.log.print(f"micro_batch=auto: {', '.join(map(str, failed))} ran out of memory in a real step; "
+                  f"using {micro_batch}")
+    run.cfg = dataclasses.replace(cfg, micro_batch=micro_batch)
+    run.accum_steps = gradient_accumulation(run.cfg, d.world_size)
+    if run.loader is not None:
+        position = run.loader.state_dict()
+        run.loader.close()
+        run.loader, run.val = make_data(run.cfg, d, run.log)
+        run.loader.load_state_dict(position, accept_new_data=cfg.accept_new_data)
 
 
 def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,

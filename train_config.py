@@ -40,6 +40,15 @@ class TrainConfig:
     warmup_steps: int = 715
     max_lr: float = 6e-4
     min_lr: float = 6e-5
+    # "cosine" (the paper's), "linear" (warmup, then a straight line to min_lr: the DMaS model cards),
+    # "wsd" (warmup, constant max_lr, then a decay to min_lr over the run's last decay_steps)
+    lr_schedule: str = "cosine"
+    decay_steps: int = 0  # wsd: steps of the final decay; 0 = decay_fraction of max_steps
+    decay_fraction: float = 0.2  # wsd: the decay's share of max_steps when decay_steps is 0
+    decay_shape: str = "linear"  # wsd: "linear" or "1-sqrt" (faster at first, slower near min_lr)
+    # wsd: a decay branch from this stable-stage checkpoint: its whole state, decayed over decay_steps
+    # steps in a new out_dir, then stopped (max_steps = the checkpoint's step + decay_steps)
+    decay_from: str = ""
     # AdamW
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -136,6 +145,7 @@ class TrainConfig:
             raise ConfigError("--start_over only applies with --resume=never")
         if not self.resume:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
+        self._validate_schedule()
         choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
                    "activation_checkpointing": ("none", "full", "selective")}
         for name, allowed in choices.items():
@@ -148,12 +158,37 @@ class TrainConfig:
             raise ConfigError(f"--fsdp_shard_size={self.fsdp_shard_size} must be 0 (all ranks) or a "
                               f"divisor of the process count")
 
+    def _validate_schedule(self) -> None:
+        choices = {"lr_schedule": ("cosine", "linear", "wsd"), "decay_shape": ("linear", "1-sqrt")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.decay_steps < 0:
+            raise ConfigError(f"--decay_steps={self.decay_steps} must be 0 (use decay_fraction) or more")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"--decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.decay_from:
+            if self.lr_schedule != "wsd" or not self.decay_steps:
+                raise ConfigError("--decay_from decays a WSD run's checkpoint: add --lr_schedule=wsd and "
+                                  "--decay_steps=N (the branch's length)")
+            if self.resume != "auto":
+                raise ConfigError("--decay_from starts (or, in its own out_dir, resumes) a branch: leave "
+                                  "--resume at auto")
+            return  # max_steps is the checkpoint's step + decay_steps, known once the checkpoint is read
+        if self.lr_schedule == "wsd" and self.warmup_steps + self.decay_length() > self.max_steps:
+            raise ConfigError(f"--warmup_steps={self.warmup_steps} + a decay of {self.decay_length()} steps "
+                              f"exceed --max_steps={self.max_steps}: shorten them or lengthen the run")
+
+    def decay_length(self) -> int:
+        """wsd: the steps of the final decay (decay_steps, else decay_fraction of max_steps)."""
+        return self.decay_steps or max(1, round(self.decay_fraction * self.max_steps))
+
 
 # Knobs whose change would alter the data order or the model: a resume must not change them.
 FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
 # Knobs that define the run's length and schedule: changing them on resume is allowed, with a warning.
-SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "beta1",
-                  "beta2", "eps", "grad_clip")
+SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "lr_schedule", "decay_steps",
+                  "decay_fraction", "decay_shape", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
 
 
 def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:

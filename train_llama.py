@@ -35,7 +35,7 @@ import parallel
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
-from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
+from train_config import SCHEDULE_KNOBS, ConfigError, TrainConfig, load_config, resume_differences, usage
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
@@ -192,12 +192,24 @@ def set_learning_rate(run: Run) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr, then cfg.lr_schedule's way down to min_lr at max_steps: cosine,
+    linear, or wsd (constant, then decay_shape over the last decay_length() steps)."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = cfg.max_steps - cfg.decay_length()
+        if step < decay_start:
+            return cfg.max_lr
+        # The stable stage's end depends on max_steps alone: a longer run keeps max_lr for longer
+        # (no jump while still in it), and a branch's decay starts at its checkpoint's step.
+        progress = (step - decay_start) / cfg.decay_length()
+        remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress)
+        return cfg.min_lr + remaining * (cfg.max_lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.max_lr + progress * (cfg.min_lr - cfg.max_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
@@ -547,6 +559,8 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
         ckpt = checkpoint.resolve(cfg.resume)
         if ckpt is None:
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
+    if cfg.decay_from:
+        ckpt = decay_branch_start(cfg, ckpt, log)
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         refused, allowed = resume_differences(meta.get("train_config", {}), meta.get("model_config", {}), cfg)
@@ -555,7 +569,49 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
                               + " (use --init_from for weights only, or a new --out_dir)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        if not cfg.decay_from:
+            warn_if_lr_jumps(meta, cfg, log)
     return ckpt
+
+
+def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
+    """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
+    + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
+    if own is not None:
+        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
+        return own
+    ckpt = checkpoint.resolve(cfg.decay_from)
+    if ckpt is None:
+        raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
+    meta = checkpoint.read_meta(ckpt)
+    if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
+        raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
+                          f"out_dir, so that the main run goes on")
+    step = meta["step"]
+    cfg.max_steps = step + cfg.decay_steps
+    main_run = dataclasses.replace(cfg, **saved_schedule(meta))
+    if main_run.lr_schedule == "wsd" and step >= main_run.max_steps - main_run.decay_length():
+        log.print(f"warning: {ckpt} (step {step}) is already in its run's decay stage, at lr "
+                  f"{lr_at(step, main_run):.3g}: the branch decays from max_lr={cfg.max_lr:g} again")
+    log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
+              f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
+    return ckpt
+
+
+def saved_schedule(meta: dict) -> dict:
+    """The schedule knobs a checkpoint's run trained with (defaults for those it predates)."""
+    saved, defaults = meta.get("train_config", {}), TrainConfig()
+    return {k: saved.get(k, getattr(defaults, k)) for k in SCHEDULE_KNOBS}
+
+
+def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
+    """A changed schedule that moves the learning rate at the resumed step (a cosine run extended, a
+    WSD run extended from inside its decay) is allowed, but said."""
+    step, before = meta.get("step", 0), dataclasses.replace(cfg, **saved_schedule(meta))
+    old, new = lr_at(step, before), lr_at(step, cfg)
+    if not math.isclose(old, new, rel_tol=1e-9):
+        log.print(f"warning: the changed schedule moves the learning rate at step {step} from {old:.4g} to "
+                  f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
 
 
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
@@ -591,6 +647,8 @@ def restore(run: Run, ckpt: Path) -> None:
     state = run.checkpoint_state()
     del state["loader"]  # restored (and its data checked) before the model was built
     meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
+    if run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve():  # a branch's start
+        run.progress.run_id = Progress().run_id
     written_by = meta.get("world_size", run.dist.world_size)
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "

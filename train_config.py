@@ -28,6 +28,9 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     # data
     data_dir: str = "data/edu_fineweb10B"
+    # several shard directories in set shares, "DIR:WEIGHT,DIR:WEIGHT" (mixture.py); empty = data_dir
+    # alone. Weights may change on resume (each source continues where it was), not the sources' order
+    data_mix: str = ""
     prepare_local_data: bool = False  # build a small offline corpus into data_dir if it is empty
     shuffle: bool = True  # seeded permutation of sequences; False = the reference's file order
     seq_len: int = 1024
@@ -146,6 +149,13 @@ class TrainConfig:
         if not self.resume:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
         self._validate_schedule()
+        if self.data_mix:
+            from mixture import parse_data_mix  # noqa: PLC0415 - torch and numpy only when a mixture is named
+
+            try:
+                parse_data_mix(self.data_mix)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
                    "activation_checkpointing": ("none", "full", "selective")}
         for name, allowed in choices.items():

@@ -34,6 +34,7 @@ import checkpoint
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
+from mixture import MixtureLoader, MixtureVal, parse_data_mix
 from model import Transformer, build_model
 from train_config import SCHEDULE_KNOBS, ConfigError, TrainConfig, load_config, resume_differences, usage
 from utils import DTYPES, Dist, cli_errors, setup_distributed, teardown_distributed
@@ -308,8 +309,10 @@ def log_step(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: floa
     if len(meter.times) == 10:
         log.print(f"at the measured speed, the remaining {run.last_step - step:,} steps take about "
                   f"{format_duration(eta)}")
+    per_source = getattr(run.loader, "source_metrics", None)  # a mixture's tokens and epochs per source
     log.metrics(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=meter.tokens_per_s(dt), mfu=mfu,
-                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem)
+                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem,
+                **(per_source() if per_source is not None else {}))
 
 
 def save_if_due(run: Run) -> bool:
@@ -371,9 +374,14 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
 
     if due(cfg.eval_interval):
         t0 = time.perf_counter()
-        val = validation_loss(run)
-        log.print(f"step {step}: val loss {val:.4f}")
-        log.metrics(step, val_loss=val, eval_s=time.perf_counter() - t0)
+        if isinstance(run.val, MixtureVal):  # each source's own set; val_loss their weighted mean
+            per_source = {f"val_loss/{name}": validation_loss(run, val) for name, val in run.val.sources.items()}
+            val = run.val.combine({name[len("val_loss/"):]: loss for name, loss in per_source.items()})
+        else:
+            per_source, val = {}, validation_loss(run)
+        shown = "".join(f" | {name[len('val_loss/'):]} {loss:.4f}" for name, loss in per_source.items())
+        log.print(f"step {step}: val loss {val:.4f}{shown}")
+        log.metrics(step, val_loss=val, **per_source, eval_s=time.perf_counter() - t0)
     if due(cfg.hellaswag_interval):
         t0 = time.perf_counter()
         result = hellaswag_score(run)
@@ -390,11 +398,12 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
 
 
 @torch.no_grad()
-def validation_loss(run: Run) -> float:
-    """Mean loss over the fixed validation set; each rank scores its share, totals all-reduced."""
+def validation_loss(run: Run, batches=None) -> float:
+    """Mean loss over the fixed validation set (run.val, or `batches`: one mixture source's); each
+    rank scores its share, totals all-reduced."""
     d = run.dist
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (summed loss, tokens)
-    for x, y in run.val:
+    for x, y in (run.val if batches is None else batches):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with run.autocast():
             loss = run.eval_model(x, y)
@@ -623,12 +632,26 @@ def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, V
         if d.world_size > 1:
             dist.barrier()
     vocab_size, cuda = cfg.model_config().vocab_size, d.device.type == "cuda"
+    if cfg.data_mix:
+        return make_mixture_loaders(cfg, d, log)
     loader = TrainLoader(cfg.data_dir, cfg.seq_len, cfg.micro_batch, cfg.total_batch_tokens // cfg.seq_len,
                          rank=d.rank, world_size=d.world_size, seed=cfg.seed, shuffle=cfg.shuffle,
                          vocab_size=vocab_size, pin_memory=cuda, prefetch=cuda, log=log.print)
     val = (ValLoader(cfg.data_dir, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size,
                      max_sequences=cfg.val_sequences, vocab_size=vocab_size, pin_memory=cuda)
            if cfg.eval_interval else None)
+    return loader, val
+
+
+def make_mixture_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[MixtureLoader, MixtureVal | None]:
+    """make_loaders for --data_mix: the weighted mixture, and each source's own validation set."""
+    vocab_size, cuda = cfg.model_config().vocab_size, d.device.type == "cuda"
+    loader = MixtureLoader(parse_data_mix(cfg.data_mix), cfg.seq_len, cfg.micro_batch,
+                           cfg.total_batch_tokens // cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                           seed=cfg.seed, shuffle=cfg.shuffle, vocab_size=vocab_size, pin_memory=cuda,
+                           prefetch=cuda, log=log.print)
+    val = (MixtureVal(loader, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size, max_sequences=cfg.val_sequences,
+                      vocab_size=vocab_size, pin_memory=cuda) if cfg.eval_interval else None)
     return loader, val
 
 

@@ -34,6 +34,9 @@ class TrainConfig:
     prepare_local_data: bool = False  # build a small offline corpus into data_dir if it is empty
     shuffle: bool = True  # seeded permutation of sequences; False = the reference's file order
     seq_len: int = 1024
+    # training attends within each packed document only (doc_mask.py; EOT starts each document);
+    # validation, HellaSwag and sampling keep the plain causal mask. Off in the paper's run
+    doc_mask: bool = False
     accept_new_data: bool = False  # resume although the shards differ from the checkpoint's
     # batch: tokens per optimizer step; the gradient accumulation follows from the GPU count
     total_batch_tokens: int = 524_288

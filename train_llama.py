@@ -33,6 +33,7 @@ import torch.nn as nn
 import checkpoint
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
+from doc_mask import document_mask
 from metrics import Logger, Throughput, flops_per_token, format_duration, peak_flops
 from mixture import MixtureLoader, MixtureVal, parse_data_mix
 from model import Transformer, build_model
@@ -227,7 +228,10 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
         last = micro_step == run.accum_steps - 1
         parallel.set_gradient_sync(run.model, run.train_model, last or cfg.fsdp_reduce_every_micro_step)
         with run.autocast():
-            loss = run.train_model(x, y)
+            if cfg.doc_mask:  # flex_attention's sparse BlockMask on CUDA; it has no backward on the CPU
+                loss = run.train_model(x, y, mask=document_mask(x, flex=d.device.type == "cuda"))
+            else:
+                loss = run.train_model(x, y)
         # The micro-batch's mean loss times its share of the step's targets: the step's loss is the
         # mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
         loss = loss / run.accum_steps if step_targets is None else loss * ((y >= 0).sum() * d.world_size / step_targets)

@@ -458,6 +458,59 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, **knobs) -> dict:
             **stats, "top_kernels": kernels, "verdict": verdict}
 
 
+def row_doc_mask(plan: Plan) -> dict:
+    """The compiled training step at the larger micro-batch with --doc_mask and without, on the same
+    batches of ~700-token documents (FineWeb-Edu's order of size), timed alternately in one process:
+    what document-aware attention costs (flex_attention on CUDA, a dense SDPA mask on the CPU)."""
+    from doc_mask import document_mask
+    from model import build_model, model_config
+    from tokenizer import EOT
+    from utils import Dist
+
+    device, micro_batch = torch.device(plan.device), plan.micro_batches[1]
+    cfg = model_config(plan.model, max_seq_len=plan.seq_len)
+    torch.manual_seed(0)
+    model = build_model(cfg, device)
+    train_model = wrap_like_training(model, plan, plan.seq_len, Dist(device=device), compile=True)
+    optimizer = make_optimizer(model, device)
+    batches = make_batches(cfg.vocab_size, micro_batch, plan.seq_len, plan.accum, device)
+    generator = torch.Generator().manual_seed(1)
+    for x, _ in batches:  # documents begin at EOT; their lengths exponential around 700 tokens
+        starts = torch.rand(x.shape, generator=generator) < 1 / min(700, plan.seq_len // 4)
+        x[starts.to(device)] = EOT
+
+    def step(with_mask: bool) -> float:
+        total = torch.zeros((), device=device)
+        for x, y in batches:
+            with plan.autocast():  # the mask built per micro-batch, as training builds it
+                loss = train_model(x, y, mask=document_mask(x, flex=plan.cuda)) if with_mask else train_model(x, y)
+            (loss / len(batches)).backward()
+            total += loss.detach() / len(batches)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total.item()
+
+    first = {}
+    for with_mask in (False, True):  # compiles each graph
+        t0 = time.perf_counter()
+        step(with_mask)
+        first[with_mask] = time.perf_counter() - t0
+    times, losses = {False: [], True: []}, {}
+    for _ in range(plan.steps + 1):
+        for with_mask in (False, True):
+            t0 = time.perf_counter()
+            losses[with_mask] = step(with_mask)
+            sync(device)
+            times[with_mask].append(time.perf_counter() - t0)
+    plain, doc = (statistics.median(times[m]) * 1000 for m in (False, True))
+    finite = all(np.isfinite(v) for v in losses.values())
+    return {"config": f"{plan.model} compiled ({plan.backend}), --doc_mask vs without, seq {plan.seq_len} x "
+                      f"{plan.accum} accum", "micro_batch": micro_batch, "ms_per_step": doc, "ms_per_step_plain": plain,
+            "ratio": doc / plain, "tokens_per_s": micro_batch * plan.seq_len * plan.accum / doc * 1000,
+            "first_step_s": first[True], "first_step_s_plain": first[False], "peak_gib": peak_gib(device),
+            "verdict": f"ok: {doc / plain:.2f}x the plain step" if finite else f"mismatch: losses {losses}"}
+
+
 def row_train_llama(plan: Plan) -> dict:
     """The real script's --benchmark path (synthetic tokens, nothing written), as a user runs it."""
     mb = plan.micro_batches[-1]
@@ -752,6 +805,7 @@ ROWS: dict[str, Row] = {
     "ac_selective_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True,
                                                     activation_checkpointing="selective", ac_every=2),
                              "compiled step, every 2nd block checkpointed, at the larger micro-batch"),
+    "doc_mask_mb16": Row(row_doc_mask, "compiled step with --doc_mask vs without (flex_attention on CUDA)"),
     "ddp": Row(row_ddp, "DDP + compile under torchrun (NCCL) vs eager", torchrun=True, beside_others=True),
     "resume": Row(row_resume, "train_llama save/stop/resume under torchrun vs straight", beside_others=True),
     "hellaswag": Row(row_hellaswag, "hellaswag.py (--compile on CUDA) on the fixture, fresh checkpoint",

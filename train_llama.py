@@ -628,6 +628,8 @@ def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
 
 
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
+    if cfg.data_mix:  # prepare_local_data builds data_dir, which a mixture does not read
+        return make_mixture_loaders(cfg, d, log)
     if cfg.prepare_local_data:
         if d.is_main:
             from fineweb_edu import build_local_corpus  # noqa: PLC0415
@@ -636,8 +638,6 @@ def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, V
         if d.world_size > 1:
             dist.barrier()
     vocab_size, cuda = cfg.model_config().vocab_size, d.device.type == "cuda"
-    if cfg.data_mix:
-        return make_mixture_loaders(cfg, d, log)
     loader = TrainLoader(cfg.data_dir, cfg.seq_len, cfg.micro_batch, cfg.total_batch_tokens // cfg.seq_len,
                          rank=d.rank, world_size=d.world_size, seed=cfg.seed, shuffle=cfg.shuffle,
                          vocab_size=vocab_size, pin_memory=cuda, prefetch=cuda, log=log.print)

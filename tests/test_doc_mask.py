@@ -4,7 +4,7 @@ were run alone (logits, loss, gradients), eager and compiled, both forms of the 
 import pytest
 import torch
 from conftest import make_tiny_model
-from runs import metric_rows, run_here
+from runs import assert_close, losses, metric_rows, run, run_here
 
 from doc_mask import document_ids, document_mask
 from tokenizer import EOT
@@ -119,3 +119,12 @@ def test_training_with_doc_mask_changes_training_not_validation(tmp_path, docume
         for key, step in (("val_loss", 0), ("loss", 1)))
     assert val_plain == val_masked
     assert abs(loss_plain - loss_masked) > 1e-4
+
+
+def test_doc_mask_under_fsdp_on_two_processes_matches_one(tmp_path, documents_dir):
+    """--doc_mask through FSDP2 on two gloo processes (the mask passed through the wrapper, each rank
+    its own rows) trains the one-process run's losses to 1e-5."""
+    args = ["--doc_mask=true", "--max_steps=3"]
+    run_here(tmp_path / "one", documents_dir, *args)
+    run(tmp_path / "fsdp", documents_dir, *args, "--parallel=fsdp", nproc=2)
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), 1e-5)

@@ -590,16 +590,16 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
 def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
     """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
     + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
-    if own is not None:
-        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
-        return own
     ckpt = checkpoint.resolve(cfg.decay_from)
     if ckpt is None:
         raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
-    meta = checkpoint.read_meta(ckpt)
     if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
         raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
                           f"out_dir, so that the main run goes on")
+    if own is not None:
+        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
+        return own
+    meta = checkpoint.read_meta(ckpt)
     step = meta["step"]
     cfg.max_steps = step + cfg.decay_steps
     main_run = dataclasses.replace(cfg, **saved_schedule(meta))

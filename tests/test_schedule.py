@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from runs import losses, metric_rows, run_here
+from runs import losses, metric_rows, refusal, run_here
 
 import checkpoint
 from train_config import ConfigError, TrainConfig, load_config
@@ -92,5 +92,6 @@ def test_decay_branch_from_a_stable_checkpoint(tmp_path, data_dir):
     assert checkpoint.read_meta(checkpoint.resolve(branch))["step"] == 7
     assert checkpoint.read_meta(checkpoint.resolve(branch))["run_id"] != \
         checkpoint.read_meta(checkpoint.resolve(main_dir))["run_id"]
+    assert "needs its own out_dir" in refusal(main_dir, data_dir, *WSD, f"--decay_from={main_dir}")
     run_here(main_dir, data_dir, *WSD)  # the main run continues to its own end
     assert sorted(losses(main_dir)) == list(range(1, 13))

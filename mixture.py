@@ -123,6 +123,7 @@ class MixtureOrder(GlobalOrder):
 
     def __init__(self, plan: MixturePlan, sources: list[GlobalOrder], global_batch: int, micro_batch: int,
                  rank: int, world_size: int):
+        # n is unused: the items come from the plan and the sources' own orders, not a permutation here
         super().__init__(global_batch, global_batch, micro_batch, rank, world_size, log=lambda line: None)
         self.plan, self.sources = plan, sources
 
@@ -130,7 +131,7 @@ class MixtureOrder(GlobalOrder):
         batch, offset = divmod(first, self.global_batch)
         sources, positions = self.plan.batch(batch)
         picked = zip(sources[offset:offset + count], positions[offset:offset + count])
-        return [(s, self.sources[s]._items(p, 1)[0]) for s, p in picked]
+        return [(s, self.sources[s].ids(p)[0]) for s, p in picked]  # a source order steps one item at a time
 
 
 class MixtureLoader(TrainLoader):

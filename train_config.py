@@ -323,6 +323,8 @@ class SFTConfig(TrainConfig):
                               "or step_* directories) or a Hugging Face Llama directory")
         if not self.data:
             raise ConfigError("--data is empty: pass a .json/.jsonl file or a hub dataset name")
+        if self.data_mix:
+            raise ConfigError("--data_mix mixes pretraining shards; finetune.py reads its examples from --data")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
         if self.eval_interval and not self.val_fraction:

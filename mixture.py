@@ -221,8 +221,8 @@ class MixtureLoader(TrainLoader):
                         and all(Fraction(e["weight"]) == w for e, w in zip(saved, self.weights)))
         credit = [e["credit"] for e in saved] if same_weights else [0] * len(self.dirs)
         if not same_weights:
-            old = ", ".join(f"{e['data_dir']}:{e['weight']}" for e in saved)
-            new = ", ".join(f"{d}:{w}" for d, w in zip(self.dirs, self.weights))
+            old = ", ".join(f"{e['data_dir']}:{float(Fraction(e['weight'])):g}" for e in saved)
+            new = ", ".join(f"{d}:{float(w):g}" for d, w in zip(self.dirs, self.weights))
             self.log(f"warning: the data mixture changed on resume ({old} -> {new}): each source continues "
                      f"from its own position, in the new shares from here on")
         self.close()

@@ -64,7 +64,7 @@ def source_names(dirs: list[str]) -> list[str]:
 
 def integer_weights(weights: list[Fraction]) -> list[int]:
     """The weights as integers in the same exact ratio: the credits stay exact integers."""
-    denominator = np.lcm.reduce([w.denominator for w in weights])
+    denominator = int(np.lcm.reduce([w.denominator for w in weights]))
     return [int(w * denominator) for w in weights]
 
 

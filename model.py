@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 _RUNTIME = {"runtime": True}
@@ -175,7 +176,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0,
+                mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -191,13 +193,17 @@ class Attention(nn.Module):
         causal = start_pos == 0
         if not causal and T != 1:
             raise ValueError(f"after the prompt, decode one token at a time (got {T} at position {start_pos})")
-        if _SDPA_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        # A given mask (a boolean (B, 1, T, T) one holds the causal part itself) replaces is_causal.
+        causal = causal and mask is None
+        if isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        elif _SDPA_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, n_heads, S, head_dim)
             v = v.repeat_interleave(repeat, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
         return self.wo(y)
 
@@ -223,8 +229,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, start_pos)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0,
+                mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -350,19 +357,21 @@ class Transformer(nn.Module):
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0, z_loss: float = 0.0
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0, z_loss: float = 0.0,
+        mask: BlockMask | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx: (B, T) token ids. Without targets: the logits (B, T, vocab). With targets (B, T;
         -1 = ignore): the mean loss alone, the logits never materialized in full; with z_loss > 0,
         (loss + z-loss term, mean log(Z)^2) (see ChunkedCrossEntropy). One entry point for all,
-        so DDP/FSDP and torch.compile wrap a single call."""
+        so DDP/FSDP and torch.compile wrap a single call. `mask` replaces the causal mask of a
+        prompt (doc_mask.py: attention within each packed document only)."""
         if not torch.compiler.is_compiling():
             self.check_input(idx, start_pos)
         T = idx.size(1)
         rope = self.rope[start_pos : start_pos + T]
         h = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, start_pos)
+            h = layer(h, rope, start_pos, mask)
         h = self.norm(h)
         if targets is None:
             return self.output(h)

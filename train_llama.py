@@ -36,10 +36,12 @@ import parallel
 import planner
 import stability
 from dataloader import DataError, TrainLoader, ValLoader
+from doc_mask import document_mask
 from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
+from mixture import MixtureLoader, MixtureVal, parse_data_mix
 from model import Transformer, build_model
 from stability import Health, LossScaler, SpikeDetector, StepStats
-from train_config import (ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
+from train_config import (SCHEDULE_KNOBS, ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
                           resume_differences, usage)
 from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
                    setup_distributed, teardown_distributed)
@@ -214,12 +216,24 @@ def set_learning_rate(run: Run) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr, then cfg.lr_schedule's way down to min_lr at max_steps: cosine,
+    linear, or wsd (constant, then decay_shape over the last decay_length() steps)."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = cfg.max_steps - cfg.decay_length()
+        if step < decay_start:
+            return cfg.max_lr
+        # The stable stage's end depends on max_steps alone: a longer run keeps max_lr for longer
+        # (no jump while still in it), and a branch's decay starts at its checkpoint's step.
+        progress = (step - decay_start) / cfg.decay_length()
+        remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress)
+        return cfg.min_lr + remaining * (cfg.max_lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.max_lr + progress * (cfg.min_lr - cfg.max_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
@@ -271,6 +285,7 @@ class StepSettings:
     world_size: int = 1
     z_loss: float = 0.0  # PaLM's z-loss coefficient (model.ChunkedCrossEntropy)
     device_type: str = "cuda"  # where autocast applies ("cpu" with --cpu_autocast)
+    doc_mask: bool = False  # attention within each packed document only (doc_mask.py)
 
     def autocast(self):
         return (nullcontext() if self.autocast_dtype is None
@@ -281,7 +296,8 @@ def step_settings(run: Run) -> StepSettings:
     cfg = run.cfg
     return StepSettings(accum_steps=run.accum_steps, grad_clip=cfg.grad_clip, autocast_dtype=run.autocast_dtype,
                         sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
-                        world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type)
+                        world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type,
+                        doc_mask=cfg.doc_mask)
 
 
 def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -307,8 +323,11 @@ def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.
                 loss_sum, z_sum = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
             last = micro_step == s.accum_steps - 1
             parallel.set_gradient_sync(model, train_model, last or s.reduce_every_micro_step)
+            # flex_attention's sparse BlockMask on CUDA; on the CPU it has no backward: a dense mask
+            mask = document_mask(x, flex=x.device.type == "cuda") if s.doc_mask else None
             with s.autocast():
-                loss, z = train_model(x, y, z_loss=s.z_loss) if s.z_loss else (train_model(x, y), None)
+                loss, z = (train_model(x, y, z_loss=s.z_loss, mask=mask) if s.z_loss
+                           else (train_model(x, y, mask=mask), None))
             # The micro-batch's mean loss times its share of the step's targets: the step's loss is
             # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
             share = 1 / s.accum_steps if step_targets is None else (y >= 0).sum() * s.world_size / step_targets
@@ -396,6 +415,9 @@ def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     extra = {"z_loss": stats.z_loss} if run.cfg.z_loss else {}
     if run.scaler.enabled:
         extra["loss_scale"] = run.scaler.scale
+    per_source = getattr(run.loader, "source_metrics", None)  # a mixture's tokens and epochs per source
+    if per_source is not None:
+        extra.update(per_source())
     log.metrics(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=meter.tokens_per_s(dt), mfu=mfu,
                 ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.score, **extra)
 
@@ -489,9 +511,14 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
 
     if due(cfg.eval_interval):
         t0 = time.perf_counter()
-        val = validation_loss(run)
-        log.print(f"step {step}: val loss {val:.4f}")
-        log.metrics(step, val_loss=val, eval_s=time.perf_counter() - t0)
+        if isinstance(run.val, MixtureVal):  # each source's own set; val_loss their weighted mean
+            per_source = {f"val_loss/{name}": validation_loss(run, val) for name, val in run.val.sources.items()}
+            val = run.val.combine({name[len("val_loss/"):]: loss for name, loss in per_source.items()})
+        else:
+            per_source, val = {}, validation_loss(run)
+        shown = "".join(f" | {name[len('val_loss/'):]} {loss:.4f}" for name, loss in per_source.items())
+        log.print(f"step {step}: val loss {val:.4f}{shown}")
+        log.metrics(step, val_loss=val, **per_source, eval_s=time.perf_counter() - t0)
     if due(cfg.hellaswag_interval):
         t0 = time.perf_counter()
         result = hellaswag_score(run)
@@ -508,11 +535,12 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
 
 
 @torch.no_grad()
-def validation_loss(run: Run) -> float:
-    """Mean loss over the fixed validation set; each rank scores its share, totals all-reduced."""
+def validation_loss(run: Run, batches=None) -> float:
+    """Mean loss over the fixed validation set (run.val, or `batches`: one mixture source's); each
+    rank scores its share, totals all-reduced."""
     d = run.dist
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (summed loss, tokens)
-    for x, y in run.val:
+    for x, y in (run.val if batches is None else batches):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with run.autocast():
             loss = run.eval_model(x, y)
@@ -729,6 +757,8 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
         ckpt = checkpoint.resolve(cfg.resume)
         if ckpt is None:
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
+    if cfg.decay_from:
+        ckpt = decay_branch_start(cfg, ckpt, log)
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         check_same_run(cfg, ckpt, meta)
@@ -738,11 +768,55 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
                               + " (use --init_from for weights only, or a new --out_dir)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        if not cfg.decay_from:
+            warn_if_lr_jumps(meta, cfg, log)
         check_not_finished(cfg, meta["step"], log.print)
     return ckpt
 
 
+def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
+    """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
+    + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
+    ckpt = checkpoint.resolve(cfg.decay_from)
+    if ckpt is None:
+        raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
+    if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
+        raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
+                          f"out_dir, so that the main run goes on")
+    if own is not None:
+        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
+        return own
+    meta = checkpoint.read_meta(ckpt)
+    step = meta["step"]
+    cfg.max_steps = step + cfg.decay_steps
+    main_run = dataclasses.replace(cfg, **saved_schedule(meta))
+    if main_run.lr_schedule == "wsd" and step >= main_run.max_steps - main_run.decay_length():
+        log.print(f"warning: {ckpt} (step {step}) is already in its run's decay stage, at lr "
+                  f"{lr_at(step, main_run):.3g}: the branch decays from max_lr={cfg.max_lr:g} again")
+    log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
+              f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
+    return ckpt
+
+
+def saved_schedule(meta: dict) -> dict:
+    """The schedule knobs a checkpoint's run trained with (defaults for those it predates)."""
+    saved, defaults = meta.get("train_config", {}), TrainConfig()
+    return {k: saved.get(k, getattr(defaults, k)) for k in SCHEDULE_KNOBS}
+
+
+def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
+    """A changed schedule that moves the learning rate at the resumed step (a cosine run extended, a
+    WSD run extended from inside its decay) is allowed, but said."""
+    step, before = meta.get("step", 0), dataclasses.replace(cfg, **saved_schedule(meta))
+    old, new = lr_at(step, before), lr_at(step, cfg)
+    if not math.isclose(old, new, rel_tol=1e-9):
+        log.print(f"warning: the changed schedule moves the learning rate at step {step} from {old:.4g} to "
+                  f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
+
+
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
+    if cfg.data_mix:  # prepare_local_data builds data_dir, which a mixture does not read
+        return make_mixture_loaders(cfg, d, log)
     if cfg.prepare_local_data:
         if d.is_main:
             from fineweb_edu import build_local_corpus  # noqa: PLC0415
@@ -757,6 +831,18 @@ def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, V
     val = (ValLoader(cfg.data_dir, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size,
                      max_sequences=cfg.val_sequences, vocab_size=vocab_size, pin_memory=cuda)
            if cfg.eval_interval else None)
+    return loader, val
+
+
+def make_mixture_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[MixtureLoader, MixtureVal | None]:
+    """make_loaders for --data_mix: the weighted mixture, and each source's own validation set."""
+    vocab_size, cuda = cfg.model_config().vocab_size, d.device.type == "cuda"
+    loader = MixtureLoader(parse_data_mix(cfg.data_mix), cfg.seq_len, cfg.micro_batch,
+                           cfg.total_batch_tokens // cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                           seed=cfg.seed, shuffle=cfg.shuffle, vocab_size=vocab_size, pin_memory=cuda,
+                           prefetch=cuda, log=log.print)
+    val = (MixtureVal(loader, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size, max_sequences=cfg.val_sequences,
+                      vocab_size=vocab_size, pin_memory=cuda) if cfg.eval_interval else None)
     return loader, val
 
 
@@ -780,6 +866,8 @@ def restore(run: Run, ckpt: Path) -> None:
             del state[optional]
     meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
     run.health.good = ckpt
+    if run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve():  # a branch's start
+        run.progress.run_id = Progress().run_id
     written_by = meta.get("world_size", run.dist.world_size)
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
-import hf_io
+import lora
 import parallel
 import planner
 import stability
@@ -130,6 +130,7 @@ class Run:
     score: float = 0.0  # this step's spike score (SpikeDetector)
     stats: StepStats | None = None  # this step's values on the host (agree_on_step)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
+    adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -149,7 +150,7 @@ class Run:
 
     def checkpoint_state(self) -> dict:
         """The named stateful objects a checkpoint holds (checkpoint.py's contract)."""
-        return {"model": checkpoint.ModelState(self.model),
+        return {"model": checkpoint.ModelState(self.model, trainable_only=self.adapter is not None),
                 "optim": checkpoint.OptimizerState(self.model, self.optimizer),
                 "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress,
                 "spikes": self.spikes, "scaler": self.scaler}
@@ -469,7 +470,8 @@ def save_if_due(run: Run) -> bool:
 def save(run: Run) -> None:
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
-            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position()}
+            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
+            **({"lora": run.adapter} if run.adapter else {})}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last, keep=run.health.good)
     run.health.pending = path
@@ -505,6 +507,7 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
     if run.benchmark:
         return
     cfg, step, log = run.cfg, run.progress.step, run.log
+    run.model.eval()  # LoRA's dropout: off while evaluating and sampling, on again below
 
     def due(interval: int) -> bool:
         return bool(interval) and (force or step % interval == 0)
@@ -532,6 +535,7 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
         t0 = time.perf_counter()
         log.print(f"step {step}: sample: {sample_text(run)!r}")
         log.metrics(step, sample_s=time.perf_counter() - t0)
+    run.model.train()
 
 
 @torch.no_grad()
@@ -672,15 +676,21 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if loader is not None and cfg.skip_batches:
         loader.skip(stability.parse_windows(cfg.skip_batches))
     model = build_model(cfg.model_config(), d.device)
-    if cfg.init_from and resume_from is None and not benchmark:
+    spec = cfg.lora_spec()
+    base = lora_base(cfg, resume_from) if spec and not benchmark else None  # a changed base: refused first
+    # A LoRA run's checkpoints hold its adapters alone: the base is read on resume too.
+    if cfg.init_from and (resume_from is None or spec) and not benchmark:
         init_weights_from(cfg.init_from, model, log, cfg.verify)
+    if spec:
+        attach_adapters(model, spec, cfg, d, log)
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
               val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock,
               spikes=SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history),
-              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)))
+              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)),
+              adapter={"spec": spec.to_dict(), "base": base} if spec else None)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
@@ -691,6 +701,33 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if cfg.hellaswag_interval and not benchmark:
         run.hellaswag_examples = load_hellaswag(cfg)
     return run
+
+
+def lora_base(cfg: TrainConfig, resume_from: Path | None) -> dict:
+    """The base model's reference a LoRA run records (checkpoint.base_reference); on resume the
+    checkpoint's, after checking that --init_from still holds those exact weights."""
+    if resume_from is None:
+        return checkpoint.base_reference(cfg.init_from)
+    saved = checkpoint.read_meta(resume_from).get("lora")
+    if not saved:
+        raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
+                          f"--lora_rank, or choose another --out_dir")
+    checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
+    return saved["base"]
+
+
+def attach_adapters(model: Transformer, spec: lora.LoraSpec, cfg: TrainConfig, d: Dist, log: Logger) -> None:
+    """LoRA adapters on the loaded base, which is frozen; on CUDA the frozen weights are held in
+    the autocast dtype (half the memory, and autocast would cast them for every matmul anyway),
+    the adapters stay float32 for AdamW."""
+    lora.attach(model, spec)
+    if d.device.type == "cuda" and cfg.dtype != "float32":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(DTYPES[cfg.dtype])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.print(f"lora: rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on "
+              f"{','.join(spec.targets)}: {trained:,} parameters train, {model.num_params() - trained:,} frozen")
 
 
 def saved_state(ckpt: Path, name: str):
@@ -847,9 +884,11 @@ def make_mixture_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[Mixtur
 
 
 def build_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not on norms)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on 2-D weights only (not on norms), over the parameters that train
+    (all of them, or a LoRA run's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -888,26 +927,8 @@ def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
 
 def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:
     """Weights only, from our checkpoint, an imported weights directory (export_hf.py --from_hf)
-    or a Hugging Face Llama directory; the optimizer starts fresh."""
-    if (Path(path) / "config.json").is_file():
-        hf_io.check_vocabulary(path)
-    if (Path(path) / "config.json").is_file() or (Path(path) / "model_config.json").is_file():
-        # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
-        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
-                  if (Path(path) / "config.json").is_file() else hf_io.load_weights(path))
-        config, state = source.config, source.state_dict()
-    else:
-        ckpt = checkpoint.resolve(path)
-        if ckpt is None:
-            raise ConfigError(f"--init_from={path}: no checkpoint there")
-        config, state = checkpoint.read_meta(ckpt).get("model_config", {}), None
-    diffs = model.config.differences(config, weights_only=True)
-    if diffs:
-        raise ConfigError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
-    if state is None:
-        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files=verify)
-    else:
-        model.load_state_dict(state)
+    or a Hugging Face Llama directory (checkpoint.load_weights_into); the optimizer starts fresh."""
+    checkpoint.load_weights_into(path, model, verify)
     log.print(f"initialized weights from {path}")
 
 

@@ -95,3 +95,12 @@ def test_decay_branch_from_a_stable_checkpoint(tmp_path, data_dir):
     assert "needs its own out_dir" in refusal(main_dir, data_dir, *WSD, f"--decay_from={main_dir}")
     run_here(main_dir, data_dir, *WSD)  # the main run continues to its own end
     assert sorted(losses(main_dir)) == list(range(1, 13))
+
+
+def test_plan_counts_a_decay_branch_by_its_own_steps():
+    """plan.py times a decay branch's decay_steps, not the main run's max_steps."""
+    from test_plan import ROOT, plan_json
+
+    base = ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--gpu", "H100", "--gpus", "8", "--lr_schedule=wsd"]
+    assert plan_json(*base)["tokens"] == 38_147 * 524_288
+    assert plan_json(*base, "--decay_from=out/llama_1p7b", "--decay_steps=2000")["tokens"] == 2000 * 524_288

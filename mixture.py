@@ -18,6 +18,7 @@ are allowed with a warning: each source continues from its own position, the cre
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from fractions import Fraction
@@ -184,6 +185,17 @@ class MixtureLoader(TrainLoader):
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Micro-step `step`'s x, y again, and each sequence's source, shard and token offset (spike
+        forensics)."""
+        sources = []
+        for s, sequence in self.order.ids(step):
+            stream, at = self.streams[s], sequence * (self.seq_len + 1)
+            i = bisect.bisect_right(stream.starts, at) - 1
+            sources.append({"source": self.names[s], "sequence": sequence,
+                            "shard": os.path.basename(stream.paths[i]), "offset": at - stream.starts[i]})
+        return (*self._make(step), sources)
+
     def source_metrics(self) -> dict[str, float]:
         """Tokens trained on and epochs done per source, at the current global batch."""
         given, _ = self.order.plan.state(self.step // self.accum_steps)
@@ -197,6 +209,7 @@ class MixtureLoader(TrainLoader):
         position = self.order.position()
         given, credit = self.order.plan.state(position // self.order.global_batch)
         return {"position": position, "seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
+                "skip_batches": [list(w) for w in self.order.skipped],
                 "mixture": [{"data_dir": d, "weight": str(w), "given": g, "credit": c, "data": identity}
                             for d, w, g, c, identity in zip(self.dirs, self.weights, given, credit,
                                                             self.identities)]}
@@ -226,6 +239,7 @@ class MixtureLoader(TrainLoader):
             self.log(f"warning: the data mixture changed on resume ({old} -> {new}): each source continues "
                      f"from its own position, in the new shares from here on")
         self.close()
+        self.order.skip(state.get("skip_batches", []))  # skipped global batches: the mixed stream's indices
         self.order.seek(int(state["position"]))
         batch = self.order.position() // self.order.global_batch
         self.order.plan = MixturePlan(self.order.plan.units, self.order.global_batch, batch, given, credit)

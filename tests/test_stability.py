@@ -156,6 +156,35 @@ def test_skip_windows_are_global_batches_on_any_rank_count():
     assert fresh.batch == 6
 
 
+def test_a_mixture_skips_windows_keeps_them_and_names_its_sources(small):
+    """--skip_batches over a --data_mix: the mixed stream's batches 1 and 2 are never served, a
+    resumed loader keeps skipping them, and forensics can name each sequence's source and shard."""
+    from fractions import Fraction
+
+    from mixture import MixtureLoader
+
+    mix = [(str(small["clean"]), Fraction(1)), (str(small["spiky"]), Fraction(1))]
+
+    def loader() -> MixtureLoader:
+        return MixtureLoader(mix, SEQ, 2, GLOBAL_BATCH, log=lambda _: None)
+
+    plain, skipping = loader(), loader()
+    skipping.skip([(1, 3)])
+    want = [plain.order.step_ids(4 * k) for k in (0, 3, 4)]
+    got = []
+    for _ in range(2):
+        got.append(skipping.order.step_ids(skipping.step))
+        for _ in range(skipping.accum_steps):
+            skipping.next_batch()
+    resumed = loader()
+    resumed.load_state_dict(skipping.state_dict())
+    got.append(resumed.order.step_ids(resumed.step))
+    assert got == want and resumed.order.skipped == [(1, 3)]
+    x, _, sources = resumed.batch_at(resumed.step)
+    assert x.shape == (2, SEQ) and {s["source"] for s in sources} <= set(resumed.names)
+    assert all(s["shard"] == "edufineweb_train_000001.npy" and s["offset"] % (SEQ + 1) == 0 for s in sources)
+
+
 # ----------------------------------------------------------------------------- z-loss
 
 def test_z_loss_gradient_equals_a_reference():

@@ -70,12 +70,15 @@ def test_clean_training_trips_nothing(tmp_path, small):
     assert max(r["spike_score"] for r in metric_rows(tmp_path) if "spike_score" in r) < 4
 
 
-def test_skip_skips_only_the_spike_and_forensics_names_the_window(tmp_path, small):
-    """--on_spike=skip: only step 11 (the random batch) is skipped, and its forensics file names the
-    shard and token offsets of the injected window as the worst sequences."""
-    proc = train_small(small, tmp_path, "spiky", "--on_spike=skip")
+@pytest.mark.parametrize("action", ["skip", "rollback"])
+def test_skip_skips_only_the_spike_and_forensics_names_the_window(tmp_path, small, action):
+    """--on_spike=skip (or rollback with no checkpoint yet, which falls back to skip and says so):
+    only step 11 (the random batch) is skipped, and its forensics file names the shard and token
+    offsets of the injected window as the worst sequences."""
+    proc = train_small(small, tmp_path, "spiky", f"--on_spike={action}")
     [event] = events(tmp_path)
     assert event["event"] == "skip" and event["step"] == 11 and event["batch"] == SPIKE_BATCH
+    assert ("no checkpoint confirmed before this spike" in proc.stdout) == (action == "rollback")
     assert event["score"] > 4 and event["skipped"]
     assert "loss spike" in proc.stdout and "update skipped" in proc.stdout
     assert sorted(losses(tmp_path)) == [s for s in range(1, 15) if s != 11]

@@ -208,8 +208,7 @@ class MixtureLoader(TrainLoader):
     def state_dict(self) -> dict:
         position = self.order.position()
         given, credit = self.order.plan.state(position // self.order.global_batch)
-        return {"position": position, "seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
-                "skip_batches": [list(w) for w in self.order.skipped],
+        return {**self.order_state(), "seed": self.seed, "seq_len": self.seq_len, "shuffle": self.shuffle,
                 "mixture": [{"data_dir": d, "weight": str(w), "given": g, "credit": c, "data": identity}
                             for d, w, g, c, identity in zip(self.dirs, self.weights, given, credit,
                                                             self.identities)]}
@@ -239,9 +238,9 @@ class MixtureLoader(TrainLoader):
             self.log(f"warning: the data mixture changed on resume ({old} -> {new}): each source continues "
                      f"from its own position, in the new shares from here on")
         self.close()
-        self.order.skip(state.get("skip_batches", []))  # skipped global batches: the mixed stream's indices
-        self.order.seek(int(state["position"]))
-        batch = self.order.position() // self.order.global_batch
+        self.seek_order(state)  # the position and the skipped windows (--skip_batches, rollbacks)
+        # The saved counts are those at the saved position, even where a skipped window moved past it.
+        batch = int(state["position"]) // self.order.global_batch
         self.order.plan = MixturePlan(self.order.plan.units, self.order.global_batch, batch, given, credit)
 
     def _check_same_data(self, i: int, entry: dict, accept_new_data: bool) -> None:

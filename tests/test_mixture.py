@@ -179,3 +179,22 @@ def test_training_on_a_mixture_logs_each_source_and_resumes_exactly(tmp_path, da
     run_here(resumed, data_dir, two_sources, "--eval_interval=4", "--max_steps=8")
     assert losses(resumed) == losses(straight)
     assert refusal(tmp_path / "bad", data_dir, "--data_mix=a:x").startswith("train_llama.py: error: --data_mix entry 'a:x'")
+
+
+def test_skipped_windows_of_a_mixture_are_kept_and_resumed(dirs):
+    """--skip_batches on a mixture: the global batches in a window are never served (the others are
+    the straight order's), the windows are in the loader's state, and a state saved at the window's
+    start resumes past it with the sources' counts of the straight order."""
+    straight, _ = batches(mixture(dirs), 1, steps=8)
+    loader = mixture(dirs)(2, 8, 0, 1)
+    loader.skip([(2, 4)])
+    served = [torch.cat([loader.next_batch()[0] for _ in range(loader.accum_steps)]) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(served, [straight[i] for i in (0, 1, 4, 5)]))
+    assert loader.state_dict()["skip_batches"] == [[2, 4]]
+    at_window = mixture(dirs)(2, 8, 0, 1)
+    for _ in range(2 * at_window.accum_steps):
+        at_window.next_batch()
+    state = at_window.state_dict()  # at global batch 2, before the window is known
+    state["skip_batches"] = [[2, 4]]
+    resumed, _ = batches(mixture(dirs), 1, steps=2, state=state)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight[4:6]))

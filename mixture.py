@@ -171,7 +171,7 @@ class MixtureLoader(TrainLoader):
         log(f"train data: a mixture of {len(mix)} sources: {shares}; {global_batch} sequences of "
             f"{seq_len + 1} tokens per step = {self.accum_steps} micro-steps of {micro_batch} x {world_size} ranks")
 
-    def _make(self, step: int, pin_memory: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = self.order.ids(step)
         rows = np.empty((len(pairs), self.seq_len + 1), dtype=np.uint16)
         for s, stream in enumerate(self.streams):
@@ -181,21 +181,20 @@ class MixtureLoader(TrainLoader):
                 rows[where] = stream.read_windows(starts, self.seq_len + 1)
         x = torch.from_numpy(rows[:, :-1].astype(np.int64))  # (B, T)
         y = torch.from_numpy(rows[:, 1:].astype(np.int64))
-        if self.pin_memory if pin_memory is None else pin_memory:
+        if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-        """Micro-step `step`'s x, y again, and where each sequence comes from (its source, shard and
-        token offset there): for the forensics of a spike."""
+        """Micro-step `step`'s x, y again, and each sequence's source, shard and token offset (spike
+        forensics)."""
         sources = []
         for s, sequence in self.order.ids(step):
             stream, at = self.streams[s], sequence * (self.seq_len + 1)
             i = bisect.bisect_right(stream.starts, at) - 1
             sources.append({"source": self.names[s], "sequence": sequence,
-                            "shard": os.path.join(self.dirs[s], os.path.basename(stream.paths[i])),
-                            "offset": at - stream.starts[i]})
-        return (*self._make(step, pin_memory=False), sources)
+                            "shard": os.path.basename(stream.paths[i]), "offset": at - stream.starts[i]})
+        return (*self._make(step), sources)
 
     def source_metrics(self) -> dict[str, float]:
         """Tokens trained on and epochs done per source, at the current global batch."""

@@ -73,8 +73,8 @@ def test_extending_wsd_keeps_the_learning_rate_continuous(tmp_path, data_dir):
     assert [lr[s] for s in range(3, 13)] == [6e-4] * 10 and lr[16] < lr[15] < lr[12]
     assert "moves the learning rate" not in proc.stdout
     cosine = tmp_path / "cosine"
-    run_here(cosine, data_dir, "--stop_step=5")
-    assert "moves the learning rate at step 5" in run_here(cosine, data_dir, "--max_steps=16").stdout
+    run_here(cosine, data_dir, "--stop_step=4")
+    assert "moves the learning rate at step 4" in run_here(cosine, data_dir, "--max_steps=16", "--stop_step=5").stdout
 
 
 def test_decay_branch_from_a_stable_checkpoint(tmp_path, data_dir):

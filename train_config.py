@@ -286,7 +286,7 @@ def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> Train
             raise ConfigError("model_overrides can only be set in a config file")
         setattr(cfg, key, _parse_value(key, text, getattr(cfg, key)))
     # Which knobs the command line set (not the config file): a rerun of a finished run exits 0 only
-    # when it names the step it is at (train_llama.check_not_finished).
+    # when it names the step it is at (check_not_finished).
     cfg.command_line = {a[2:].partition("=")[0]: getattr(cfg, a[2:].partition("=")[0]) for a in args}
     cfg.validate()
     return cfg

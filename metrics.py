@@ -55,9 +55,23 @@ def peak_flops(device_name: str | None, override_tflops: float = 0.0) -> tuple[f
                   f"--peak_tflops=N with its dense bf16 peak from the datasheet")
 
 
-def flops_per_token(n_params: int, n_layers: int, seq_len: int, dim: int) -> float:
-    """6N + 12 L T d: the matmul FLOPs of forward + backward per token, attention scores included."""
-    return 6 * n_params + 12 * n_layers * seq_len * dim
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token of `model` (a model.Transformer, also sharded or on the meta
+    device) on sequences of `seq_len` tokens, by the accounting MFU is reported in across the
+    field: PaLM's (Chowdhery et al. 2022, appendix B), as torchtitan and llm.c use it:
+
+        6 * N + 12 * L * d * T
+
+    N = the parameters that take part in a matmul: all but the input embedding table, which is a
+    lookup (the untied output head is a matmul and counts); 6 = 2 FLOPs per multiply-add x
+    (forward + 2 backward). 12 * L * d * T = the attention scores and their weighted sum (QK^T
+    and AV: 2 matmuls x 2 FLOPs x 3 passes, each over d per layer and T keys), with causal
+    masking not discounted, as PaLM and llm.c count it. Norms, RoPE, SwiGLU's product and the
+    softmax are left out. For 1p7b at T=1024 this is 10.58 GFLOP/token; counting the embedding
+    too would overstate MFU by 5.8%."""
+    cfg = model.config
+    matmul_params = model.num_params() - model.tok_embeddings.weight.numel()
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 class Throughput:
@@ -205,7 +219,7 @@ def _last_byte(path: Path) -> bytes:
 
 
 def plot(rows: list[dict], out_png: str | Path) -> None:
-    """Train and validation loss, LR, throughput and HellaSwag, one panel each."""
+    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -226,6 +240,11 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
     axes[0][1].set(title="learning rate", xlabel="step")
     axes[1][0].plot(*series("tokens_per_s"), lw=0.8)
     axes[1][0].set(title="tokens/s", xlabel="step")
+    steps, mfu = series("mfu")
+    if mfu:  # the same points as a fraction of the peak (flops_per_token's accounting): on CUDA only
+        right = axes[1][0].twinx()
+        right.plot(steps, [100 * m for m in mfu], lw=0.8, color="C1")
+        right.set_ylabel("MFU % (6N + 12LdT, N without the input embedding)", color="C1")
     ax = axes[1][1]
     ax.plot(*series("hellaswag_acc_norm"), "o-", label="acc_norm")
     ax.plot(*series("hellaswag_acc"), "o-", label="acc")

@@ -19,6 +19,9 @@ from model import ModelConfig, model_config
 from utils import DTYPES, UserError
 
 
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
 class ConfigError(UserError):
     """A bad config or command line: one line naming the problem and the fix."""
 
@@ -84,6 +87,10 @@ class TrainConfig:
     reshard_after_forward: bool = True  # fsdp: free each block's gathered params after its forward
     fsdp_reduce_every_micro_step: bool = False  # fsdp: least memory, but accumulation x the reduce traffic
     activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th)
+    # The training step's attention kernel (F.scaled_dot_product_attention's backend): "auto" lets
+    # SDPA pick per call (flash first where it applies); or "flash", "cudnn", "efficient", "math"
+    # (benchmarks/gpu_check.py's attention row times them in the model)
+    sdpa_backend: str = "auto"
     ac_every: int = 2
     ddp_bucket_mb: int = 25  # DDP all-reduce bucket size; larger buckets, fewer messages across nodes
     ddp_bf16_compress: bool = False  # DDP: all-reduce gradients in bfloat16 (half the traffic)
@@ -142,7 +149,7 @@ class TrainConfig:
         if not self.resume:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
         choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
-                   "activation_checkpointing": ("none", "full", "selective")}
+                   "activation_checkpointing": ("none", "full", "selective"), "sdpa_backend": SDPA_BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")

@@ -23,7 +23,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -204,34 +204,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Micro-steps -> clip -> AdamW step (skipped everywhere if any rank saw a non-finite value).
+    """optimizer_step on the run's model, optimizer and next batches, then the run's counters.
     Returns (mean loss on this rank, gradient norm, whether the update was applied)."""
-    cfg, d = run.cfg, run.dist
+    cfg = run.cfg
     parallel.release_eval(run.eval_model, cfg)
     run.meter.start()
-    loss_sum = torch.zeros((), device=d.device)
     step_targets = step_target_count(run)
-    for micro_step in range(run.accum_steps):
-        x, y = next_batch(run)
-        last = micro_step == run.accum_steps - 1
-        parallel.set_gradient_sync(run.model, run.train_model, last or cfg.fsdp_reduce_every_micro_step)
-        with run.autocast():
-            loss = run.train_model(x, y)
-        # The micro-batch's mean loss times its share of the step's targets: the step's loss is the
-        # mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
-        loss = loss / run.accum_steps if step_targets is None else loss * ((y >= 0).sum() * d.world_size / step_targets)
-        loss_sum += loss.detach()
-        loss.backward()
-    grad_norm = parallel.clip_grad_norm(run.model.parameters(), cfg.grad_clip or math.inf)
-    applied, stopping = agree_on_step(run, grad_norm, loss_sum)
-    if applied:
-        run.optimizer.step()
-        if not run.memory_logged:  # what each rank holds, once the AdamW state exists
-            run.memory_logged = True
-            sizes = parallel.memory_per_rank(run.model, run.optimizer)
-            run.log.print(parallel.describe_memory(sizes))
-            run.log.metrics(run.progress.step + 1, **{f"{k}_per_rank": v for k, v in sizes.items()})
-    run.optimizer.zero_grad(set_to_none=True)
+    batches = (next_batch(run) for _ in range(run.accum_steps))
+    loss_sum, grad_norm, applied, stopping = optimizer_step(
+        run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
+        agree=lambda norm, loss: agree_on_step(run, norm, loss), after_update=lambda: log_memory_once(run))
     run.meter.stop()
     run.progress.step += 1
     run.progress.tokens_seen += cfg.total_batch_tokens
@@ -239,6 +221,78 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
     run.progress.skipped_total += not applied
     run.stopping = stopping
     return loss_sum, grad_norm, applied
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How optimizer_step runs, besides the model, the optimizer and the data."""
+
+    accum_steps: int
+    grad_clip: float = 1.0  # 0 = no clipping
+    autocast_dtype: torch.dtype | None = None  # None: float32, no autocast
+    sdpa_backend: str = "auto"  # parallel.attention_backend's names
+    reduce_every_micro_step: bool = False  # FSDP: reduce-scatter after every micro-step
+    world_size: int = 1
+
+    def autocast(self):
+        return nullcontext() if self.autocast_dtype is None else torch.autocast("cuda", dtype=self.autocast_dtype)
+
+
+def step_settings(run: Run) -> StepSettings:
+    cfg = run.cfg
+    return StepSettings(accum_steps=run.accum_steps, grad_clip=cfg.grad_clip, autocast_dtype=run.autocast_dtype,
+                        sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
+                        world_size=run.dist.world_size)
+
+
+def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], settings: StepSettings,
+                   step_targets: int | None = None,
+                   agree: Callable[[torch.Tensor, torch.Tensor], tuple[bool, bool]] | None = None,
+                   after_update: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """One optimizer step, the one training and benchmarks/gpu_check.py both take: micro-steps over
+    `batches` (accum_steps of them), gradients reduced on the last only -> clip -> AdamW (skipped
+    if `agree` says so) -> gradients freed. `model` is the unwrapped module, `train_model` what
+    parallel.parallelize made of it; `step_targets`: see step_target_count. `agree(grad_norm,
+    loss_sum)` -> (apply the update?, stop after it?), by default this process's own finiteness
+    check; `after_update` runs after the update, before the gradients are freed.
+    Returns (mean loss on this rank, gradient norm, applied, stop)."""
+    s = settings
+    loss_sum = None
+    with parallel.attention_backend(s.sdpa_backend):
+        for micro_step, (x, y) in enumerate(batches):
+            if loss_sum is None:
+                loss_sum = torch.zeros((), device=x.device)
+            last = micro_step == s.accum_steps - 1
+            parallel.set_gradient_sync(model, train_model, last or s.reduce_every_micro_step)
+            with s.autocast():
+                loss = train_model(x, y)
+            # The micro-batch's mean loss times its share of the step's targets: the step's loss is
+            # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
+            loss = (loss / s.accum_steps if step_targets is None
+                    else loss * ((y >= 0).sum() * s.world_size / step_targets))
+            loss_sum += loss.detach()
+            loss.backward()
+    grad_norm = parallel.clip_grad_norm(model.parameters(), s.grad_clip or math.inf)
+    if agree is None:
+        applied, stopping = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum)), False
+    else:
+        applied, stopping = agree(grad_norm, loss_sum)
+    if applied:
+        optimizer.step()
+        if after_update is not None:
+            after_update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, applied, stopping
+
+
+def log_memory_once(run: Run) -> None:
+    """What each rank holds, once per process, once the AdamW state exists."""
+    if not run.memory_logged:
+        run.memory_logged = True
+        sizes = parallel.memory_per_rank(run.model, run.optimizer)
+        run.log.print(parallel.describe_memory(sizes))
+        run.log.metrics(run.progress.step + 1, **{f"{k}_per_rank": v for k, v in sizes.items()})
 
 
 def step_target_count(run: Run) -> int | None:
@@ -440,7 +494,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
                   f"accumulation x {d.world_size} processes | device {d.device} | "
-                  f"compile {cfg.compile_mode if parallel.compiling(cfg, d) else 'off'} | "
+                  f"compile {parallel.compile_mode(cfg, d)} | "
                   f"{'fsdp' if parallel.is_sharded(run.model) else 'ddp' if d.world_size > 1 else 'one process'}")
         run.stop = StopFlag()
         return run
@@ -627,12 +681,12 @@ def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = 
 
 
 def make_meter(run: Run) -> Throughput:
-    c, d = run.model.config, run.dist
+    d = run.dist
     name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None
     peak, note = peak_flops(name, run.cfg.peak_tflops)
     if d.device.type == "cuda":
         run.log.print(f"MFU: {note}")
-    flops = flops_per_token(run.model.num_params(), c.n_layers, run.cfg.seq_len, c.dim)
+    flops = flops_per_token(run.model, run.cfg.seq_len)
     return Throughput(run.cfg.total_batch_tokens, flops * run.cfg.total_batch_tokens, peak,
                       d.world_size, d.device)
 

@@ -299,8 +299,9 @@ def _one_bad_name(name: str | None) -> str | None:
 # ----------------------------------------------------------------------------- save
 
 def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | None = None,
-         keep_last: int = 3) -> Path:
+         keep_last: int = 3, keep: Path | None = None) -> Path:
     """Write `state` as checkpoint `step` (collective: every rank calls it); returns its path.
+    Pruning never removes `keep` (the run's last good checkpoint).
 
     CheckpointError, with the partial directory removed and the previous checkpoints intact, if a
     tensor is not finite or the disk fills up."""
@@ -334,7 +335,7 @@ def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | 
             os.replace(tmp, final)
             fsync_dir(out_dir)
             write_atomic(out_dir / LATEST, final.name + "\n")
-            prune(out_dir, keep_last, newest=final)
+            prune(out_dir, keep_last, newest=final, keep=keep)
     except (OSError, RuntimeError, CheckpointException) as e:
         # torch's writers report a full disk as a RuntimeError ("unexpected pos") as often as
         # ENOSPC: the free space left at the failure tells them apart.
@@ -375,9 +376,10 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def prune(out_dir: Path, keep_last: int, newest: Path) -> None:
+def prune(out_dir: Path, keep_last: int, newest: Path, keep: Path | None = None) -> None:
     """Delete complete checkpoints of `newest`'s run that are older than it, beyond the newest
-    `keep_last`. Checkpoints of other runs, later steps, and names that are not exactly ours
+    `keep_last`. Checkpoints of other runs, later steps, `keep` (the last one known to be good:
+    a checkpoint written after a spike must not push it out) and names that are not exactly ours
     (`step_0000004.good`) are never touched."""
     if keep_last <= 0:
         return
@@ -386,7 +388,7 @@ def prune(out_dir: Path, keep_last: int, newest: Path) -> None:
     ours = [p for p in complete_checkpoints(out_dir)
             if int(p.name[5:]) <= newest_step and _run_id(p) == run_id]
     for old in ours[:-keep_last]:
-        if old != newest:
+        if old != newest and (keep is None or old.resolve() != Path(keep).resolve()):
             shutil.rmtree(old, ignore_errors=True)
 
 

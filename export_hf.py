@@ -128,6 +128,12 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _writing(out: str | Path, force: bool, info: dict) -> Iterator[Path]:
     """A fresh sibling directory of `out` to write into: when the block completes it gets
@@ -143,8 +149,10 @@ def _writing(out: str | Path, force: bool, info: dict) -> Iterator[Path]:
         files = sorted(p.name for p in tmp.iterdir())
         info = {"written_by": _WRITTEN_BY, **info, "files": files + [EXPORT_INFO]}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        mode = 0o666 & ~_umask()  # safetensors writes 0600: every file gets what a plain open() gives
         for path in tmp.iterdir():  # durable before the rename makes them the export
             if path.is_file():
+                os.chmod(path, mode)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)

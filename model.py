@@ -229,15 +229,18 @@ class TransformerBlock(nn.Module):
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `h @ weight.T` without ever holding the full logits.
+    """Mean cross-entropy of `h @ weight.T` without ever holding the full logits, plus PaLM's
+    z-loss: z_loss x the mean of log(Z)^2, Z the softmax normalizer, which keeps log(Z) near 0.
 
     The logits of `chunk` rows at a time are computed, turned into float32 loss and (when
     gradients are needed) into their gradient, then dropped: at micro-batch 16 x 1024 and vocab
     50304 a float32 copy of the full logits alone would be 3.3 GB. Targets < 0 are ignored.
+    Returns (cross-entropy + z_loss x mean log(Z)^2, mean log(Z)^2); the second is a readout for
+    the logs, not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, z_loss: float):
         input_dtype = h.dtype
         if torch.is_autocast_enabled(h.device.type):
             dtype = torch.get_autocast_dtype(h.device.type)
@@ -247,6 +250,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n_valid = (targets >= 0).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=input_dtype, device=h.device) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
         for start in range(0, h.size(0), chunk):
@@ -260,34 +264,44 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             row_max = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(row_max).exp_()
             sum_exp = exp.sum(dim=-1, keepdim=True)
-            lse = (row_max + sum_exp.log()).squeeze(1)
+            lse = (row_max + sum_exp.log()).squeeze(1)  # log(Z) per row
             loss = loss + ((lse - picked) * valid).sum()
+            if z_loss:
+                z_sum = z_sum + (lse.square() * valid).sum()
             if needs_grad:
-                # d(loss)/d(logits) = softmax - one_hot, over the valid rows, / n_valid
+                # d(loss)/d(logits) = softmax - one_hot, over the valid rows, / n_valid; the z-loss
+                # adds z_loss x 2 log(Z) x softmax (d log(Z) / d logits = softmax).
                 g = exp.div_(sum_exp)
+                if z_loss:
+                    g.mul_((1 + 2 * z_loss * lse)[:, None])
                 g.scatter_add_(1, safe_t[:, None], -torch.ones_like(g[:, :1]))
                 g = g.mul_(valid[:, None] / n_valid).to(w.dtype)
                 grad_h[start : start + chunk] = g @ w
                 grad_w += (g.t() @ h_c).float()
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
-        return loss / n_valid
+        z_mean = z_sum / n_valid
+        ctx.mark_non_differentiable(z_mean)
+        return (loss + z_loss * z_sum) / n_valid, z_mean
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, grad_z: torch.Tensor | None):
         grad_h, grad_w = ctx.saved_tensors
         grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """`F.cross_entropy(h @ weight.T, targets, ignore_index=-1)` for h: (N, dim), targets: (N,)."""
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096,
+                          z_loss: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`F.cross_entropy(h @ weight.T, targets, ignore_index=-1)` for h: (N, dim), targets: (N,).
+    With z_loss > 0: (that + z_loss x mean log(Z)^2, mean log(Z)^2), the second for the logs."""
     if not torch.is_grad_enabled():
         # Inside forward() the Function sees neither no_grad nor inference_mode, only
         # requires_grad: detach, or evaluation computes (and drops) every gradient, ~3x the time.
         h, weight = h.detach(), weight.detach()
-    return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+    loss, z = ChunkedCrossEntropy.apply(h, weight, targets, chunk, z_loss)
+    return (loss, z) if z_loss else loss
 
 
 class Transformer(nn.Module):
@@ -336,11 +350,12 @@ class Transformer(nn.Module):
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0
-    ) -> torch.Tensor:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0, z_loss: float = 0.0
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx: (B, T) token ids. Without targets: the logits (B, T, vocab). With targets (B, T;
-        -1 = ignore): the mean loss alone, the logits never materialized in full. One entry
-        point for both, so DDP/FSDP and torch.compile wrap a single call."""
+        -1 = ignore): the mean loss alone, the logits never materialized in full; with z_loss > 0,
+        (loss + z-loss term, mean log(Z)^2) (see ChunkedCrossEntropy). One entry point for all,
+        so DDP/FSDP and torch.compile wrap a single call."""
         if not torch.compiler.is_compiling():
             self.check_input(idx, start_pos)
         T = idx.size(1)
@@ -352,7 +367,7 @@ class Transformer(nn.Module):
         if targets is None:
             return self.output(h)
         return chunked_cross_entropy(
-            h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size
+            h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size, z_loss
         )
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None) -> None:

@@ -432,6 +432,7 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None 
     rank: NCCL on CUDA, gloo on CPU). A frame dynamo skipped is a mismatch."""
     import metrics
     import parallel
+    import planner
     from model import build_model, model_config
     from train_config import TrainConfig
     from utils import setup_distributed, teardown_distributed
@@ -494,6 +495,7 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None 
             "step_ms_all": [t * 1000 for t in times], "steps_timed": len(times), "first_step_s": first_step_s,
             "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": model.num_params(),
             "tokens_per_step": micro_batch * seq_len * plan.accum, "sharded": parallel.is_sharded(model),
+            **planner.gpu_check_projection(cfg, seq_len, micro_batch, plan.accum, compiled, knobs, peak),
             **stats, "top_kernels": kernels, "verdict": verdict}
 
 

@@ -597,6 +597,9 @@ class TrainLoader(FollowsOrder):
             if state[key] != getattr(self, key):
                 raise DataError(f"the saved loader state has {key}={state[key]!r} but this loader "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
+        if "mixture" in state:  # mixture.MixtureLoader's: each source has its own position
+            sources = ",".join(f"{s['data_dir']}:{s['weight']}" for s in state["mixture"])
+            raise DataError(f"the checkpoint trained on a data mixture: resume with --data_mix={sources}")
         self._check_same_data(state.get("data"), accept_new_data)
         self.close()
         self.seek_order(state)

@@ -7,6 +7,14 @@
 Launch, checkpoints, exact resume, DDP, compile, the log line and metrics.jsonl are training's:
 this file supplies the data (train_llama.train(cfg, make_data=...)) and SFTConfig's knobs.
 
+LoRA (--lora_rank=R, with --lora_alpha, --lora_dropout, --lora_targets; lora.py through PEFT):
+rank-R adapters on the chosen projections train, the base stays frozen (bf16 on CUDA). Its
+checkpoints hold the adapters and their AdamW state, and the base by path and sha256: a base that
+changed since is refused. DDP as for full tuning; FSDP is refused (train_config says why).
+
+    python finetune.py --config configs/sft_tiny.py --lora_rank=8 --max_lr=1e-2 --out_dir=out/sft_tiny_lora
+    python finetune.py --config configs/sft_1p7b_lora.py                 # one 24 GB GPU
+
 Data (--data): a local file, either a JSON list or JSON lines (what `datasets`' to_json writes),
 each row in alpaca form {"instruction", "input" (may be empty or absent), "output"} or chat form
 {"messages": [{"role": "system" (optional, first) | "user" | "assistant", "content"}, ...]}

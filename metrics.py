@@ -263,12 +263,22 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
         points = {r["step"]: r[key] for r in rows if r.get(key) is not None}
         return sorted(points), [points[s] for s in sorted(points)]
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    # A data mixture (mixture.py) logs tokens/NAME, epoch/NAME and val_loss/NAME for each source.
+    sources = sorted({k.partition("/")[2] for r in rows for k in r if k.startswith("tokens/")})
+    fig, axes = plt.subplots(2, 3 if sources else 2, figsize=(18 if sources else 12, 8))
     ax = axes[0][0]
     ax.plot(*series("loss"), label="train", lw=0.8)
     ax.plot(*series("val_loss"), "o-", label="validation")
+    for name in sources:
+        ax.plot(*series(f"val_loss/{name}"), "s--", label=f"validation: {name}", ms=3)
     ax.set(title="loss", xlabel="step")
     ax.legend()
+    for row, (key, title) in enumerate([("tokens", "tokens per source"), ("epoch", "epochs per source")]):
+        if sources:
+            for name in sources:
+                axes[row][2].plot(*series(f"{key}/{name}"), label=name)
+            axes[row][2].set(title=title, xlabel="step")
+            axes[row][2].legend()
     axes[0][1].plot(*series("lr"))
     axes[0][1].set(title="learning rate", xlabel="step")
     axes[1][0].plot(*series("tokens_per_s"), lw=0.8)

@@ -31,15 +31,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
-import hf_io
+import lora
 import parallel
 import planner
 import stability
 from dataloader import DataError, TrainLoader, ValLoader
+from doc_mask import document_mask
 from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
+from mixture import MixtureLoader, MixtureVal, parse_data_mix
 from model import Transformer, build_model
 from stability import Health, LossScaler, SpikeDetector, StepStats
-from train_config import (ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
+from train_config import (SCHEDULE_KNOBS, ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
                           resume_differences, usage)
 from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
                    setup_distributed, teardown_distributed)
@@ -128,6 +130,7 @@ class Run:
     score: float = 0.0  # this step's spike score (SpikeDetector)
     stats: StepStats | None = None  # this step's values on the host (agree_on_step)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
+    adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -147,7 +150,7 @@ class Run:
 
     def checkpoint_state(self) -> dict:
         """The named stateful objects a checkpoint holds (checkpoint.py's contract)."""
-        return {"model": checkpoint.ModelState(self.model),
+        return {"model": checkpoint.ModelState(self.model, trainable_only=self.adapter is not None),
                 "optim": checkpoint.OptimizerState(self.model, self.optimizer),
                 "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress,
                 "spikes": self.spikes, "scaler": self.scaler}
@@ -214,12 +217,24 @@ def set_learning_rate(run: Run) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr, then cfg.lr_schedule's way down to min_lr at max_steps: cosine,
+    linear, or wsd (constant, then decay_shape over the last decay_length() steps)."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = cfg.max_steps - cfg.decay_length()
+        if step < decay_start:
+            return cfg.max_lr
+        # The stable stage's end depends on max_steps alone: a longer run keeps max_lr for longer
+        # (no jump while still in it), and a branch's decay starts at its checkpoint's step.
+        progress = (step - decay_start) / cfg.decay_length()
+        remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress)
+        return cfg.min_lr + remaining * (cfg.max_lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.max_lr + progress * (cfg.min_lr - cfg.max_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
@@ -271,6 +286,7 @@ class StepSettings:
     world_size: int = 1
     z_loss: float = 0.0  # PaLM's z-loss coefficient (model.ChunkedCrossEntropy)
     device_type: str = "cuda"  # where autocast applies ("cpu" with --cpu_autocast)
+    doc_mask: bool = False  # attention within each packed document only (doc_mask.py)
 
     def autocast(self):
         return (nullcontext() if self.autocast_dtype is None
@@ -281,7 +297,8 @@ def step_settings(run: Run) -> StepSettings:
     cfg = run.cfg
     return StepSettings(accum_steps=run.accum_steps, grad_clip=cfg.grad_clip, autocast_dtype=run.autocast_dtype,
                         sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
-                        world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type)
+                        world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type,
+                        doc_mask=cfg.doc_mask)
 
 
 def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -307,8 +324,11 @@ def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.
                 loss_sum, z_sum = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
             last = micro_step == s.accum_steps - 1
             parallel.set_gradient_sync(model, train_model, last or s.reduce_every_micro_step)
+            # flex_attention's sparse BlockMask on CUDA; on the CPU it has no backward: a dense mask
+            mask = document_mask(x, flex=x.device.type == "cuda") if s.doc_mask else None
             with s.autocast():
-                loss, z = train_model(x, y, z_loss=s.z_loss) if s.z_loss else (train_model(x, y), None)
+                loss, z = (train_model(x, y, z_loss=s.z_loss, mask=mask) if s.z_loss
+                           else (train_model(x, y, mask=mask), None))
             # The micro-batch's mean loss times its share of the step's targets: the step's loss is
             # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
             share = 1 / s.accum_steps if step_targets is None else (y >= 0).sum() * s.world_size / step_targets
@@ -396,6 +416,9 @@ def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     extra = {"z_loss": stats.z_loss} if run.cfg.z_loss else {}
     if run.scaler.enabled:
         extra["loss_scale"] = run.scaler.scale
+    per_source = getattr(run.loader, "source_metrics", None)  # a mixture's tokens and epochs per source
+    if per_source is not None:
+        extra.update(per_source())
     log.metrics(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=meter.tokens_per_s(dt), mfu=mfu,
                 ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.score, **extra)
 
@@ -447,7 +470,8 @@ def save_if_due(run: Run) -> bool:
 def save(run: Run) -> None:
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
-            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position()}
+            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
+            **({"lora": run.adapter} if run.adapter else {})}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last, keep=run.health.good)
     run.health.pending = path
@@ -483,15 +507,21 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
     if run.benchmark:
         return
     cfg, step, log = run.cfg, run.progress.step, run.log
+    run.model.eval()  # LoRA's dropout: off while evaluating and sampling, on again below
 
     def due(interval: int) -> bool:
         return bool(interval) and (force or step % interval == 0)
 
     if due(cfg.eval_interval):
         t0 = time.perf_counter()
-        val = validation_loss(run)
-        log.print(f"step {step}: val loss {val:.4f}")
-        log.metrics(step, val_loss=val, eval_s=time.perf_counter() - t0)
+        if isinstance(run.val, MixtureVal):  # each source's own set; val_loss their weighted mean
+            per_source = {f"val_loss/{name}": validation_loss(run, val) for name, val in run.val.sources.items()}
+            val = run.val.combine({name[len("val_loss/"):]: loss for name, loss in per_source.items()})
+        else:
+            per_source, val = {}, validation_loss(run)
+        shown = "".join(f" | {name[len('val_loss/'):]} {loss:.4f}" for name, loss in per_source.items())
+        log.print(f"step {step}: val loss {val:.4f}{shown}")
+        log.metrics(step, val_loss=val, **per_source, eval_s=time.perf_counter() - t0)
     if due(cfg.hellaswag_interval):
         t0 = time.perf_counter()
         result = hellaswag_score(run)
@@ -505,14 +535,16 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
         t0 = time.perf_counter()
         log.print(f"step {step}: sample: {sample_text(run)!r}")
         log.metrics(step, sample_s=time.perf_counter() - t0)
+    run.model.train()
 
 
 @torch.no_grad()
-def validation_loss(run: Run) -> float:
-    """Mean loss over the fixed validation set; each rank scores its share, totals all-reduced."""
+def validation_loss(run: Run, batches=None) -> float:
+    """Mean loss over the fixed validation set (run.val, or `batches`: one mixture source's); each
+    rank scores its share, totals all-reduced."""
     d = run.dist
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (summed loss, tokens)
-    for x, y in run.val:
+    for x, y in (run.val if batches is None else batches):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with run.autocast():
             loss = run.eval_model(x, y)
@@ -644,15 +676,21 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if loader is not None and cfg.skip_batches:
         loader.skip(stability.parse_windows(cfg.skip_batches))
     model = build_model(cfg.model_config(), d.device)
-    if cfg.init_from and resume_from is None and not benchmark:
+    spec = cfg.lora_spec()
+    base = lora_base(cfg, resume_from) if spec and not benchmark else None  # a changed base: refused first
+    # A LoRA run's checkpoints hold its adapters alone: the base is read on resume too.
+    if cfg.init_from and (resume_from is None or spec) and not benchmark:
         init_weights_from(cfg.init_from, model, log, cfg.verify)
+    if spec:
+        attach_adapters(model, spec, cfg, d, log)
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
               val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock,
               spikes=SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history),
-              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)))
+              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)),
+              adapter={"spec": spec.to_dict(), "base": base} if spec else None)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
@@ -663,6 +701,33 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if cfg.hellaswag_interval and not benchmark:
         run.hellaswag_examples = load_hellaswag(cfg)
     return run
+
+
+def lora_base(cfg: TrainConfig, resume_from: Path | None) -> dict:
+    """The base model's reference a LoRA run records (checkpoint.base_reference); on resume the
+    checkpoint's, after checking that --init_from still holds those exact weights."""
+    if resume_from is None:
+        return checkpoint.base_reference(cfg.init_from)
+    saved = checkpoint.read_meta(resume_from).get("lora")
+    if not saved:
+        raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
+                          f"--lora_rank, or choose another --out_dir")
+    checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
+    return saved["base"]
+
+
+def attach_adapters(model: Transformer, spec: lora.LoraSpec, cfg: TrainConfig, d: Dist, log: Logger) -> None:
+    """LoRA adapters on the loaded base, which is frozen; on CUDA the frozen weights are held in
+    the autocast dtype (half the memory, and autocast would cast them for every matmul anyway),
+    the adapters stay float32 for AdamW."""
+    lora.attach(model, spec)
+    if d.device.type == "cuda" and cfg.dtype != "float32":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(DTYPES[cfg.dtype])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.print(f"lora: rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on "
+              f"{','.join(spec.targets)}: {trained:,} parameters train, {model.num_params() - trained:,} frozen")
 
 
 def saved_state(ckpt: Path, name: str):
@@ -729,6 +794,8 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
         ckpt = checkpoint.resolve(cfg.resume)
         if ckpt is None:
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
+    if cfg.decay_from:
+        ckpt = decay_branch_start(cfg, ckpt, log)
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         check_same_run(cfg, ckpt, meta)
@@ -738,11 +805,55 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
                               + f" (use the checkpoint's values, or a new --out_dir with --init_from={ckpt} for its weights)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        if not cfg.decay_from:
+            warn_if_lr_jumps(meta, cfg, log)
         check_not_finished(cfg, meta["step"], log.print)
     return ckpt
 
 
+def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
+    """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
+    + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
+    ckpt = checkpoint.resolve(cfg.decay_from)
+    if ckpt is None:
+        raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
+    if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
+        raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
+                          f"out_dir, so that the main run goes on")
+    if own is not None:
+        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
+        return own
+    meta = checkpoint.read_meta(ckpt)
+    step = meta["step"]
+    cfg.max_steps = step + cfg.decay_steps
+    main_run = dataclasses.replace(cfg, **saved_schedule(meta))
+    if main_run.lr_schedule == "wsd" and step >= main_run.max_steps - main_run.decay_length():
+        log.print(f"warning: {ckpt} (step {step}) is already in its run's decay stage, at lr "
+                  f"{lr_at(step, main_run):.3g}: the branch decays from max_lr={cfg.max_lr:g} again")
+    log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
+              f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
+    return ckpt
+
+
+def saved_schedule(meta: dict) -> dict:
+    """The schedule knobs a checkpoint's run trained with (defaults for those it predates)."""
+    saved, defaults = meta.get("train_config", {}), TrainConfig()
+    return {k: saved.get(k, getattr(defaults, k)) for k in SCHEDULE_KNOBS}
+
+
+def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
+    """A changed schedule that moves the learning rate at the resumed step (a cosine run extended, a
+    WSD run extended from inside its decay) is allowed, but said."""
+    step, before = meta.get("step", 0), dataclasses.replace(cfg, **saved_schedule(meta))
+    old, new = lr_at(step, before), lr_at(step, cfg)
+    if not math.isclose(old, new, rel_tol=1e-9):
+        log.print(f"warning: the changed schedule moves the learning rate at step {step} from {old:.4g} to "
+                  f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
+
+
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
+    if cfg.data_mix:  # prepare_local_data builds data_dir, which a mixture does not read
+        return make_mixture_loaders(cfg, d, log)
     if cfg.prepare_local_data:
         if d.is_main:
             from fineweb_edu import build_local_corpus  # noqa: PLC0415
@@ -760,10 +871,24 @@ def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, V
     return loader, val
 
 
+def make_mixture_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[MixtureLoader, MixtureVal | None]:
+    """make_loaders for --data_mix: the weighted mixture, and each source's own validation set."""
+    vocab_size, cuda = cfg.model_config().vocab_size, d.device.type == "cuda"
+    loader = MixtureLoader(parse_data_mix(cfg.data_mix), cfg.seq_len, cfg.micro_batch,
+                           cfg.total_batch_tokens // cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                           seed=cfg.seed, shuffle=cfg.shuffle, vocab_size=vocab_size, pin_memory=cuda,
+                           prefetch=cuda, log=log.print)
+    val = (MixtureVal(loader, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size, max_sequences=cfg.val_sequences,
+                      vocab_size=vocab_size, pin_memory=cuda) if cfg.eval_interval else None)
+    return loader, val
+
+
 def build_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not on norms)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on 2-D weights only (not on norms), over the parameters that train
+    (all of them, or a LoRA run's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -780,6 +905,8 @@ def restore(run: Run, ckpt: Path) -> None:
             del state[optional]
     meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
     run.health.good = ckpt
+    if run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve():  # a branch's start
+        run.progress.run_id = Progress().run_id
     written_by = meta.get("world_size", run.dist.world_size)
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "
@@ -800,26 +927,8 @@ def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
 
 def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:
     """Weights only, from our checkpoint, an imported weights directory (export_hf.py --from_hf)
-    or a Hugging Face Llama directory; the optimizer starts fresh."""
-    if (Path(path) / "config.json").is_file():
-        hf_io.check_vocabulary(path)
-    if (Path(path) / "config.json").is_file() or (Path(path) / "model_config.json").is_file():
-        # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
-        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
-                  if (Path(path) / "config.json").is_file() else hf_io.load_weights(path))
-        config, state = source.config, source.state_dict()
-    else:
-        ckpt = checkpoint.resolve(path)
-        if ckpt is None:
-            raise ConfigError(f"--init_from={path}: no checkpoint there")
-        config, state = checkpoint.read_meta(ckpt).get("model_config", {}), None
-    diffs = model.config.differences(config, weights_only=True)
-    if diffs:
-        raise ConfigError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
-    if state is None:
-        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files=verify)
-    else:
-        model.load_state_dict(state)
+    or a Hugging Face Llama directory (checkpoint.load_weights_into); the optimizer starts fresh."""
+    checkpoint.load_weights_into(path, model, verify)
     log.print(f"initialized weights from {path}")
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import checkpoint
+from doc_mask import document_mask
 from utils import Dist, UserError, write_atomic
 
 if TYPE_CHECKING:  # for annotations only: a library module never imports a script at run time
@@ -140,12 +141,15 @@ class LossScaler:
 
 
 @torch.no_grad()
-def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> list[float]:
-    """Each sequence's mean loss, one sequence at a time: no (B, T, vocab) logits held."""
+def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast,
+                    doc_mask: bool = False) -> list[float]:
+    """Each sequence's mean loss, one sequence at a time: no (B, T, vocab) logits held; with
+    doc_mask, attention within each packed document as in training."""
     out = []
     for i in range(x.size(0)):
+        mask = document_mask(x[i:i + 1], flex=x.device.type == "cuda") if doc_mask else None
         with autocast():
-            out.append(model(x[i:i + 1], y[i:i + 1]))
+            out.append(model(x[i:i + 1], y[i:i + 1], mask=mask))
     return torch.stack(out).float().tolist()
 
 
@@ -230,7 +234,7 @@ def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
     sequences = []
     for step in range(batch_index * accum, (batch_index + 1) * accum):
         x, y, sources = run.loader.batch_at(step)
-        losses = sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast)
+        losses = sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast, run.cfg.doc_mask)
         sequences += [{**source, "loss": loss, "tokens": row.tolist()} for source, loss, row in zip(sources, losses, x)]
     if d.world_size > 1:
         everyone = [None] * d.world_size

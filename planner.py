@@ -57,7 +57,8 @@ class Card:
 # Memory from each card's datasheet (the same datasheets as metrics.PEAK_BF16_TFLOPS), in GB as
 # printed there: torch reports slightly less (an RTX A6000 shows 47.5 GiB), which the reserve covers.
 CARDS = [
-    Card("NVIDIA RTX A6000", 48, "nvlink_a6000", ("RTX A6000", "A6000")),  # 48 GB GDDR6, NVLink bridge
+    # 48 GB GDDR6; pairs are often bridged (--link nvlink_a6000), PCIe is the safe assumption
+    Card("NVIDIA RTX A6000", 48, "pcie4", ("RTX A6000", "A6000")),
     Card("NVIDIA A40", 48, "pcie4", ("A40",)),  # 48 GB GDDR6
     Card("NVIDIA RTX 6000 Ada Generation", 48, "pcie4", ("RTX 6000 Ada", "6000 Ada")),  # 48 GB GDDR6
     Card("NVIDIA L40S", 48, "pcie4", ("L40S",)),  # 48 GB GDDR6

@@ -205,4 +205,7 @@ def test_measured_mfu_replaces_the_assumption(tmp_path):
     argv = ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--measured", str(results)]
     assert plan_json(*argv)["mfu"] == 0.47
     assert "MFU 47.0% measured" in call_main(plan.main, argv).stdout
+    priced = plan_json(*argv, "--price", "2")
+    assert "cost at 2/GPU-hour" in call_main(plan.main, [*argv, "--price", "2"]).stdout
+    assert priced["price"] == 2 and priced["rows"][0]["gpu_hours"] > 0
     assert "--gpu_mem" in call_main(plan.main, ["--help"]).stdout

@@ -49,8 +49,11 @@ checkpoints needs no communication and scales with their number, which is what a
 needs. A single checkpoint runs on one GPU.
 
 Offline: lm-eval's tasks download their datasets from the Hugging Face hub on first use and read
-the cache afterwards (HF_DATASETS_OFFLINE=1 then works). Without network, write the task YAML and
-data files yourself and pass --include_path DIR.
+the cache afterwards. When the hub cannot be reached (checked once, in 3 seconds) or HF_HUB_OFFLINE
+is set, only the cache is read, so a task that is not there fails at once instead of after half a
+minute of retries. tasks/ holds local task YAMLs for --include_path: hellaswag_local (the real
+validation file in data/hellaswag_val.jsonl) and hellaswag_sample (the tests' 32-row format sample,
+whose score means nothing).
 """
 
 from __future__ import annotations
@@ -61,10 +64,12 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -73,8 +78,8 @@ import checkpoint
 import hf_io
 import metrics
 from model import Transformer
-from tokenizer import EOT, vocab_file
-from utils import DTYPES, UserError, cli_errors, unwritable, write_atomic
+from tokenizer import EOT, N_VOCAB, vocab_file
+from utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",
                  "openbookqa", "lambada_openai")
@@ -173,9 +178,35 @@ def _quiet_lm_eval() -> None:
             logger.addFilter(_DropExpected())
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub is out of reach (HF_HUB_OFFLINE set, or no connection within
+    `timeout` seconds), else None. When out of reach, the offline switches are set for this process,
+    so that `datasets` reads its cache at once (a task downloaded before still works) instead of
+    retrying the hub for half a minute before it fails."""
+    if any(os.environ.get(name, "").lower() in _TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+        url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            return None
+        except OSError as e:
+            reason = f"{url.hostname} unreachable ({e.strerror or type(e).__name__})"
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # imported already (by a caller in this process): it read the switch then
+            setattr(sys.modules[module], name, True)
+    return reason
+
+
 def task_manager(tasks: list[str], include_path: str | None):
     """lm-eval's TaskManager, after checking that every task exists and its data loads (so a
     missing dataset fails before any model is loaded)."""
+    offline_reason = hub_offline()  # before lm-eval imports `datasets`, which reads the switches once
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
@@ -201,10 +232,12 @@ def task_manager(tasks: list[str], include_path: str | None):
             get_task_dict(tasks, manager)
     except Exception as e:  # noqa: BLE001 - whatever the dataset loader raises offline, the fix is the same
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        offline = f"offline: {offline_reason}; " if offline_reason else ""
         raise UserError(
-            f"could not load task(s) {','.join(tasks)} ({type(e).__name__}: {reason[:200]}): lm-eval's "
+            f"could not load task(s) {','.join(tasks)} ({offline}{type(e).__name__}: {reason[:200]}): lm-eval's "
             f"tasks read their datasets from the Hugging Face hub, or its cache once downloaded; offline, "
-            f"pass --include_path DIR with a task YAML whose data files are local") from None
+            f"pass --include_path DIR with a task YAML whose data files are local, e.g. --tasks "
+            f"hellaswag_local --include_path tasks (README: Offline evaluation)") from None
     return manager
 
 
@@ -469,7 +502,17 @@ def _setup_processes(device_name: str) -> tuple[int, int, torch.device]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    with closed_output_survives():
+        args = parse_args(argv)
+        try:
+            _main(args)
+        except KeyboardInterrupt:
+            print("evaluate: interrupted; every checkpoint evaluated so far kept its lm_eval_KEY.json: rerun the "
+                  "same command to continue", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+
+
+def _main(args: argparse.Namespace) -> None:
     with cli_errors("evaluate"):
         rank, world_size, device = _setup_processes(args.device)
         try:
@@ -486,6 +529,9 @@ def main(argv: list[str] | None = None) -> None:
                 if problem:
                     raise UserError(problem)
             _quiet_lm_eval()
+            if "hellaswag_sample" in args.tasks:
+                print("evaluate: note: hellaswag_sample is the tests' 32-row format sample, not HellaSwag: its "
+                      "score means nothing (use hellaswag_local for the real validation split)", file=sys.stderr)
 
             def manager_factory():
                 return task_manager(args.tasks, args.include_path)

@@ -7,6 +7,14 @@
 Launch, checkpoints, exact resume, DDP, compile, the log line and metrics.jsonl are training's:
 this file supplies the data (train_llama.train(cfg, make_data=...)) and SFTConfig's knobs.
 
+LoRA (--lora_rank=R, with --lora_alpha, --lora_dropout, --lora_targets; lora.py through PEFT):
+rank-R adapters on the chosen projections train, the base stays frozen (bf16 on CUDA). Its
+checkpoints hold the adapters and their AdamW state, and the base by path and sha256: a base that
+changed since is refused. DDP as for full tuning; FSDP is refused (train_config says why).
+
+    python finetune.py --config configs/sft_tiny.py --lora_rank=8 --max_lr=1e-2 --out_dir=out/sft_tiny_lora
+    python finetune.py --config configs/sft_1p7b_lora.py                 # one 24 GB GPU
+
 Data (--data): a local file, either a JSON list or JSON lines (what `datasets`' to_json writes),
 each row in alpaca form {"instruction", "input" (may be empty or absent), "output"} or chat form
 {"messages": [{"role": "system" (optional, first) | "user" | "assistant", "content"}, ...]}
@@ -55,13 +63,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+import checkpoint
 # The templates are chat_template.py's; their names stay importable from here for config files.
 from chat_template import EOT_TEXT, TEMPLATES, Template, checkpoint_template, encode, load_template  # noqa: F401
 from dataloader import DataError, FollowsOrder, GlobalOrder
 from tokenizer import EOT
-from train_config import ConfigError, SFTConfig, load_config, usage
+from train_config import ConfigError, SFTConfig, TrainConfig, load_config, load_config_file, usage
 from train_llama import train
-from utils import cli_errors, teardown_distributed
+from utils import cli_errors, closed_output_survives, teardown_distributed
 
 SPLIT_SEED = 0  # the validation split's permutation: fixed, so every run holds out the same rows
 
@@ -285,7 +294,8 @@ class SFTLoader(FollowsOrder):
         self.log = log
         # the pretraining loader's order: world-size independent, one number of position
         self.order = GlobalOrder(len(examples), global_batch, cfg.micro_batch, rank, world_size, cfg.seed,
-                                 cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples")
+                                 cfg.shuffle, log=lambda line: log(f"sft data: {line}"), unit="examples",
+                                 every_epoch=False)
         self.targets = [int(e.trained[1:].sum()) for e in examples]  # what collate marks as targets
 
     def targets_in_step(self) -> int:
@@ -298,14 +308,20 @@ class SFTLoader(FollowsOrder):
         """The examples of this rank's micro-step `step` (dataloader.GlobalOrder's arithmetic)."""
         return self.order.ids(step)
 
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Micro-step `step`'s x, y again and the index of each example (spike forensics)."""
+        ids = self.order.ids(step)
+        return (*collate([self.examples[i] for i in ids], self.seq_len, self.pad_multiple),
+                [{"example": i} for i in ids])
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = collate([self.examples[i] for i in self.order.ids(self.order.step)], self.seq_len,
                         self.pad_multiple)
-        self.order.step += 1
+        self.order.step = self.order.following(self.order.step)
         return batch
 
     def state_dict(self) -> dict:
-        return {"position": self.order.position(), "seed": self.seed, "seq_len": self.seq_len,
+        return {**self.order_state(), "seed": self.seed, "seq_len": self.seq_len,
                 "shuffle": self.shuffle, "data": self.identity}
 
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
@@ -323,10 +339,7 @@ class SFTLoader(FollowsOrder):
         if differences:
             self.log(f"sft data: differs from the checkpoint's ({'; '.join(differences)}); continuing on it as "
                      f"accept_new_data asks")
-        self.order.seek(int(state["position"]))
-
-    def close(self) -> None:
-        pass
+        self.seek_order(state)
 
 
 def _short(value) -> str:
@@ -356,22 +369,49 @@ class SFTValData:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage(__doc__, SFTConfig))
-        return {}
-    try:
-        with cli_errors("finetune.py", expected=(DataError,)):
-            try:
-                cfg = load_config(argv, kind=SFTConfig)
-                data = SFTData(cfg)
-                if cfg.epochs:
-                    cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(cfg.total_batch_tokens // cfg.seq_len))
-                return train(cfg, make_data=data.loaders)
-            finally:
-                teardown_distributed()
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was lost", file=sys.stderr)
-        raise SystemExit(130) from None
+    with closed_output_survives():
+        if "-h" in argv or "--help" in argv:
+            with cli_errors("finetune.py"):
+                print(usage(__doc__, argv, SFTConfig))
+            return {}
+        try:
+            with cli_errors("finetune.py", expected=(DataError,)):
+                try:
+                    cfg = load_config(argv, kind=SFTConfig)
+                    check_base_model(cfg)
+                    data = SFTData(cfg)
+                    if cfg.epochs:
+                        per_step = cfg.total_batch_tokens // cfg.seq_len
+                        cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(per_step))
+                    return train(cfg, make_data=data.loaders)
+                finally:
+                    teardown_distributed()
+        except KeyboardInterrupt:
+            print("interrupted before training started; nothing was lost", file=sys.stderr)
+            raise SystemExit(130) from None
+
+
+def check_base_model(cfg: SFTConfig) -> None:
+    """A fine-tuning run that has not started yet needs --init_from to exist: say how to make it
+    (the pretraining command of the config that writes there) before any data is read."""
+    if Path(cfg.init_from).exists() or checkpoint.complete_checkpoints(cfg.out_dir):
+        return
+    raise ConfigError(f"--init_from={cfg.init_from} does not exist: make the base model first with "
+                      f"`{pretraining_command(cfg.init_from)}`, or point --init_from at one of our runs "
+                      f"(or step_* directories) or a Hugging Face Llama directory")
+
+
+def pretraining_command(out_dir: str) -> str:
+    """The train_llama.py command that writes `out_dir`: a config in configs/ whose out_dir it is,
+    else the tiny config sent there."""
+    for path in sorted((Path(__file__).parent / "configs").glob("*.py")):
+        try:
+            cfg = load_config_file(str(path), TrainConfig)
+        except Exception:  # noqa: BLE001 - a config that does not load is simply not the one
+            continue
+        if not isinstance(cfg, SFTConfig) and Path(cfg.out_dir) == Path(out_dir):
+            return f"python train_llama.py --config configs/{path.name}"
+    return f"python train_llama.py --config configs/tiny.py --out_dir={out_dir}"
 
 
 if __name__ == "__main__":

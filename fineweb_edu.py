@@ -475,7 +475,11 @@ def build_local_corpus(out_dir: str, max_tokens: int = 1_000_000, log: Log = pri
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    with utils.closed_output_survives():
+        _main(parse_args(argv))
+
+
+def _main(args: argparse.Namespace) -> None:
     try:
         with utils.cli_errors("fineweb_edu.py", expected=(BuildError,)):
             try:

@@ -43,6 +43,8 @@ from tokenizer import EOT, get_encoding
 from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, unwritable, write_atomic
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# The tests' 32 hand-made rows in HellaSwag's format: a score on them says nothing about a model.
+FORMAT_SAMPLE = Path(__file__).resolve().parent / "tests" / "data" / "hellaswag_sample.jsonl"
 DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hellaswag"
 N_VAL = 10042  # examples in the validation split
 N_ENDINGS = 4
@@ -416,6 +418,9 @@ def run(args: argparse.Namespace) -> None:
                 f"hellaswag: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} on "
                 f"{result['n']} examples ({seconds:.1f} s, {result['n'] / seconds:.1f} ex/s) -> {path}"
             )
+            if args.data and Path(args.data).resolve() == FORMAT_SAMPLE:
+                print(f"hellaswag: note: {args.data} is the tests' 32-example format sample, not HellaSwag: "
+                      f"its score means nothing (README: HellaSwag, Data)")
     finally:
         teardown_distributed()
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+
+# The run's printed lines, beside metrics.jsonl in out_dir.
+LOG_FILE = "log.txt"
 
 # Dense bf16 tensor-core peak per GPU, in TFLOP/s, from each vendor datasheet (the figure without
 # sparsity, i.e. half the "with sparsity" one), keyed by the exact torch.cuda.get_device_name().
@@ -121,7 +125,7 @@ class Logger:
     def __init__(self, out_dir: str, active: bool, write_file: bool = True, wandb_project: str | None = None,
                  tensorboard: bool = False, config=None):
         self.active = active
-        self.file = self.wandb = self.tb = None
+        self.file = self.text = self.wandb = self.tb = None
         if not active:
             return
         if write_file:
@@ -131,6 +135,8 @@ class Logger:
             self.file = open(self.path, "a")
             if torn:  # an earlier write was cut short (full disk, kill): the next record starts a line
                 self.file.write("\n")
+            # The printed lines as well: what is left when the terminal or a `| tee` is gone.
+            self.text = open(Path(out_dir) / LOG_FILE, "a")
         if wandb_project:
             import wandb  # noqa: PLC0415 - optional, imported only when switched on
 
@@ -144,6 +150,9 @@ class Logger:
     def print(self, msg: str) -> None:
         if self.active:
             print(msg, flush=True)
+            if self.text:
+                self.text.write(msg + "\n")
+                self.text.flush()
 
     def metrics(self, step: int, **values) -> None:
         """One JSON object per call in metrics.jsonl; numbers also to wandb/TensorBoard."""
@@ -170,8 +179,32 @@ class Logger:
         except OSError:
             pass
         self.file = None
+    def position(self) -> int | None:
+        """Where metrics.jsonl ends now (a checkpoint records it); None when there is no file."""
+        if not self.file:
+            return None
+        self.file.flush()
+        return self.file.tell()
+
+    def drop_after(self, position: int) -> int:
+        """Cut metrics.jsonl back to `position`, where it ended when the checkpoint being resumed
+        was saved: the rows after it belong to steps the resumed run does again, and leaving them
+        would give those steps twice. Returns how many rows were dropped."""
+        if not self.file:
+            return 0
+        self.file.flush()
+        path = Path(self.file.name)
+        if not 0 <= position <= path.stat().st_size:  # not this file's history (replaced or cut by hand)
+            return 0
+        with open(path, "rb") as f:
+            f.seek(position)
+            dropped = sum(1 for line in f if line.strip())
+        os.truncate(path, position)  # the file is open for appending: the next row goes at the new end
+        return dropped
 
     def close(self) -> None:
+        if self.text:
+            self.text.close()
         if self.file:
             try:
                 self.file.close()
@@ -230,12 +263,22 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
         points = {r["step"]: r[key] for r in rows if r.get(key) is not None}
         return sorted(points), [points[s] for s in sorted(points)]
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    # A data mixture (mixture.py) logs tokens/NAME, epoch/NAME and val_loss/NAME for each source.
+    sources = sorted({k.partition("/")[2] for r in rows for k in r if k.startswith("tokens/")})
+    fig, axes = plt.subplots(2, 3 if sources else 2, figsize=(18 if sources else 12, 8))
     ax = axes[0][0]
     ax.plot(*series("loss"), label="train", lw=0.8)
     ax.plot(*series("val_loss"), "o-", label="validation")
+    for name in sources:
+        ax.plot(*series(f"val_loss/{name}"), "s--", label=f"validation: {name}", ms=3)
     ax.set(title="loss", xlabel="step")
     ax.legend()
+    for row, (key, title) in enumerate([("tokens", "tokens per source"), ("epoch", "epochs per source")]):
+        if sources:
+            for name in sources:
+                axes[row][2].plot(*series(f"{key}/{name}"), label=name)
+            axes[row][2].set(title=title, xlabel="step")
+            axes[row][2].legend()
     axes[0][1].plot(*series("lr"))
     axes[0][1].set(title="learning rate", xlabel="step")
     axes[1][0].plot(*series("tokens_per_s"), lw=0.8)

@@ -70,6 +70,27 @@ def unwritable(path: str | Path) -> str | None:
     except OSError as e:
         return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
     return None
+def paths_to_create(directory: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """The files `names` in `directory` and the directories up to it that do not exist yet,
+    innermost first: what remove_created takes away again after a launch that did not start."""
+    directory = Path(directory).absolute()
+    missing = [directory / name for name in names if not (directory / name).exists()]
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def remove_created(paths: list[Path]) -> None:
+    """Remove what paths_to_create listed; a directory only when empty (the rest is not ours)."""
+    for path in paths:
+        try:
+            if path.is_dir():
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
+        except OSError:
+            pass
 
 
 def disk_full_message(path: str | Path, e: OSError) -> str | None:
@@ -166,6 +187,56 @@ def user_error_line(e: BaseException, expected: tuple[type[BaseException], ...] 
         return (f"the Python package {package!r} is not installed ({e.name} cannot be imported): "
                 + ("pip install -r requirements.txt" if listed else f"pip install {package}"))
     return None
+class _SurvivingStream:
+    """A text stream whose reader may vanish: on EPIPE (`| tee` stopped by the terminal's Ctrl-C,
+    `| head` done) its file descriptor is pointed at /dev/null and the write is dropped, so the
+    program goes on, finishes its step, saves and exits as it would have. Everything else is
+    the wrapped stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop_reader(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # the buffered rest now flushes into /dev/null
+            os.close(devnull)
+        except (OSError, ValueError):  # no file descriptor (a StringIO): nothing buffered outside us
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_reader()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_reader()
+            try:
+                self._stream.flush()
+            except OSError:
+                pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def closed_output_survives() -> Iterator[None]:
+    """Within it, a closed stdout or stderr (the reader of a pipe gone) silences that stream
+    instead of raising BrokenPipeError: a Ctrl-C through `| tee` must still save the run."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _SurvivingStream(sys.stdout), _SurvivingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
 
 
 @contextlib.contextmanager

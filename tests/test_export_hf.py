@@ -80,7 +80,8 @@ def test_export_slices_vocabulary_only_when_asked(tmp_path):
 
 
 def test_export_writes_config_and_dtype(tmp_path):
-    """config.json carries the Llama fields and the dtype the weights are saved in."""
+    """config.json carries the Llama fields and the dtype the weights are saved in; every file,
+    model.safetensors included (safetensors itself writes 0600), has the same mode."""
     model = random_tiny_model()
     save_hf(model, str(tmp_path), dtype=torch.bfloat16)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -90,6 +91,7 @@ def test_export_writes_config_and_dtype(tmp_path):
     weights = load_file(tmp_path / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert weights.keys() == to_hf_state_dict(model).keys()
+    assert len({p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}) == 1
 
 
 def test_exported_tokenizer_encodes_like_ours(tmp_path):

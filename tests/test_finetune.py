@@ -1,12 +1,14 @@
 """finetune.py: the answer-only loss, the template, the data's order and checks, and the real script
 end to end (fine-tune, resume, chat with the result)."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import chat
 import checkpoint
 import export_hf
 import finetune
+import train_llama
 from conftest import make_tiny_model
 from export_hf import save_weights
 from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
@@ -139,6 +142,26 @@ def test_batches_are_the_same_on_any_world_size():
     for epoch in range(3):  # every epoch is a permutation of all training examples
         assert sorted(seen[epoch * n:(epoch + 1) * n]) == list(range(n))
     assert seen[:n] != seen[n:2 * n]
+
+
+def test_skipped_batches_are_never_served_and_kept_in_the_state():
+    """--skip_batches in fine-tuning: the SFT loader serves global batches 0, 3, 4 with [1, 3)
+    skipped, and a loader given its state (a resume) keeps skipping them."""
+    cfg = config()
+    data = SFTData(cfg)
+    plain = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    skipping = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    skipping.skip([(1, 3)])
+    batches = [plain.order.step_ids(2 * k) for k in range(5)]
+    served = []
+    for _ in range(2):
+        served.append(skipping.order.step_ids(skipping.step))
+        skipping.next_batch(), skipping.next_batch()
+    resumed = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    resumed.load_state_dict(skipping.state_dict())
+    assert resumed.state_dict()["skip_batches"] == [[1, 3]]
+    served.append(resumed.order.step_ids(resumed.step))
+    assert served == [batches[0], batches[3], batches[4]]
 
 
 def test_validation_split_is_fixed_and_held_out():
@@ -325,6 +348,16 @@ def test_finetuned_model_answers_its_training_instructions(tuned):
                                      "--max_new_tokens", "24"])
         assert proc.stdout == row["output"] + "\n", proc.stdout
         assert "template vicuna (the checkpoint's)" in proc.stderr
+
+
+def test_in_loop_sample_is_what_chat_answers(tuned):
+    """SFT's in-loop sample is greedy by default: the trained answer, as `chat.py --temperature 0` gives it."""
+    out, rows = tuned
+    prompt = TEMPLATES["vicuna"].render([{"role": "user", "content": prompt_of(rows[0])}], add_generation_prompt=True)
+    cfg = SFTConfig(sample_prompt=prompt, sample_tokens=24)
+    run = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(device=torch.device("cpu")),
+                          model=checkpoint.load_model(out), autocast=contextlib.nullcontext)
+    assert train_llama.sample_text(run).startswith(prompt + rows[0]["output"] + "<|endoftext|>")
 
 
 def test_export_carries_the_chat_template(tuned, tmp_path):

@@ -125,13 +125,20 @@ class Setting:
     world_size: int = 1  # processes (GPUs) in all
     shard_size: int = 0  # fsdp: ranks one copy is sharded over; 0 = all
     accum: int = 1  # micro-steps per optimizer step
-    device: str = "cuda"  # "cuda": bf16 (autocast; FSDP gathers bf16); "cpu": float32
+    device: str = "cuda"  # "cuda": autocast (FSDP gathers bf16 parameters); "cpu": float32
     dtype: str = "bfloat16"
     compiled: bool = True  # CUDA compiles by default; the CPU does not
+    cpu_autocast: bool = False  # --cpu_autocast: the CPU steps under autocast too
 
     @property
     def low_precision(self) -> bool:
-        return self.device == "cuda" and self.dtype != "float32"
+        """Under autocast (train_llama's Run.autocast_dtype)."""
+        return self.dtype != "float32" and (self.device == "cuda" or self.cpu_autocast)
+
+    @property
+    def low_precision_params(self) -> bool:
+        """FSDP's MixedPrecisionPolicy gathers bf16 parameters (on CUDA only, parallel.shard)."""
+        return self.sharded and self.device == "cuda" and self.dtype != "float32"
 
     @property
     def sharded(self) -> bool:
@@ -155,7 +162,7 @@ def setting_from_config(cfg: TrainConfig, world_size: int, device: str, micro_ba
                    activation_checkpointing=cfg.activation_checkpointing, ac_every=cfg.ac_every,
                    micro_batch=mb, world_size=world_size, shard_size=cfg.fsdp_shard_size,
                    accum=max(1, cfg.total_batch_tokens // per_step), device=device, dtype=cfg.dtype,
-                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu))
+                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu), cpu_autocast=cfg.cpu_autocast)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -200,7 +207,7 @@ def block_bytes_per_token(c: ModelConfig, s: Setting) -> float:
     small = 4 * h + 8  # log-sum-exp per head, one rsqrt per norm (float32)
     if not s.low_precision:
         return 4 * (8 * d + 2 * kv + 4 * f) + small
-    if s.sharded:
+    if s.low_precision_params:
         eager = 24 * d + 4 * kv + 8 * f + small
     else:
         eager = 30 * d + 4 * kv + 8 * f + small
@@ -213,14 +220,14 @@ def block_bytes_per_token(c: ModelConfig, s: Setting) -> float:
 def checkpoint_input_bytes(c: ModelConfig, s: Setting) -> float:
     """A checkpointed block keeps only its input: the residual stream (float32, or bf16 when the
     parameters are)."""
-    return c.dim * (2 if s.low_precision and s.sharded else 4)
+    return c.dim * (2 if s.low_precision_params else 4)
 
 
 def outside_bytes_per_token(c: ModelConfig, s: Setting) -> float:
     """Kept per token outside the blocks: the last norm (its input and x*rsqrt) and the chunked
     loss's saved gradient with respect to the hidden states."""
     # bf16 parameters: the norm's float32 copy of its input, x*rsqrt, a bf16 gradient
-    return (10 if s.low_precision and s.sharded else 12) * c.dim
+    return (10 if s.low_precision_params else 12) * c.dim
 
 
 def activation_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
@@ -246,7 +253,7 @@ def loss_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
     rows = min(s.micro_batch * seq_len, c.loss_chunk_size)
     vd = c.vocab_size * c.dim
     if s.low_precision:
-        return rows * c.vocab_size * (4 + 2) + vd * (4 + 4) + (0 if s.sharded else 2 * vd)
+        return rows * c.vocab_size * (4 + 2) + vd * (4 + 4) + (0 if s.low_precision_params else 2 * vd)
     return rows * c.vocab_size * 4 + vd * (4 + 4)
 
 
@@ -264,7 +271,7 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     n = parameter_counts(c)
     total, block, root = n["total"], n["block"], n["root"]
     g = s.group
-    gathered = 2 if s.low_precision else 4  # bytes of a parameter FSDP gathers
+    gathered = 2 if s.low_precision_params else 4  # bytes of a parameter FSDP gathers
     deferred = s.sharded and s.accum > 1 and not s.reduce_every_micro_step
     terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": 8 * total / g}
     if not s.sharded:
@@ -320,7 +327,7 @@ def communication_bytes(c: ModelConfig, s: Setting) -> float:
         return 2 * share * 4 * total  # one float32 all-reduce of the gradients
     gw = s.group
     gshare = (gw - 1) / gw
-    param_bytes = 2 if s.low_precision else 4
+    param_bytes = 2 if s.low_precision_params else 4
     syncs = s.accum if s.reduce_every_micro_step else 1
     # forward and backward all-gathers on every micro-step, float32 reduce-scatter per sync
     traffic = s.accum * 2 * gshare * param_bytes * total + syncs * gshare * 4 * total

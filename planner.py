@@ -5,13 +5,15 @@ and checked against torch's MemTracker on the CPU (benchmarks/bench_plan.py, tes
 
     peak = max(start of backward: parameters, AdamW moments, the gradients that exist then,
                gathered or bf16 copies of weights, activations, the loss's buffers, transients;
-               inside AdamW.step: parameters, gradients, moments, its temporaries)
+               end of an FSDP backward that accumulates: every block gathered, all gradients
+               unsharded; inside AdamW.step: parameters, gradients, moments, its temporaries)
 
 with float32 parameters, gradients and two AdamW moments (16 B per parameter, / shard group
 under FSDP). Time: FLOPs per token (PaLM's 6N + 12LTd with N the parameters that take part in
 matmuls, i.e. without the input embedding) over the card's dense bf16 peak (metrics.py) at an
 assumed MFU, plus the recomputation of checkpointed blocks; communication per step at the
-interconnect's datasheet bandwidth.
+interconnect's datasheet bandwidth. Not modelled: the caching allocator's fragmentation (the CUDA
+reserve covers it), SDPA's math backend (it keeps the attention matrix), --doc_mask's masks.
 """
 
 from __future__ import annotations

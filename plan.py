@@ -128,7 +128,8 @@ def candidates(cfg: TrainConfig, world: int, mbs: list[int]) -> list[planner.Set
                 out.append(planner.Setting(
                     parallel=par, reduce_every_micro_step=every, activation_checkpointing=ac, ac_every=cfg.ac_every,
                     micro_batch=mb, world_size=world, shard_size=cfg.fsdp_shard_size if par == "fsdp" else 0,
-                    accum=cfg.total_batch_tokens // (mb * cfg.seq_len * world), dtype=cfg.dtype))
+                    accum=cfg.total_batch_tokens // (mb * cfg.seq_len * world), dtype=cfg.dtype,
+                    lora_params=planner.lora_parameters(cfg.model_config(), cfg.lora_spec())))
     return out
 
 

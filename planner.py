@@ -28,6 +28,7 @@ import torch
 
 import metrics
 import parallel
+from lora import LoraSpec
 from model import ModelConfig, Transformer
 from train_config import TrainConfig
 from utils import UserError
@@ -131,6 +132,7 @@ class Setting:
     dtype: str = "bfloat16"
     compiled: bool = True  # CUDA compiles by default; the CPU does not
     cpu_autocast: bool = False  # --cpu_autocast: the CPU steps under autocast too
+    lora_params: int = 0  # > 0: only these adapter parameters train, the base is frozen (LoRA)
 
     @property
     def low_precision(self) -> bool:
@@ -164,7 +166,8 @@ def setting_from_config(cfg: TrainConfig, world_size: int, device: str, micro_ba
                    activation_checkpointing=cfg.activation_checkpointing, ac_every=cfg.ac_every,
                    micro_batch=mb, world_size=world_size, shard_size=cfg.fsdp_shard_size,
                    accum=max(1, cfg.total_batch_tokens // per_step), device=device, dtype=cfg.dtype,
-                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu), cpu_autocast=cfg.cpu_autocast)
+                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu), cpu_autocast=cfg.cpu_autocast,
+                   lora_params=lora_parameters(cfg.model_config(), cfg.lora_spec()))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -175,6 +178,16 @@ def parameter_counts(c: ModelConfig) -> dict[str, int]:
     block = 2 * c.dim + c.dim * (c.dim + 2 * kv) + c.dim * c.dim + 3 * c.dim * c.ffn_dim
     root = 2 * c.vocab_size * c.dim + c.dim
     return {"block": block, "root": root, "total": c.n_layers * block + root, "embedding": c.vocab_size * c.dim}
+
+
+def lora_parameters(c: ModelConfig, spec: LoraSpec | None) -> int:
+    """Parameters of LoRA adapters (rank x (in + out) per adapted projection), 0 without LoRA."""
+    if spec is None:
+        return 0
+    kv = c.n_kv_heads * c.head_dim
+    sizes = {"wq": c.dim + c.dim, "wk": c.dim + kv, "wv": c.dim + kv, "wo": c.dim + c.dim,
+             "w1": c.dim + c.ffn_dim, "w2": c.ffn_dim + c.dim, "w3": c.dim + c.ffn_dim}
+    return c.n_layers * spec.rank * sum(sizes[t] for t in spec.targets)
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
@@ -275,6 +288,8 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     g = s.group
     gathered = 2 if s.low_precision_params else 4  # bytes of a parameter FSDP gathers
     deferred = s.sharded and s.accum > 1 and not s.reduce_every_micro_step
+    if s.lora_params:
+        return lora_memory(c, s, seq_len)
     terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": 8 * total / g}
     if not s.sharded:
         # autocast keeps a bf16 copy of every weight from its first use to backward
@@ -311,6 +326,23 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     return terms
 
 
+def lora_memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
+    """LoRA (train_llama.attach_adapters): the frozen base in the autocast dtype on CUDA (float32
+    on the CPU), float32 adapters with their gradients and AdamW moments; no autocast copies of
+    frozen weights and no output-weight gradient in the loss. Activations as for full training
+    (backward still runs through every block); sharding is not modelled."""
+    total, adapters = parameter_counts(c)["total"], s.lora_params
+    terms = {"params": (2 if s.low_precision else 4) * total + 4 * adapters, "grads": 4 * adapters,
+             "optimizer": 8 * adapters, "weights_extra": 0.0, "activations": activation_bytes(c, s, seq_len),
+             "loss": min(s.micro_batch * seq_len, c.loss_chunk_size) * c.vocab_size * (6 if s.low_precision else 4),
+             "transient": backward_transient_bytes(c, s, seq_len),
+             "optimizer_transient": 0 if s.device == "cuda" else 4 * adapters, "accumulated": 0.0}
+    static = terms["params"] + terms["grads"] + terms["optimizer"]
+    terms["peak"] = max(static + terms["activations"] + terms["loss"] + terms["transient"],
+                        static + terms["optimizer_transient"])
+    return terms
+
+
 def peak_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
     return memory(c, s, seq_len)["peak"]
 
@@ -325,6 +357,8 @@ def communication_bytes(c: ModelConfig, s: Setting) -> float:
         return 0.0
     total = parameter_counts(c)["total"]
     share = (w - 1) / w
+    if s.lora_params:
+        return 2 * share * 4 * s.lora_params  # only the adapters' gradients are all-reduced
     if not s.sharded:
         return 2 * share * 4 * total  # one float32 all-reduce of the gradients
     gw = s.group

@@ -8,8 +8,8 @@
 One table of candidate settings (DDP, FSDP, FSDP reducing every micro-step x activation
 checkpointing none / selective / full x micro-batches that keep the global batch exact): projected
 peak memory per GPU and whether it fits with CUDA_RESERVE_GIB to spare, tokens/s and step time at
-an MFU it states, the time and GPU-hours to the config's tokens (or --tokens), and the bytes each
-GPU sends per step with the time that takes on the link. The fastest row that fits is marked and
+an MFU it states, the time and GPU-hours (and with --price their cost) to the config's tokens (or
+--tokens), and the bytes each GPU sends per step with the time that takes on the link. The fastest row that fits is marked and
 its command printed. Projections all: planner.py says what is counted and how it was checked.
 Config overrides work as in training (--key=value).
 """
@@ -48,6 +48,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="link between nodes, per GPU (default: %(default)s)")
     parser.add_argument("--micro_batches", help="comma-separated micro-batches (default: the four largest "
                                                 "powers of two up to 32 that divide the batch)")
+    parser.add_argument("--price", type=float, help="cost of one GPU-hour (any currency): adds a cost column")
     parser.add_argument("--json", action="store_true", help="print the same as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown (the README's)")
     return parser.parse_known_args(argv)
@@ -128,7 +129,8 @@ def candidates(cfg: TrainConfig, world: int, mbs: list[int]) -> list[planner.Set
                 out.append(planner.Setting(
                     parallel=par, reduce_every_micro_step=every, activation_checkpointing=ac, ac_every=cfg.ac_every,
                     micro_batch=mb, world_size=world, shard_size=cfg.fsdp_shard_size if par == "fsdp" else 0,
-                    accum=cfg.total_batch_tokens // (mb * cfg.seq_len * world), dtype=cfg.dtype))
+                    accum=cfg.total_batch_tokens // (mb * cfg.seq_len * world), dtype=cfg.dtype,
+                    lora_params=planner.lora_parameters(cfg.model_config(), cfg.lora_spec())))
     return out
 
 
@@ -195,13 +197,17 @@ def render(report: dict, markdown: bool) -> str:
     rows = report["rows"]
     header = ["", "setting", "checkpointing", "micro-batch", "accum", "peak GiB", "fits", "tokens/s", "step s",
               "comm GB/step (s)", f"time to {report['tokens'] / 1e9:.1f}B tokens", "GPU-hours"]
+    price = report["price"]
+    if price:
+        header.append(f"cost at {price:g}/GPU-hour")
     body = []
     for i, r in enumerate(rows):
         s = r["setting"]
         body.append(["*" if i == report["recommended"] else "", planner.Setting(**s).label(),
                      s["activation_checkpointing"], str(s["micro_batch"]), str(s["accum"]), f"{r['peak_gib']:.1f}",
                      "yes" if r["fits"] else "no", f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.2f}",
-                     f"{r['comm_gb']:.1f} ({r['comm_s']:.2f})", duration(r["total_s"]), f"{r['gpu_hours']:,.0f}"])
+                     f"{r['comm_gb']:.1f} ({r['comm_s']:.2f})", duration(r["total_s"]), f"{r['gpu_hours']:,.0f}"]
+                    + ([f"{r['gpu_hours'] * price:,.0f}"] if price else []))
     lines = [report["title"], report["assumptions"], ""]
     if markdown:
         lines.append("| " + " | ".join(header) + " |")
@@ -247,7 +253,7 @@ def plan(argv: list[str]) -> dict:
         "assumptions": f"{mfu_note}; {planner.CUDA_RESERVE_GIB:g} GiB per card kept for the CUDA context; "
                        f"bf16 on CUDA, compiled; link: {links}",
         "config": args.config, "card": asdict(card), "gpus": args.gpus, "nodes": args.nodes, "mfu": mfu,
-        "tokens": tokens, "rows": [r.to_dict() for r in rows], "recommended": best,
+        "tokens": tokens, "price": args.price, "rows": [r.to_dict() for r in rows], "recommended": best,
         "command": (command(cfg, args.config, rows[best].setting, args.gpus, args.nodes, overrides)
                     if best is not None else None),
         "nothing_fits": smallest_change(cfg, card, args.gpus, args.nodes) if best is None else None,

@@ -5,13 +5,15 @@ and checked against torch's MemTracker on the CPU (benchmarks/bench_plan.py, tes
 
     peak = max(start of backward: parameters, AdamW moments, the gradients that exist then,
                gathered or bf16 copies of weights, activations, the loss's buffers, transients;
-               inside AdamW.step: parameters, gradients, moments, its temporaries)
+               end of an FSDP backward that accumulates: every block gathered, all gradients
+               unsharded; inside AdamW.step: parameters, gradients, moments, its temporaries)
 
 with float32 parameters, gradients and two AdamW moments (16 B per parameter, / shard group
 under FSDP). Time: FLOPs per token (PaLM's 6N + 12LTd with N the parameters that take part in
 matmuls, i.e. without the input embedding) over the card's dense bf16 peak (metrics.py) at an
 assumed MFU, plus the recomputation of checkpointed blocks; communication per step at the
-interconnect's datasheet bandwidth.
+interconnect's datasheet bandwidth. Not modelled: the caching allocator's fragmentation (the CUDA
+reserve covers it), SDPA's math backend (it keeps the attention matrix), --doc_mask's masks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 import metrics
 import parallel
+from lora import LoraSpec
 from model import ModelConfig, Transformer
 from train_config import TrainConfig
 from utils import UserError
@@ -57,7 +60,8 @@ class Card:
 # Memory from each card's datasheet (the same datasheets as metrics.PEAK_BF16_TFLOPS), in GB as
 # printed there: torch reports slightly less (an RTX A6000 shows 47.5 GiB), which the reserve covers.
 CARDS = [
-    Card("NVIDIA RTX A6000", 48, "nvlink_a6000", ("RTX A6000", "A6000")),  # 48 GB GDDR6, NVLink bridge
+    # 48 GB GDDR6; pairs are often bridged (--link nvlink_a6000), PCIe is the safe assumption
+    Card("NVIDIA RTX A6000", 48, "pcie4", ("RTX A6000", "A6000")),
     Card("NVIDIA A40", 48, "pcie4", ("A40",)),  # 48 GB GDDR6
     Card("NVIDIA RTX 6000 Ada Generation", 48, "pcie4", ("RTX 6000 Ada", "6000 Ada")),  # 48 GB GDDR6
     Card("NVIDIA L40S", 48, "pcie4", ("L40S",)),  # 48 GB GDDR6
@@ -124,13 +128,21 @@ class Setting:
     world_size: int = 1  # processes (GPUs) in all
     shard_size: int = 0  # fsdp: ranks one copy is sharded over; 0 = all
     accum: int = 1  # micro-steps per optimizer step
-    device: str = "cuda"  # "cuda": bf16 (autocast; FSDP gathers bf16); "cpu": float32
+    device: str = "cuda"  # "cuda": autocast (FSDP gathers bf16 parameters); "cpu": float32
     dtype: str = "bfloat16"
     compiled: bool = True  # CUDA compiles by default; the CPU does not
+    cpu_autocast: bool = False  # --cpu_autocast: the CPU steps under autocast too
+    lora_params: int = 0  # > 0: only these adapter parameters train, the base is frozen (LoRA)
 
     @property
     def low_precision(self) -> bool:
-        return self.device == "cuda" and self.dtype != "float32"
+        """Under autocast (train_llama's Run.autocast_dtype)."""
+        return self.dtype != "float32" and (self.device == "cuda" or self.cpu_autocast)
+
+    @property
+    def low_precision_params(self) -> bool:
+        """FSDP's MixedPrecisionPolicy gathers bf16 parameters (on CUDA only, parallel.shard)."""
+        return self.sharded and self.device == "cuda" and self.dtype != "float32"
 
     @property
     def sharded(self) -> bool:
@@ -154,7 +166,8 @@ def setting_from_config(cfg: TrainConfig, world_size: int, device: str, micro_ba
                    activation_checkpointing=cfg.activation_checkpointing, ac_every=cfg.ac_every,
                    micro_batch=mb, world_size=world_size, shard_size=cfg.fsdp_shard_size,
                    accum=max(1, cfg.total_batch_tokens // per_step), device=device, dtype=cfg.dtype,
-                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu))
+                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu), cpu_autocast=cfg.cpu_autocast,
+                   lora_params=lora_parameters(cfg.model_config(), cfg.lora_spec()))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -165,6 +178,16 @@ def parameter_counts(c: ModelConfig) -> dict[str, int]:
     block = 2 * c.dim + c.dim * (c.dim + 2 * kv) + c.dim * c.dim + 3 * c.dim * c.ffn_dim
     root = 2 * c.vocab_size * c.dim + c.dim
     return {"block": block, "root": root, "total": c.n_layers * block + root, "embedding": c.vocab_size * c.dim}
+
+
+def lora_parameters(c: ModelConfig, spec: LoraSpec | None) -> int:
+    """Parameters of LoRA adapters (rank x (in + out) per adapted projection), 0 without LoRA."""
+    if spec is None:
+        return 0
+    kv = c.n_kv_heads * c.head_dim
+    sizes = {"wq": c.dim + c.dim, "wk": c.dim + kv, "wv": c.dim + kv, "wo": c.dim + c.dim,
+             "w1": c.dim + c.ffn_dim, "w2": c.ffn_dim + c.dim, "w3": c.dim + c.ffn_dim}
+    return c.n_layers * spec.rank * sum(sizes[t] for t in spec.targets)
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
@@ -199,7 +222,7 @@ def block_bytes_per_token(c: ModelConfig, s: Setting) -> float:
     small = 4 * h + 8  # log-sum-exp per head, one rsqrt per norm (float32)
     if not s.low_precision:
         return 4 * (8 * d + 2 * kv + 4 * f) + small
-    if s.sharded:
+    if s.low_precision_params:
         eager = 24 * d + 4 * kv + 8 * f + small
     else:
         eager = 30 * d + 4 * kv + 8 * f + small
@@ -212,14 +235,14 @@ def block_bytes_per_token(c: ModelConfig, s: Setting) -> float:
 def checkpoint_input_bytes(c: ModelConfig, s: Setting) -> float:
     """A checkpointed block keeps only its input: the residual stream (float32, or bf16 when the
     parameters are)."""
-    return c.dim * (2 if s.low_precision and s.sharded else 4)
+    return c.dim * (2 if s.low_precision_params else 4)
 
 
 def outside_bytes_per_token(c: ModelConfig, s: Setting) -> float:
     """Kept per token outside the blocks: the last norm (its input and x*rsqrt) and the chunked
     loss's saved gradient with respect to the hidden states."""
     # bf16 parameters: the norm's float32 copy of its input, x*rsqrt, a bf16 gradient
-    return (10 if s.low_precision and s.sharded else 12) * c.dim
+    return (10 if s.low_precision_params else 12) * c.dim
 
 
 def activation_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
@@ -245,7 +268,7 @@ def loss_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
     rows = min(s.micro_batch * seq_len, c.loss_chunk_size)
     vd = c.vocab_size * c.dim
     if s.low_precision:
-        return rows * c.vocab_size * (4 + 2) + vd * (4 + 4) + (0 if s.sharded else 2 * vd)
+        return rows * c.vocab_size * (4 + 2) + vd * (4 + 4) + (0 if s.low_precision_params else 2 * vd)
     return rows * c.vocab_size * 4 + vd * (4 + 4)
 
 
@@ -263,8 +286,10 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     n = parameter_counts(c)
     total, block, root = n["total"], n["block"], n["root"]
     g = s.group
-    gathered = 2 if s.low_precision else 4  # bytes of a parameter FSDP gathers
+    gathered = 2 if s.low_precision_params else 4  # bytes of a parameter FSDP gathers
     deferred = s.sharded and s.accum > 1 and not s.reduce_every_micro_step
+    if s.lora_params:
+        return lora_memory(c, s, seq_len)
     terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": 8 * total / g}
     if not s.sharded:
         # autocast keeps a bf16 copy of every weight from its first use to backward
@@ -301,6 +326,23 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     return terms
 
 
+def lora_memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
+    """LoRA (train_llama.attach_adapters): the frozen base in the autocast dtype on CUDA (float32
+    on the CPU), float32 adapters with their gradients and AdamW moments; no autocast copies of
+    frozen weights and no output-weight gradient in the loss. Activations as for full training
+    (backward still runs through every block); sharding is not modelled."""
+    total, adapters = parameter_counts(c)["total"], s.lora_params
+    terms = {"params": (2 if s.low_precision else 4) * total + 4 * adapters, "grads": 4 * adapters,
+             "optimizer": 8 * adapters, "weights_extra": 0.0, "activations": activation_bytes(c, s, seq_len),
+             "loss": min(s.micro_batch * seq_len, c.loss_chunk_size) * c.vocab_size * (6 if s.low_precision else 4),
+             "transient": backward_transient_bytes(c, s, seq_len),
+             "optimizer_transient": 0 if s.device == "cuda" else 4 * adapters, "accumulated": 0.0}
+    static = terms["params"] + terms["grads"] + terms["optimizer"]
+    terms["peak"] = max(static + terms["activations"] + terms["loss"] + terms["transient"],
+                        static + terms["optimizer_transient"])
+    return terms
+
+
 def peak_bytes(c: ModelConfig, s: Setting, seq_len: int) -> float:
     return memory(c, s, seq_len)["peak"]
 
@@ -315,11 +357,13 @@ def communication_bytes(c: ModelConfig, s: Setting) -> float:
         return 0.0
     total = parameter_counts(c)["total"]
     share = (w - 1) / w
+    if s.lora_params:
+        return 2 * share * 4 * s.lora_params  # only the adapters' gradients are all-reduced
     if not s.sharded:
         return 2 * share * 4 * total  # one float32 all-reduce of the gradients
     gw = s.group
     gshare = (gw - 1) / gw
-    param_bytes = 2 if s.low_precision else 4
+    param_bytes = 2 if s.low_precision_params else 4
     syncs = s.accum if s.reduce_every_micro_step else 1
     # forward and backward all-gathers on every micro-step, float32 reduce-scatter per sync
     traffic = s.accum * 2 * gshare * param_bytes * total + syncs * gshare * 4 * total

@@ -5,9 +5,10 @@
 
 Each case (preset:seq_len:micro_batch) runs under DDP and FSDP with each activation-checkpointing
 mode: the model wrapped as train_llama wraps it, AdamW's state made up front (as after a first
-step), then one train_llama.train_step (two micro-steps, so FSDP accumulates unsharded gradients
-as a real run does) under torch's MemTracker, whose peak counts every tensor alive on this rank,
-parameters, gradients and optimizer state included. One process group serves every case.
+step), then one train_llama.optimizer_step, the step training takes (two micro-steps, so FSDP
+accumulates unsharded gradients as a real run does), under torch's MemTracker, whose peak counts
+every tensor alive on this rank, parameters, gradients and optimizer state included. One process
+group serves every case. --cpu_autocast measures the bf16 autocast path (train_llama's).
 Prints a table and one `plan_check_json: {...}` line per case (rank 0).
 """
 
@@ -28,7 +29,6 @@ sys.path.insert(0, str(REPO))
 import parallel  # noqa: E402
 import planner  # noqa: E402
 import train_llama  # noqa: E402
-from metrics import Logger, Throughput  # noqa: E402
 from model import Transformer, rope_table  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 from utils import setup_distributed, teardown_distributed  # noqa: E402
@@ -72,26 +72,28 @@ def zero_model(mc, device: torch.device) -> Transformer:
     return model
 
 
-def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d) -> float:
+def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d, cpu_autocast: bool = False) -> float:
     """The peak bytes on this rank of one training step."""
     cfg = TrainConfig(model=preset, seq_len=seq_len, micro_batch=micro_batch,
                       total_batch_tokens=micro_batch * seq_len * d.world_size * ACCUM, parallel=par,
                       activation_checkpointing=ac, device="cpu", compile=False, benchmark=1,
-                      eval_interval=0, sample_interval=0)
+                      eval_interval=0, sample_interval=0, cpu_autocast=cpu_autocast)
     model = zero_model(cfg.model_config(), d.device)
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     optimizer = train_llama.build_optimizer(model, cfg, d.device)
     make_state(optimizer)
-    run = train_llama.Run(cfg, d, Logger("", active=False), model, train_model, eval_model, optimizer, None, None,
-                          accum_steps=ACCUM, last_step=1, memory_logged=True)
-    run.meter = Throughput(cfg.total_batch_tokens, 1.0, None, d.world_size, d.device)
-    run.synthetic = torch.Generator().manual_seed(0)
+    settings = train_llama.StepSettings(
+        accum_steps=ACCUM, grad_clip=cfg.grad_clip, autocast_dtype=torch.bfloat16 if cpu_autocast else None,
+        reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step, world_size=d.world_size, device_type="cpu")
+    generator = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, cfg.model_config().vocab_size, (micro_batch, seq_len + 1), generator=generator)
+              for _ in range(ACCUM)]
     tracker = step_tracker()
     tracker.track_external(model, optimizer)
     with tracker:
-        train_llama.train_step(run)
+        train_llama.optimizer_step(model, train_model, optimizer, ((t[:, :-1], t[:, 1:]) for t in tokens), settings)
     peak = tracker.get_tracker_snapshot("peak")[d.device]["Total"]
-    del run, model, train_model, eval_model, optimizer, tracker
+    del model, train_model, eval_model, optimizer, tracker
     gc.collect()
     return peak
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="preset:seq_len:micro_batch[:checkpointing modes joined by +, default --ac]")
     parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"])
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"])
+    parser.add_argument("--cpu_autocast", action="store_true", help="bf16 autocast, as train_llama --cpu_autocast")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     d = setup_distributed("cpu")
@@ -111,10 +114,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             preset, seq_len, micro_batch, *modes = case.split(":")
             for par in args.parallel:
                 for ac in (modes[0].split("+") if modes else args.ac):
-                    measured = measure(preset, int(seq_len), int(micro_batch), par, ac, d)
+                    measured = measure(preset, int(seq_len), int(micro_batch), par, ac, d, args.cpu_autocast)
                     cfg = TrainConfig(model=preset, seq_len=int(seq_len), micro_batch=int(micro_batch),
                                       total_batch_tokens=int(micro_batch) * int(seq_len) * d.world_size * ACCUM,
-                                      parallel=par, activation_checkpointing=ac, device="cpu", compile=False)
+                                      parallel=par, activation_checkpointing=ac, device="cpu", compile=False,
+                                      cpu_autocast=args.cpu_autocast)
                     s = planner.setting_from_config(cfg, d.world_size, "cpu")
                     row = {"case": case, "parallel": par, "ac": ac, "rank": d.rank, "world_size": d.world_size,
                            **planner.compare_measured(cfg.model_config(), s, int(seq_len), measured)}

@@ -205,4 +205,23 @@ def test_measured_mfu_replaces_the_assumption(tmp_path):
     argv = ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--measured", str(results)]
     assert plan_json(*argv)["mfu"] == 0.47
     assert "MFU 47.0% measured" in call_main(plan.main, argv).stdout
+    priced = plan_json(*argv, "--price", "2")
+    assert "cost at 2/GPU-hour" in call_main(plan.main, [*argv, "--price", "2"]).stdout
+    assert priced["price"] == 2 and priced["rows"][0]["gpu_hours"] > 0
     assert "--gpu_mem" in call_main(plan.main, ["--help"]).stdout
+
+
+def test_lora_plan_counts_the_adapters_alone(tiny_model):
+    """With LoRA only the adapters train: the planner counts exactly the parameters lora.attach
+    adds, and 1p7b's LoRA config fits a 24 GiB card at micro-batch 4 where full fine-tuning does not."""
+    import lora
+
+    spec = lora.LoraSpec(4, 8.0, 0.0, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    model = tiny_model()
+    lora.attach(model, spec)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert planner.lora_parameters(model.config, spec) == trained
+    argv = ["--gpu_mem", "24", "--peak_tflops", "165", "--micro_batches", "4"]
+    peft_rows = plan_json("--config", str(ROOT / "configs" / "sft_1p7b_lora.py"), *argv)["rows"]
+    full_rows = plan_json("--config", str(ROOT / "configs" / "sft_1p7b.py"), *argv)["rows"]
+    assert peft_rows[0]["fits"] and not full_rows[0]["fits"]

@@ -119,7 +119,9 @@ def micro_batches(args: argparse.Namespace, cfg: TrainConfig, world: int) -> lis
 
 
 def candidates(cfg: TrainConfig, world: int, mbs: list[int]) -> list[planner.Setting]:
-    kinds = [("ddp", False)] + ([("fsdp", False), ("fsdp", True)] if world > 1 else [])
+    lora_params = planner.setting_from_config(cfg, world, "cuda").lora_params
+    # LoRA runs under DDP only (train_config refuses FSDP with it)
+    kinds = [("ddp", False)] + ([("fsdp", False), ("fsdp", True)] if world > 1 and not lora_params else [])
     out = []
     for par, every in kinds:
         for ac in AC_MODES:
@@ -127,7 +129,8 @@ def candidates(cfg: TrainConfig, world: int, mbs: list[int]) -> list[planner.Set
                 out.append(planner.Setting(
                     parallel=par, reduce_every_micro_step=every, activation_checkpointing=ac, ac_every=cfg.ac_every,
                     micro_batch=mb, world_size=world, shard_size=cfg.fsdp_shard_size if par == "fsdp" else 0,
-                    accum=cfg.total_batch_tokens // (mb * cfg.seq_len * world), dtype=cfg.dtype))
+                    accum=cfg.total_batch_tokens // (mb * cfg.seq_len * world), dtype=cfg.dtype,
+                    lora_params=lora_params))
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import lora
 import metrics
 import parallel
 from model import ModelConfig, Transformer
@@ -127,6 +128,7 @@ class Setting:
     device: str = "cuda"  # "cuda": bf16 (autocast; FSDP gathers bf16); "cpu": float32
     dtype: str = "bfloat16"
     compiled: bool = True  # CUDA compiles by default; the CPU does not
+    lora_params: int = 0  # LoRA (finetune.py --lora_rank): the adapters' parameters, the only ones that train
 
     @property
     def low_precision(self) -> bool:
@@ -154,7 +156,8 @@ def setting_from_config(cfg: TrainConfig, world_size: int, device: str, micro_ba
                    activation_checkpointing=cfg.activation_checkpointing, ac_every=cfg.ac_every,
                    micro_batch=mb, world_size=world_size, shard_size=cfg.fsdp_shard_size,
                    accum=max(1, cfg.total_batch_tokens // per_step), device=device, dtype=cfg.dtype,
-                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu))
+                   compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu),
+                   lora_params=lora.adapter_parameters(spec, cfg.model_config()) if (spec := cfg.lora_spec()) else 0)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -266,7 +269,12 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     gathered = 2 if s.low_precision else 4  # bytes of a parameter FSDP gathers
     deferred = s.sharded and s.accum > 1 and not s.reduce_every_micro_step
     terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": 8 * total / g}
-    if not s.sharded:
+    if s.lora_params:
+        # LoRA (never sharded): the frozen base held in the autocast dtype (train_llama.attach_adapters),
+        # float32 adapters with their gradients and AdamW moments. Not checked against MemTracker.
+        terms = {"params": gathered * total + 4 * s.lora_params, "grads": 4 * s.lora_params,
+                 "optimizer": 8 * s.lora_params, "weights_extra": 0}
+    elif not s.sharded:
         # autocast keeps a bf16 copy of every weight from its first use to backward
         terms["weights_extra"] = 2 * total if s.low_precision else 0
     else:
@@ -278,6 +286,8 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
         terms["weights_extra"] = gathered * (root + 2 * block) + grads
     terms["activations"] = activation_bytes(c, s, seq_len)
     terms["loss"] = loss_bytes(c, s, seq_len)
+    if s.lora_params:  # a frozen output layer: no float32 weight gradient, no bf16 copy (model.ChunkedCrossEntropy)
+        terms["loss"] = min(s.micro_batch * seq_len, c.loss_chunk_size) * c.vocab_size * (6 if s.low_precision else 4)
     terms["transient"] = backward_transient_bytes(c, s, seq_len)
     # CUDA runs fused AdamW (no temporaries); the CPU's foreach AdamW makes sqrt(v), one float32
     # copy of the (local) parameters.
@@ -290,7 +300,7 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     elif s.world_size > 1:
         grads_in_backward = terms["grads"]
     else:
-        grads_in_backward = 4 * c.vocab_size * c.dim
+        grads_in_backward = 0 if s.lora_params else 4 * c.vocab_size * c.dim
     backward = (terms["params"] + terms["optimizer"] + grads_in_backward + terms["weights_extra"]
                 + terms["activations"] + terms["loss"] + terms["transient"])
     # A backward that does not sync leaves every block gathered (reshard_after_backward is off

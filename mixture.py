@@ -18,6 +18,7 @@ are allowed with a warning: each source continues from its own position, the cre
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from fractions import Fraction
@@ -183,6 +184,17 @@ class MixtureLoader(TrainLoader):
         if self.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Micro-step `step`'s x, y again, and each sequence's source, shard and token offset (spike
+        forensics)."""
+        sources = []
+        for s, sequence in self.order.ids(step):
+            stream, at = self.streams[s], sequence * (self.seq_len + 1)
+            i = bisect.bisect_right(stream.starts, at) - 1
+            sources.append({"source": self.names[s], "sequence": sequence,
+                            "shard": os.path.basename(stream.paths[i]), "offset": at - stream.starts[i]})
+        return (*self._make(step), sources)
 
     def source_metrics(self) -> dict[str, float]:
         """Tokens trained on and epochs done per source, at the current global batch."""

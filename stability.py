@@ -11,18 +11,36 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import checkpoint
+from doc_mask import document_mask
 from utils import Dist, UserError, write_atomic
 
-if TYPE_CHECKING:  # for annotations only: a library module never imports a script at run time
-    from train_config import TrainConfig
-    from train_llama import Run
+class Run(Protocol):
+    """What these functions read and set of train_llama.Run (a library module does not import the
+    script that imports it)."""
+
+    cfg: Any  # train_config.TrainConfig (which reads this module's ON_SPIKE)
+    dist: Dist
+    log: Any  # metrics.Logger
+    progress: Any  # train_llama.Progress
+    loader: Any
+    eval_model: torch.nn.Module
+    accum_steps: int
+    benchmark: bool
+    consecutive_skips: int
+    event: dict | None
+    score: float
+    health: Health
+    spikes: SpikeDetector
+    scaler: LossScaler
+
+    def autocast(self): ...
 
 ON_SPIKE = ("off", "warn", "skip", "rollback")
 
@@ -140,12 +158,15 @@ class LossScaler:
 
 
 @torch.no_grad()
-def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> list[float]:
-    """Each sequence's mean loss, one sequence at a time: no (B, T, vocab) logits held."""
+def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast,
+                    doc_mask: bool = False) -> list[float]:
+    """Each sequence's mean loss, one sequence at a time: no (B, T, vocab) logits held; with
+    doc_mask, attention within each packed document as in training."""
     out = []
     for i in range(x.size(0)):
+        mask = document_mask(x[i:i + 1], flex=x.device.type == "cuda") if doc_mask else None
         with autocast():
-            out.append(model(x[i:i + 1], y[i:i + 1]))
+            out.append(model(x[i:i + 1], y[i:i + 1], mask=mask))
     return torch.stack(out).float().tolist()
 
 
@@ -230,7 +251,7 @@ def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
     sequences = []
     for step in range(batch_index * accum, (batch_index + 1) * accum):
         x, y, sources = run.loader.batch_at(step)
-        losses = sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast)
+        losses = sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast, run.cfg.doc_mask)
         sequences += [{**source, "loss": loss, "tokens": row.tolist()} for source, loss, row in zip(sources, losses, x)]
     if d.world_size > 1:
         everyone = [None] * d.world_size
@@ -272,7 +293,7 @@ def last_good_checkpoint(run: Run) -> str:
     return f"no checkpoint in {run.cfg.out_dir} was confirmed good before it (start again, e.g. with a lower --max_lr)"
 
 
-def check_precision(cfg: TrainConfig, d: Dist) -> None:
+def check_precision(cfg: Any, d: Dist) -> None:
     """bfloat16 needs compute capability 8.0 (A100, RTX 30xx) or later: on a V100, T4 or RTX 20xx
     it is emulated at a fraction of the speed, if at all; float16 with loss scaling is the way."""
     if d.device.type != "cuda" or cfg.dtype != "bfloat16":

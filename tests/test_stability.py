@@ -70,12 +70,15 @@ def test_clean_training_trips_nothing(tmp_path, small):
     assert max(r["spike_score"] for r in metric_rows(tmp_path) if "spike_score" in r) < 4
 
 
-def test_skip_skips_only_the_spike_and_forensics_names_the_window(tmp_path, small):
-    """--on_spike=skip: only step 11 (the random batch) is skipped, and its forensics file names the
-    shard and token offsets of the injected window as the worst sequences."""
-    proc = train_small(small, tmp_path, "spiky", "--on_spike=skip")
+@pytest.mark.parametrize("action", ["skip", "rollback"])
+def test_skip_skips_only_the_spike_and_forensics_names_the_window(tmp_path, small, action):
+    """--on_spike=skip (or rollback with no checkpoint yet, which falls back to skip and says so):
+    only step 11 (the random batch) is skipped, and its forensics file names the shard and token
+    offsets of the injected window as the worst sequences."""
+    proc = train_small(small, tmp_path, "spiky", f"--on_spike={action}")
     [event] = events(tmp_path)
     assert event["event"] == "skip" and event["step"] == 11 and event["batch"] == SPIKE_BATCH
+    assert ("no checkpoint confirmed before this spike" in proc.stdout) == (action == "rollback")
     assert event["score"] > 4 and event["skipped"]
     assert "loss spike" in proc.stdout and "update skipped" in proc.stdout
     assert sorted(losses(tmp_path)) == [s for s in range(1, 15) if s != 11]
@@ -154,6 +157,35 @@ def test_skip_windows_are_global_batches_on_any_rank_count():
     fresh.skip([(2, 6)])
     fresh.seek(3 * 8)
     assert fresh.batch == 6
+
+
+def test_a_mixture_skips_windows_keeps_them_and_names_its_sources(small):
+    """--skip_batches over a --data_mix: the mixed stream's batches 1 and 2 are never served, a
+    resumed loader keeps skipping them, and forensics can name each sequence's source and shard."""
+    from fractions import Fraction
+
+    from mixture import MixtureLoader
+
+    mix = [(str(small["clean"]), Fraction(1)), (str(small["spiky"]), Fraction(1))]
+
+    def loader() -> MixtureLoader:
+        return MixtureLoader(mix, SEQ, 2, GLOBAL_BATCH, log=lambda _: None)
+
+    plain, skipping = loader(), loader()
+    skipping.skip([(1, 3)])
+    want = [plain.order.step_ids(4 * k) for k in (0, 3, 4)]
+    got = []
+    for _ in range(2):
+        got.append(skipping.order.step_ids(skipping.step))
+        for _ in range(skipping.accum_steps):
+            skipping.next_batch()
+    resumed = loader()
+    resumed.load_state_dict(skipping.state_dict())
+    got.append(resumed.order.step_ids(resumed.step))
+    assert got == want and resumed.order.skipped == [(1, 3)]
+    x, _, sources = resumed.batch_at(resumed.step)
+    assert x.shape == (2, SEQ) and {s["source"] for s in sources} <= set(resumed.names)
+    assert all(s["shard"] == "edufineweb_train_000001.npy" and s["offset"] % (SEQ + 1) == 0 for s in sources)
 
 
 # ----------------------------------------------------------------------------- z-loss

@@ -145,8 +145,8 @@ def test_nonfinite_loss_skips_the_update(tmp_path, data_dir, monkeypatch):
     """A NaN loss at one step leaves weights and optimizer unchanged there; training goes on."""
     forward, calls = Transformer.forward, []
 
-    def nan_at_step_4(self, idx, targets=None, start_pos=0):
-        out = forward(self, idx, targets, start_pos)
+    def nan_at_step_4(self, idx, targets=None, start_pos=0, **kwargs):
+        out = forward(self, idx, targets, start_pos, **kwargs)
         if targets is not None and torch.is_grad_enabled():
             calls.append(1)
             if 12 < len(calls) <= 16:  # step 4's four micro-steps

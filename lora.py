@@ -50,6 +50,15 @@ class LoraSpec:
         return cls(int(d["rank"]), float(d["alpha"]), float(d["dropout"]), tuple(d["targets"]))
 
 
+def adapter_parameters(spec: LoraSpec, c) -> int:
+    """Parameters of the adapters `spec` puts on a model of ModelConfig `c`: rank x (in + out) per
+    targeted projection and block (planner.py's LoRA memory)."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"wq": (c.dim, q), "wk": (c.dim, kv), "wv": (c.dim, kv), "wo": (q, c.dim),
+              "w1": (c.dim, c.ffn_dim), "w2": (c.ffn_dim, c.dim), "w3": (c.dim, c.ffn_dim)}
+    return c.n_layers * sum(spec.rank * sum(shapes[t]) for t in spec.targets)
+
+
 def parse_targets(text: str) -> tuple[str, ...]:
     """`wq,wv` -> ("wq", "wv"); ValueError naming an unknown one."""
     targets = tuple(t.strip() for t in text.split(",") if t.strip())

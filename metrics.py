@@ -74,8 +74,11 @@ def flops_per_token(model, seq_len: int) -> float:
     softmax are left out. For 1p7b at T=1024 this is 10.58 GFLOP/token; counting the embedding
     too would overstate MFU by 5.8%."""
     cfg = model.config
-    matmul_params = model.num_params() - model.tok_embeddings.weight.numel()
-    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
+    embedding = model.tok_embeddings.weight
+    matmul_params = model.num_params() - embedding.numel()
+    # A frozen weight (a LoRA run's base) gets no weight gradient: 4 FLOPs per multiply-add, not 6.
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and p is not embedding)
+    return 6 * matmul_params - 2 * frozen + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 class Throughput:

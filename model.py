@@ -277,7 +277,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         z_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=input_dtype, device=h.device) if needs_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
+        # A frozen output layer (LoRA) needs no weight gradient: 4 bytes per weight and a matmul per chunk saved.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         for start in range(0, h.size(0), chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             logits = (h_c @ w.t()).float()  # (chunk, vocab)
@@ -302,7 +303,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, safe_t[:, None], -torch.ones_like(g[:, :1]))
                 g = g.mul_(valid[:, None] / n_valid).to(w.dtype)
                 grad_h[start : start + chunk] = g @ w
-                grad_w += (g.t() @ h_c).float()
+                if grad_w is not None:
+                    grad_w += (g.t() @ h_c).float()
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
         z_mean = z_sum / n_valid
@@ -312,7 +314,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_z: torch.Tensor | None):
         grad_h, grad_w = ctx.saved_tensors
-        grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
+        grad_w = grad_w * grad_loss if grad_w is not None else None
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         return grad_h, grad_w, None, None, None
 

@@ -121,7 +121,9 @@ def micro_batches(args: argparse.Namespace, cfg: TrainConfig, world: int) -> lis
 
 
 def candidates(cfg: TrainConfig, world: int, mbs: list[int]) -> list[planner.Setting]:
-    kinds = [("ddp", False)] + ([("fsdp", False), ("fsdp", True)] if world > 1 else [])
+    lora_params = planner.setting_from_config(cfg, world, "cuda").lora_params
+    # LoRA runs under DDP only (train_config refuses FSDP with it)
+    kinds = [("ddp", False)] + ([("fsdp", False), ("fsdp", True)] if world > 1 and not lora_params else [])
     out = []
     for par, every in kinds:
         for ac in AC_MODES:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import lora
 import metrics
 import parallel
 from lora import LoraSpec
@@ -181,13 +182,8 @@ def parameter_counts(c: ModelConfig) -> dict[str, int]:
 
 
 def lora_parameters(c: ModelConfig, spec: LoraSpec | None) -> int:
-    """Parameters of LoRA adapters (rank x (in + out) per adapted projection), 0 without LoRA."""
-    if spec is None:
-        return 0
-    kv = c.n_kv_heads * c.head_dim
-    sizes = {"wq": c.dim + c.dim, "wk": c.dim + kv, "wv": c.dim + kv, "wo": c.dim + c.dim,
-             "w1": c.dim + c.ffn_dim, "w2": c.ffn_dim + c.dim, "w3": c.dim + c.ffn_dim}
-    return c.n_layers * spec.rank * sum(sizes[t] for t in spec.targets)
+    """Parameters of LoRA adapters (lora.adapter_parameters), 0 without LoRA."""
+    return lora.adapter_parameters(spec, c) if spec is not None else 0
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:

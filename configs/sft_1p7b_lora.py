@@ -9,13 +9,15 @@ are made. The base is frozen and held in bf16 (3.4 GB), so one 24 GB card is eno
     python export_hf.py --checkpoint out/sft_1p7b_lora --out hf_merged           # the merged model
     python export_hf.py --checkpoint out/sft_1p7b_lora --out hf_adapter --adapter  # the PEFT adapter
 
-Memory on one GPU (an estimate from the shapes, not measured; `python plan.py --config
-configs/sft_1p7b_lora.py --gpu_mem 24 --peak_tflops 165` projects 13.9 GiB at micro-batch 4):
-frozen base 1.72B x 2 bytes = 3.4 GB; adapters (rank 16 on all seven projections: 36 layers x 16 x
-(wq 2048+2048, wk and wv 2048+512 each, wo 2048+2048, w1 w2 w3 2048+5120 each) = 20.1M parameters)
-with their float32 gradients and AdamW moments: 16 bytes each, 0.32 GB; activations at micro-batch
-4 x 1,024 tokens for backward through all 36 blocks: ~10 GB in bf16. About 14 GB in all, so it fits a 24 GB card;
-with --activation_checkpointing=full the activations fall to ~1 GB for ~30% more time per step.
+Memory on one GPU: frozen base 1.72B x 2 bytes = 3.4 GB; adapters (rank 16 on all seven
+projections: 36 layers x 16 x (wq 2048+2048, wk and wv 2048+512 each, wo 2048+2048, w1 w2 w3
+2048+5120 each) = 20.1M parameters) with their float32 gradients and AdamW moments: 16 bytes each,
+0.32 GB; activations at micro-batch 4 x 1,024 tokens for backward through all 36 blocks. plan.py
+projects the whole (not measured):
+
+    python plan.py --config configs/sft_1p7b_lora.py --gpu_mem 24 --peak_tflops 165
+    ->  DDP, no checkpointing, micro-batch 4: peak 13.9 GiB, fits (micro-batch 8: 23.1 GiB, does not
+        with 2 GiB kept for the CUDA context; with --activation_checkpointing=full, 6.2 GiB)
 """
 
 from chat_template import TEMPLATES

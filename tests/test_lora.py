@@ -18,6 +18,7 @@ import export_hf
 import finetune
 from conftest import make_tiny_model
 from export_hf import save_weights
+from metrics import flops_per_token
 from runs import call_main
 from test_finetune import BASE, FIXTURE, SEQ, metrics, prompt_of
 
@@ -71,7 +72,8 @@ def straight(tmp_path_factory, base) -> Path:
 
 def test_checkpoint_holds_the_adapters_and_the_base_reference(straight, base):
     """Only lora_A/lora_B tensors (and their AdamW state) are saved; meta.json names the base by
-    path and sha256; the loaded model's frozen weights are the base's, bit for bit."""
+    path and sha256; the loaded model's frozen weights are the base's, bit for bit (and count 4,
+    not 6, FLOPs per multiply-add for MFU: no weight gradient)."""
     ckpt = checkpoint.resolve(straight)
     meta = checkpoint.read_meta(ckpt)
     assert meta["lora"]["base"] == checkpoint.base_reference(base)
@@ -81,7 +83,11 @@ def test_checkpoint_holds_the_adapters_and_the_base_reference(straight, base):
     model_keys = [k for k in saved if k.startswith("model.")]
     assert model_keys and all(".lora_" in k for k in model_keys)
     assert all(".lora_" in k for k in saved if k.startswith("optim.state."))
-    tuned = checkpoint.load_model(straight, merge=False).state_dict()
+    model = checkpoint.load_model(straight, merge=False)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    base_matmuls = sum(p.numel() for p in model.parameters() if not p.requires_grad) - 50304 * 64
+    assert flops_per_token(model, SEQ) == 6 * adapters + 4 * base_matmuls + 12 * 4 * 64 * SEQ  # for MFU
+    tuned = model.state_dict()
     for name, tensor in make_base(base).state_dict().items():
         ours = name.replace(".weight", ".base_layer.weight") if name.split(".")[-2].startswith("w") else name
         assert torch.equal(tuned[ours], tensor), name

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from finetune import TEMPLATES, Template, checkpoint_template, encode, load_template
+import checkpoint
+import hf_io
+from chat_template import TEMPLATES, Template, checkpoint_template, encode, load_template
 from model import Transformer, pick_next_token
 from tokenizer import EOT, N_VOCAB, get_encoding
 from utils import DTYPES, UserError, cli_errors, resolve_device
@@ -127,20 +130,15 @@ def load_model(args: argparse.Namespace) -> tuple[Transformer, Template, str]:
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     template = load_template(args.template) if args.template else None
     if args.hf:
-        from export_hf import load_hf  # noqa: PLC0415
-
-        model = load_hf(args.hf, device, pad_vocab_to=None, dtype=dtype)
+        hf_io.check_vocabulary(args.hf)
+        model = hf_io.load_hf(args.hf, device, pad_vocab_to=None, dtype=dtype)
         template = template or TEMPLATES["vicuna"]
         note = hf_template_note(Path(args.hf), template)
     else:
         if (Path(args.checkpoint) / "model_config.json").is_file():
-            from export_hf import load_weights  # noqa: PLC0415
-
-            model = load_weights(args.checkpoint, device)
+            model = hf_io.load_weights(args.checkpoint, device)
         else:
-            import checkpoint  # noqa: PLC0415
-
-            model = checkpoint.load_model(args.checkpoint, device)
+            model = checkpoint.load_model(args.checkpoint, device, verify_files=args.verify)
         saved = checkpoint_template(args.checkpoint)
         note = (f"template {template.name} (--template)" if template else
                 f"template {saved.name} (the checkpoint's)" if saved else
@@ -154,8 +152,6 @@ def hf_template_note(hf_dir: Path, template: Template) -> str:
     own = hf_dir / "chat_template.jinja"
     text = own.read_text() if own.is_file() else None
     if text is None and (hf_dir / "tokenizer_config.json").is_file():
-        import json  # noqa: PLC0415
-
         text = json.loads((hf_dir / "tokenizer_config.json").read_text()).get("chat_template")
     if text is None or text == template.jinja():
         return f"template {template.name}"
@@ -217,6 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype; default bfloat16 on CUDA, "
                                                                 "float32 on CPU")
+    parser.add_argument("--verify", choices=("full", "size"), default="full",
+                        help="check a checkpoint's files against their recorded sha256 (full) or sizes only (size)")
     return parser.parse_args(argv)
 
 

@@ -17,18 +17,23 @@ Shards are memory-mapped and the pages read are handed back to the kernel as we 
 memory stays flat however many shards are read. Each shard's header is checked when it is opened,
 and the token ids of every batch against the vocabulary as it is read (one max over the batch), so
 start-up reads no shard whole and bad data fails at the first batch that holds it: a one-line
-DataError naming the file and the position. A shard that manifest.json lists with the same size
-and a max_token below the vocabulary is not checked at all.
+DataError naming the file and the position. A shard that manifest.json lists with its size, its
+sampled fingerprint and a max_token below the vocabulary is not checked at all; a shard whose
+size or fingerprint no longer matches the manifest (rewritten in place since the build) is refused.
+A directory holding shards of two name prefixes (`copy_of_edufineweb_train_000001.npy` beside the
+real ones) or one index twice is refused too: every file there would be read as part of the data.
 
 This module owns the shard names (shard_name, SHARD_RE) and the data's identity: data_identity()
-records each train shard's name, size and hash (the manifest's sha256, or a fingerprint sampled
-from the file), TrainLoader saves it with its position, and load_state_dict refuses to continue on
-other data unless asked to (identity_differences says what changed).
+records each train shard's name, size and hashes (the manifest's sha256 where it lists the shard,
+and always a fingerprint sampled from the file itself), TrainLoader saves it with its position, and
+load_state_dict refuses to continue on other data unless asked to (identity_differences says what
+changed).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import mmap
@@ -41,7 +46,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from utils import error_line
+from utils import UserError, error_line
 
 # build-nanogpt's names, so its shards load here and ours there: shard 0 is the validation split
 SHARD_PREFIX = "edufineweb"
@@ -55,8 +60,9 @@ FINGERPRINT_EDGE = 1 << 20  # bytes hashed at each end of a shard the manifest d
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 8, 64 << 10  # ...and in evenly spaced blocks between
 
 
-class DataError(ValueError):
-    """Missing, corrupt or unusable data; the message is one line that names the file."""
+class DataError(UserError, ValueError):
+    """Missing, corrupt or unusable data; the message is one line that names the file (a ValueError
+    too, as it was before user errors had a type of their own)."""
 
 
 def shard_name(index: int) -> str:
@@ -69,8 +75,10 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir!r} does not exist: build it with "
                         f"`python fineweb_edu.py --out {data_dir}` (add --local 'GLOB' for local text)")
+    names = sorted(os.listdir(data_dir))
+    refuse_mixed_shards(data_dir, names)
     found = []
-    for name in os.listdir(data_dir):
+    for name in names:
         match = SHARD_RE.match(name)
         if match and match.group(1) == split:
             found.append((int(match.group(2)), name))
@@ -78,6 +86,28 @@ def shard_paths(data_dir: str, split: str) -> list[str]:
         raise DataError(f"no {split} shards (*_{split}_NNNNNN.npy) in {data_dir!r}: build "
                         f"them with `python fineweb_edu.py --out {data_dir}`")
     return [os.path.join(data_dir, name) for _, name in sorted(found)]
+
+
+def refuse_mixed_shards(data_dir: str, names: list[str]) -> None:
+    """DataError naming the files when data_dir's shards carry more than one name prefix or one
+    split's index appears twice: the loader reads every shard-named file as one stream, so a stray
+    copy (copy_of_edufineweb_train_000001.npy) would silently become more training data."""
+    prefixes: dict[str, list[str]] = {}
+    indices: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        match = SHARD_RE.match(name)
+        if match:
+            prefixes.setdefault(name[:match.start(1) - 1], []).append(name)
+            indices.setdefault((match.group(1), int(match.group(2))), []).append(name)
+    if len(prefixes) > 1:
+        counted = ", ".join(f"{prefix}_* ({len(files)} files, e.g. {files[0]})" for prefix, files in prefixes.items())
+        raise DataError(f"{data_dir} holds shards of {len(prefixes)} name prefixes: {counted}; they would all be "
+                        f"read as one dataset: move the files that do not belong to it out of the directory")
+    twice = next(((split, index, files) for (split, index), files in indices.items() if len(files) > 1), None)
+    if twice:
+        split, index, files = twice
+        raise DataError(f"{data_dir} holds {split} shard {index} twice ({', '.join(files)}): both would be read; "
+                        f"move the one that does not belong out of the directory")
 
 
 def read_manifest(data_dir: str) -> tuple[dict[str, dict], str | None]:
@@ -97,6 +127,13 @@ def read_manifest(data_dir: str) -> tuple[dict[str, dict], str | None]:
 
 
 def fingerprint(path: str) -> str:
+    """fingerprint() of `path`, computed once per process for a file that has not changed since."""
+    stat = os.stat(path)
+    return _fingerprint(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a shard's first and last FINGERPRINT_EDGE bytes and FINGERPRINT_BLOCKS blocks between:
     tells rebuilt shards apart without reading whole files (a shard smaller than that is read whole)."""
     size = os.path.getsize(path)
@@ -117,21 +154,39 @@ def fingerprint(path: str) -> str:
 
 
 def data_identity(data_dir: str) -> dict:
-    """What a run trains on: each train shard's size and content hash, and the manifest's digest.
+    """What a run trains on: each train shard's size and content hashes, and the manifest's digest.
 
-    The hash is manifest.json's sha256 where the manifest lists the shard with the same size (no
-    read at all), else a fingerprint() of the file, so shards built by other tools are covered too.
+    Every shard gets a fingerprint() of the file itself (a few MiB read), so a shard rewritten in
+    place at the same size shows even beside a stale manifest; manifest.json's sha256 is recorded
+    beside it where the manifest lists the shard with the same size.
     """
     entries, digest = read_manifest(data_dir)
     shards = {}
     for path in shard_paths(data_dir, "train"):
         name, size = os.path.basename(path), os.path.getsize(path)
         entry = entries.get(name, {})
+        shards[name] = {"bytes": size, "fingerprint": fingerprint(path)}
         if entry.get("bytes") == size and "sha256" in entry:
-            shards[name] = {"bytes": size, "sha256": entry["sha256"]}
-        else:
-            shards[name] = {"bytes": size, "fingerprint": fingerprint(path)}
+            shards[name]["sha256"] = entry["sha256"]
     return {"shards": shards, "manifest": digest}
+
+
+def refuse_stale_manifest(data_dir: str, paths: list[str], entries: dict[str, dict]) -> None:
+    """DataError for a shard that manifest.json lists with a fingerprint but whose size or sampled
+    fingerprint no longer matches it: the file was rewritten after the build (e.g. by another
+    tokenizer script writing into the same directory), so the manifest's sha256 and max_token
+    describe other bytes. Entries without a fingerprint (older builds) are trusted by size alone."""
+    for path in paths:
+        entry = entries.get(os.path.basename(path))
+        if not entry or "fingerprint" not in entry:
+            continue
+        size = os.path.getsize(path)
+        if entry.get("bytes") != size or entry["fingerprint"] != fingerprint(path):
+            what = f"is {size:,} bytes, not {entry.get('bytes')!r}" if entry.get("bytes") != size else \
+                "has other bytes than its sampled fingerprint there records"
+            raise DataError(f"{path} no longer matches {os.path.join(data_dir, MANIFEST)}: it {what} (rewritten "
+                            f"since the build?); rebuild the directory with fineweb_edu.py, or delete "
+                            f"{MANIFEST} to use the files as they are (their token ids are then checked as read)")
 
 
 def identity_differences(saved: dict, current: dict) -> list[str]:
@@ -203,8 +258,10 @@ class TokenStream:
         self.starts = np.cumsum([0] + [len(s) for s in self.shards]).tolist()  # stream offset of each shard
         self.total = self.starts[-1]
         self.vocab_size = vocab_size
-        entries = read_manifest(data_dir)[0] if vocab_size is not None else {}
-        # fineweb_edu.py took max_token from the very buffer it saved: a shard of that size needs no check
+        entries = read_manifest(data_dir)[0]
+        refuse_stale_manifest(data_dir, self.paths, entries)
+        # fineweb_edu.py took max_token from the very buffer it saved: a shard whose size and
+        # fingerprint match that entry needs no check
         self.vouched = [vocab_size is None or _vouched(entries.get(os.path.basename(p)), p, vocab_size)
                         for p in self.paths]
         self.tokens_checked = 0  # token ids compared against the vocabulary so far
@@ -261,7 +318,9 @@ class TokenStream:
 
 
 def _vouched(entry: dict | None, path: str, vocab_size: int) -> bool:
-    return (entry is not None and entry.get("bytes") == os.path.getsize(path)
+    # refuse_stale_manifest has already compared the fingerprint; without one, size alone cannot
+    # tell a rewritten shard from the one the manifest describes
+    return (entry is not None and entry.get("bytes") == os.path.getsize(path) and "fingerprint" in entry
             and isinstance(entry.get("max_token"), int) and entry["max_token"] < vocab_size)
 
 
@@ -302,7 +361,7 @@ class GlobalOrder:
                  seed: int = 1337, shuffle: bool = True, log: Callable[[str], None] = print,
                  unit: str = "sequences", every_epoch: bool = True):
         if global_batch % (micro_batch * world_size) != 0:
-            raise ValueError(f"global_batch {global_batch} {unit} is not a multiple of micro_batch "
+            raise DataError(f"global_batch {global_batch} {unit} is not a multiple of micro_batch "
                              f"{micro_batch} x world_size {world_size} = {micro_batch * world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -359,7 +418,7 @@ class GlobalOrder:
     def seek(self, position: int) -> None:
         """Continue from a saved position, whatever the world size and micro-batch that saved it."""
         if position % self.global_batch:
-            raise ValueError(f"saved position {position} is not a multiple of global_batch "
+            raise DataError(f"saved position {position} is not a multiple of global_batch "
                              f"{self.global_batch}: resume with the global batch that saved it")
         self.step = position // self.global_batch * self.accum_steps
 
@@ -473,7 +532,7 @@ class TrainLoader(FollowsOrder):
         """
         for key in ("seed", "seq_len", "shuffle"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"the saved loader state has {key}={state[key]!r} but this loader "
+                raise DataError(f"the saved loader state has {key}={state[key]!r} but this loader "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
         self._check_same_data(state.get("data"), accept_new_data)
         self.close()

@@ -30,11 +30,17 @@ examples; lm-eval's `acc_norm` divides by the choice's length in characters, hel
 length in tokens, so those differ by design (and lm-eval's own `hellaswag` task also cleans the text
 and prefixes the activity label, so its numbers are not hellaswag.py's either).
 
-Outputs, for the settings (tasks, few-shot, limit, dtype) hashed into KEY: `lm_eval_KEY.json` and
-`lm_eval_KEY.md` in the step directory (or the --hf / weights directory), the table on stdout. With
---all_steps, every step_* of the run whose `lm_eval_KEY.json` is missing is evaluated, then the run
-directory gets `lm_eval_KEY.json` (all steps), `.md` and `.png`: each task's accuracy and the
-validation loss from metrics.jsonl against tokens seen.
+Outputs, for the settings hashed into KEY: `lm_eval_KEY.json` and `lm_eval_KEY.md` in the step
+directory (or the --hf / weights directory), the table on stdout. KEY covers everything that decides
+a score: the tasks, few-shot, limit and dtype, the lm-eval version (its task definitions) and the
+contents of every file under --include_path (local task YAMLs and their data), so changed task data
+is evaluated afresh rather than read from the cache. --out is checked for writability before any
+evaluation. With --all_steps, every step_* of the run not yet evaluated with KEY is evaluated, each
+result also kept in `lm_eval_KEY_run_RUNID/` of the run directory, where neither keep_last's pruning
+nor --start_over reaches it; then the run directory gets `lm_eval_KEY.json` (all steps of the run
+whose id the newest checkpoint carries: a run started over in the same directory does not inherit the
+old one's points), `.md` and `.png`: each task's accuracy and the validation loss from metrics.jsonl
+against tokens seen.
 
 Several GPUs: under torchrun, --all_steps gives each process its share of the checkpoints (one
 whole checkpoint per GPU at a time). lm-eval's own data-parallel route (`accelerate launch`) needs
@@ -69,11 +75,11 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-import export_hf
+import hf_io
 import metrics
 from model import Transformer
-from tokenizer import EOT, N_VOCAB, vocab_file
-from utils import DTYPES, UserError, cli_errors, closed_output_survives, write_atomic
+from tokenizer import EOT, vocab_file
+from utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",
                  "openbookqa", "lambada_openai")
@@ -114,11 +120,11 @@ def to_llama(model: Transformer, source: str = ""):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = model.output.weight.device
-    config = {k: v for k, v in export_hf.hf_config(model.config).items() if k != "torch_dtype"}
+    config = {k: v for k, v in hf_io.hf_config(model.config).items() if k != "torch_dtype"}
     config = LlamaConfig(**config, name_or_path=source)
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
-    hf_model.load_state_dict(export_hf.to_hf_state_dict(model), assign=True)
+    hf_model.load_state_dict(hf_io.to_hf_state_dict(model), assign=True)
     # The rotary inverse frequencies are non-persistent buffers, still on meta: rebuild them.
     with torch.device(device):
         hf_model.model.rotary_emb = type(hf_model.model.rotary_emb)(config=config)
@@ -126,20 +132,18 @@ def to_llama(model: Transformer, source: str = ""):
     return hf_model.eval()
 
 
-def load_checkpoint(path: str | Path, device: torch.device) -> tuple[object, Path, dict]:
+def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full") -> tuple[object, Path, dict]:
     """(LlamaForCausalLM, directory for the results, meta) for a run dir, a step dir, or a
-    weights dir written by `export_hf.py --from_hf`."""
+    weights dir written by `export_hf.py --from_hf`; a checkpoint's files are checked against
+    their recorded checksums (verify="full") or sizes ("size")."""
     path = Path(path)
     if (path / "model_config.json").is_file():
-        return to_llama(export_hf.load_weights(str(path), device), str(path)), path, {}
-    try:
-        ckpt = checkpoint.resolve(path)
-        if ckpt is None:
-            raise UserError(f"{path} holds no complete checkpoint yet")
-        model = checkpoint.load_model(ckpt, device)
-        meta = checkpoint.read_meta(ckpt)
-    except checkpoint.CheckpointError as e:
-        raise UserError(str(e)) from None
+        return to_llama(hf_io.load_weights(str(path), device), str(path)), path, {}
+    ckpt = checkpoint.resolve(path)
+    if ckpt is None:
+        raise UserError(f"{path} holds no complete checkpoint yet")
+    model = checkpoint.load_model(ckpt, device, verify_files=verify)
+    meta = checkpoint.read_meta(ckpt)
     return to_llama(model, str(ckpt)), ckpt, meta
 
 
@@ -150,10 +154,8 @@ def load_hf_dir(hf_dir: str | Path, device: torch.device):
     if not Path(hf_dir, "config.json").is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json); "
                         f"pass --checkpoint for our checkpoints")
+    hf_io.check_vocabulary(hf_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
-    if hf_model.config.vocab_size < N_VOCAB:
-        raise UserError(f"{hf_dir} has vocab_size={hf_model.config.vocab_size}; the tasks are tokenized "
-                        f"with GPT-2's {N_VOCAB}-token vocabulary, so the model must use GPT-2's ids")
     changed = _use_gpt2_special_tokens(hf_model)
     if changed:
         print(f"evaluate: {hf_dir}: using GPT-2's <|endoftext|> ({EOT}) for bos/eos/pad instead of "
@@ -239,6 +241,18 @@ def task_manager(tasks: list[str], include_path: str | None):
     return manager
 
 
+def task_files_digest(include_path: str | None) -> str | None:
+    """sha256 over the names and contents of every file under include_path (the local task YAMLs and
+    their data): part of the settings, so changed task data never reuses old scores."""
+    if include_path is None:
+        return None
+    sha = hashlib.sha256()
+    root = Path(include_path)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        sha.update(f"{path.relative_to(root)}\0{checkpoint.file_checksum(path)}\0".encode())
+    return sha.hexdigest()
+
+
 def settings_key(settings: dict) -> str:
     """Eight hex digits naming the settings that change scores (not batch size or device)."""
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -287,7 +301,7 @@ def evaluate_model(hf_model, source: Path, meta: dict, out: Path, manager, args:
     results = run_tasks(hf_model, manager, args)
     seconds = time.time() - t0
     record = {
-        "source": str(source), "step": meta.get("step"),
+        "source": str(source), "step": meta.get("step"), "run_id": meta.get("run_id"),
         # older checkpoints keep tokens_seen at the top of meta.json, newer ones under "progress"
         "tokens_seen": meta.get("progress", {}).get("tokens_seen", meta.get("tokens_seen")),
         "settings": settings, "scores": scores_of(results),
@@ -346,7 +360,9 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
     steps = checkpoint.complete_checkpoints(run_dir)
     if not steps:
         raise UserError(f"{run_dir} holds no complete step_* checkpoint")
-    pending = [s for s in steps if not result_path(s, key).is_file()]
+    run_ids = {s: checkpoint.read_meta(s).get("run_id") for s in steps}
+    pending = [s for s in steps if not result_path(s, key).is_file()
+               and not kept_result(run_dir, key, run_ids[s], s).is_file()]
     # Shared out by position among all steps, not among the pending ones: every rank gets the same
     # split whatever another rank has written meanwhile, with no communication.
     mine = [s for s in steps[rank::world_size] if s in pending]
@@ -357,13 +373,17 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
     manager = manager_factory() if mine else None
     for i, ckpt in enumerate(mine, 1):
         try:
-            hf_model, _, meta = load_checkpoint(ckpt, device)
+            hf_model, _, meta = load_checkpoint(ckpt, device, args.verify)
         except UserError as e:  # one bad checkpoint should not cost the others' results
             print(f"evaluate: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
             failed += 1
             continue
         record = evaluate_model(hf_model, ckpt, meta, result_path(ckpt, key), manager, args, settings)
         del hf_model
+        # A second copy out of keep_last's reach: the step directory may be pruned before the summary.
+        kept = kept_result(run_dir, key, run_ids[ckpt], ckpt)
+        kept.parent.mkdir(exist_ok=True)
+        write_atomic(kept, json.dumps({k: record[k] for k in ("step", "tokens_seen", "scores", "source", "run_id")}))
         elapsed = time.time() - t_start
         eta = elapsed / i * (len(mine) - i)
         line = ", ".join(f"{t} {m} {v[m]:.4f}" for t, v in record["scores"].items() for m in curve_metrics(v))
@@ -380,28 +400,42 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
     if rank != 0:
         return None
     out = Path(args.out) if args.out else run_dir / f"{RESULT_PREFIX}{key}.json"
-    n_steps = write_run_summary(run_dir, steps, key, settings, out)
+    n_steps = write_run_summary(run_dir, steps, key, settings, out, run_ids[steps[-1]])
     if failed:
         raise UserError(f"{failed} checkpoint(s) could not be evaluated (reasons above); "
                         f"the {n_steps} others are in {out}")
     return out
 
 
-def write_run_summary(run_dir: Path, steps: list[Path], key: str, settings: dict, out: Path) -> int:
-    """The run's results for these settings (JSON), its table (.md, also printed) and the
-    training-dynamics plot (.png) at `out`; returns how many steps they hold."""
+def kept_result(run_dir: Path, key: str, run_id: str | None, step: Path) -> Path:
+    """Where --all_steps keeps a step's result beside the run's checkpoints, out of pruning's reach."""
+    return run_dir / f"{RESULT_PREFIX}{key}_run_{run_id}" / f"{step.name}.json"
+
+
+# The run, which of its steps to gather and the settings they were scored with, where the summary
+# goes, and the run id that decides which results belong to it.
+def write_run_summary(run_dir: Path, steps: list[Path], key: str, settings: dict, out: Path,
+                      run_id: str | None = None) -> int:
+    """The results of run `run_id` for these settings (JSON), its table (.md, also printed) and the
+    training-dynamics plot (.png) at `out`; returns how many steps they hold. Steps whose
+    checkpoints keep_last has pruned stay (from the previous summary and the kept results); steps of
+    another run id (a run started over in the same directory) do not."""
     evaluated: dict[int, dict] = {}
-    if out.is_file():  # steps evaluated before keep_last pruned their checkpoints stay on the curve
+    if out.is_file():
         previous = json.loads(out.read_text())
-        if previous.get("settings") == settings:
+        if previous.get("settings") == settings and previous.get("run_id") == run_id:
             evaluated = {r["step"]: r for r in previous.get("steps", [])}
-    for step in steps:
-        if result_path(step, key).is_file():
-            r = json.loads(result_path(step, key).read_text())
-            evaluated[r["step"]] = {k: r[k] for k in ("step", "tokens_seen", "scores", "source")}
+    kept = kept_result(run_dir, key, run_id, run_dir).parent
+    found = [*sorted(kept.glob("step_*.json")), *(result_path(s, key) for s in steps)]
+    for path in found:
+        if path.is_file():
+            r = json.loads(path.read_text())
+            if r.get("run_id", run_id) == run_id:
+                evaluated[r["step"]] = {k: r.get(k) for k in ("step", "tokens_seen", "scores", "source")}
     records = [evaluated[s] for s in sorted(evaluated)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps({"run": str(run_dir), "settings": settings, "steps": records}, indent=2) + "\n")
+    write_atomic(out, json.dumps({"run": str(run_dir), "run_id": run_id, "settings": settings, "steps": records},
+                                 indent=2) + "\n")
     table = run_table(curves(records))
     write_atomic(out.with_suffix(".md"), f"# lm-eval along {run_dir}\n\n{table}")
     rows = metrics.read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
@@ -430,6 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--include_path", default=None, help="a directory of extra task YAMLs (offline tasks)")
     parser.add_argument("--out", default=None, help="the JSON result (default: lm_eval_KEY.json beside the "
                                                    "checkpoint; with --all_steps, in the run directory)")
+    parser.add_argument("--verify", choices=("full", "size"), default="full",
+                        help="check each checkpoint's files against their recorded sha256 (full) or sizes only")
     parser.add_argument("--all_steps", action="store_true",
                         help="evaluate every step_* of a run directory not evaluated yet, then plot")
     args = parser.parse_args(argv)
@@ -482,9 +518,16 @@ def _main(args: argparse.Namespace) -> None:
         try:
             args.device = device
             args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+            import lm_eval  # noqa: PLC0415 - an optional dependency, imported where it is needed
+
             settings = {"tasks": sorted(args.tasks), "num_fewshot": args.num_fewshot, "limit": args.limit,
-                        "dtype": args.dtype}
+                        "dtype": args.dtype, "lm_eval": lm_eval.__version__,
+                        "task_files": task_files_digest(args.include_path)}
             key = settings_key(settings)
+            if args.out and rank == 0:  # before hours of evaluation, not after
+                problem = unwritable(Path(args.out))
+                if problem:
+                    raise UserError(problem)
             _quiet_lm_eval()
             if "hellaswag_sample" in args.tasks:
                 print("evaluate: note: hellaswag_sample is the tests' 32-row format sample, not HellaSwag: its "
@@ -503,7 +546,7 @@ def _main(args: argparse.Namespace) -> None:
             if args.hf:
                 hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
             else:
-                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device)
+                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device, args.verify)
             out = Path(args.out) if args.out else result_path(result_dir, key)
             record = evaluate_model(hf_model, result_dir, meta, out, manager, args, settings)
             print(record["table"], end="")

@@ -12,9 +12,10 @@ last holds the remainder; a document may continue into the next shard) saved by 
 under build-nanogpt's names: edufineweb_val_000000.npy (shard 0 is the validation split), then
 edufineweb_train_000001.npy, ... (dataloader.py owns the names) so shards from build-nanogpt or
 DMaS-LLaMa-Lite load in dataloader.py and ours load in theirs. manifest.json beside them records the
-tokenizer, the source and options, and for each shard its documents, tokens, bytes, sha256, largest
-token id (max_token, which lets the loader skip its id check and resumes identify the data without
-reading it) and where in the source it ends.
+tokenizer, the source and options, and for each shard its documents, tokens, bytes, sha256, a
+fingerprint sampled from the file (which the loader compares at each start, so a shard rewritten
+in place is caught), largest token id (max_token, which lets the loader skip its id check) and where
+in the source it ends.
 
 Rerun with the same arguments after an interruption (Ctrl-C, kill -9), it keeps the shards that
 match the manifest, skips the documents they hold and writes the rest; the result is byte-identical
@@ -40,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 import utils
-from dataloader import MANIFEST, SHARD_PATTERN, shard_name
+from dataloader import MANIFEST, SHARD_PATTERN, fingerprint, shard_name
 from text_sources import BuildError, describe_source, open_documents, resolve_local_files
 from tokenizer import EOT, get_encoding
 
@@ -229,6 +230,9 @@ class ShardWriter:
             "file": name, "split": "val" if len(shards) == 0 else "train",
             "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == EOT)),
             "bytes": os.path.getsize(path), "sha256": hashing.sha.hexdigest(), "max_token": int(tokens.max()),
+            # a few MiB sampled from the file, which the loader compares at every start (sha256 would
+            # need a whole read): a shard rewritten in place at the same size is caught
+            "fingerprint": fingerprint(path),
             "next_document": next_document, "next_document_offset": next_offset,
         })
         _update_totals(self.manifest)

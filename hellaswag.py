@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -38,8 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
+import hf_io
 from tokenizer import EOT, get_encoding
-from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, write_atomic
+from utils import DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed, unwritable, write_atomic
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # The tests' 32 hand-made rows in HellaSwag's format: a score on them says nothing about a model.
@@ -51,6 +52,11 @@ N_ENDINGS = 4
 # shapes (one per multiple up to the longest row) instead of one per batch; 64 rather than 32
 # keeps them (with training's own graphs) well under dynamo's limit of 8 per function.
 LENGTH_MULTIPLE = 64
+
+
+class HellaSwagError(UserError, ValueError):
+    """Unusable HellaSwag data or settings: one line naming the file, example or value (a
+    ValueError too, as it was before user errors had a type of their own)."""
 
 
 # -----------------------------------------------------------------------------
@@ -88,21 +94,21 @@ def _download(url: str, path: Path) -> None:
 def _check_example(example: object, where: str) -> dict:
     """The example with its label as an int; ValueError naming `where` if it is malformed."""
     if not isinstance(example, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(example).__name__}")
+        raise HellaSwagError(f"{where}: expected a JSON object, got {type(example).__name__}")
     ctx = example.get("ctx")
     if not isinstance(ctx, str) or not ctx:
-        raise ValueError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r}")
+        raise HellaSwagError(f"{where}: 'ctx' must be a non-empty string, got {ctx!r}")
     endings = example.get("endings")
     if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
-        raise ValueError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings")
+        raise HellaSwagError(f"{where}: 'endings' must be a list of {N_ENDINGS} strings")
     if len(endings) != N_ENDINGS:
-        raise ValueError(f"{where}: expected {N_ENDINGS} endings, got {len(endings)}")
+        raise HellaSwagError(f"{where}: expected {N_ENDINGS} endings, got {len(endings)}")
     label = example.get("label")
     # The jsonl release stores ints; copies exported from the `datasets` version store strings.
     if isinstance(label, str) and label.strip().isdigit():
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_ENDINGS:
-        raise ValueError(f"{where}: label must be an integer in 0-{N_ENDINGS - 1}, got {label!r}")
+        raise HellaSwagError(f"{where}: label must be an integer in 0-{N_ENDINGS - 1}, got {label!r}")
     return {**example, "label": label}
 
 
@@ -120,7 +126,7 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
         if not file.is_file():
             raise FileNotFoundError(f"HellaSwag data file {file} does not exist; pass --data PATH.jsonl")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of examples, got {limit}")
+        raise HellaSwagError(f"limit must be a positive number of examples, got {limit}")
     examples = []
     with open(file, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -132,10 +138,10 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise HellaSwagError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             examples.append(_check_example(example, where))
     if not examples:
-        raise ValueError(f"{file} holds no HellaSwag examples")
+        raise HellaSwagError(f"{file} holds no HellaSwag examples")
     return examples
 
 
@@ -158,11 +164,11 @@ def render_example(
     ctx = enc.encode_ordinary(example["ctx"])
     endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     if not ctx:
-        raise ValueError(f"HellaSwag example {example.get('ind', '?')}: the context encodes to no tokens")
+        raise HellaSwagError(f"HellaSwag example {example.get('ind', '?')}: the context encodes to no tokens")
     if max_seq_len is not None:
         room = max_seq_len - max(len(e) for e in endings)
         if room < 1:
-            raise ValueError(
+            raise HellaSwagError(
                 f"HellaSwag example {example.get('ind', '?')}: an ending of "
                 f"{max(len(e) for e in endings)} tokens leaves no room for context within "
                 f"max_seq_len={max_seq_len}; evaluate with a longer max_seq_len"
@@ -227,7 +233,7 @@ def predict(
 ) -> tuple[list[int], list[int]]:
     """Predicted ending per example, in the order given: (by summed loss, by mean loss)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}")
+        raise HellaSwagError(f"batch_size must be a positive number of examples, got {batch_size}")
     device = torch.device(device)
     enc = get_encoding()
     rendered = [render_example(ex, enc, max_seq_len) for ex in examples]
@@ -303,7 +309,7 @@ def evaluate(
     forward) and the counts are summed over ranks with torch.distributed, so with world_size > 1
     every rank must call this. max_seq_len defaults to the model's config.max_seq_len."""
     if not examples:
-        raise ValueError("no HellaSwag examples to evaluate")
+        raise HellaSwagError("no HellaSwag examples to evaluate")
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"evaluate with world_size={world_size} needs torch.distributed initialized first")
     if max_seq_len is None:
@@ -347,14 +353,15 @@ def load_hf_model(hf_dir: str, device: torch.device) -> HFCausalLM:
 
     if not Path(hf_dir, "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    hf_io.check_vocabulary(hf_dir)
     try:
         # float32 weights with autocast, like our checkpoints, so --dtype means the same for both.
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32)
     except SafetensorError as e:  # transformers passes it on without the file's name
-        raise ValueError(f"a weights file in {hf_dir} is not readable safetensors ({e}): truncated "
+        raise HellaSwagError(f"a weights file in {hf_dir} is not readable safetensors ({e}): truncated "
                          f"or corrupt; copy or export the model again") from None
     if hf_model.config.vocab_size <= EOT:
-        raise ValueError(
+        raise HellaSwagError(
             f"{hf_dir} has vocab_size={hf_model.config.vocab_size}; HellaSwag is rendered with "
             f"GPT-2's tokenizer, so the model must use GPT-2 token ids"
         )
@@ -365,29 +372,15 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     """The model to evaluate and the directory its result is written to."""
     if args.hf:
         return load_hf_model(args.hf, device), Path(args.hf)
-    import checkpoint  # only this path needs the training-state code
-
     # resolve() names the step directory that load_model loads (a run directory's `latest`).
-    return checkpoint.load_model(args.checkpoint, device), checkpoint.resolve(args.checkpoint)
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why the result cannot be written to `path`, or None: tried by creating a file beside it."""
-    if path.is_dir():
-        return f"the result path {path} is a directory: pass --out FILE.json, e.g. --out {path / 'hellaswag.json'}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
-    return None
+    return (checkpoint.load_model(args.checkpoint, device, verify_files=args.verify),
+            checkpoint.resolve(args.checkpoint))
 
 
 def _check_output(path: Path, d: Dist) -> None:
     """UserError on every rank when rank 0 (the one that writes) cannot write `path`: raised now,
     not after the evaluation. Every rank gets rank 0's verdict, so none is left waiting in evaluate."""
-    problem = [_unwritable(path) if d.is_main else None]
+    problem = [unwritable(path) if d.is_main else None]
     if d.world_size > 1:
         dist.broadcast_object_list(problem, src=0)
     if problem[0]:
@@ -445,10 +438,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="autocast dtype; float32 = no autocast (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--out", help="the JSON result (default: hellaswag.json in the step or --hf directory)")
+    parser.add_argument("--verify", choices=("full", "size"), default="full",
+                        help="check the checkpoint's files against their recorded sha256 (full) or sizes only")
     args = parser.parse_args(argv)
-    import checkpoint  # for its error type; the evaluation itself only needs it for --checkpoint
-
-    with cli_errors("hellaswag.py", expected=(checkpoint.CheckpointError,)):
+    with cli_errors("hellaswag.py"):
         run(args)
 
 

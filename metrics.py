@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,9 +59,23 @@ def peak_flops(device_name: str | None, override_tflops: float = 0.0) -> tuple[f
                   f"--peak_tflops=N with its dense bf16 peak from the datasheet")
 
 
-def flops_per_token(n_params: int, n_layers: int, seq_len: int, dim: int) -> float:
-    """6N + 12 L T d: the matmul FLOPs of forward + backward per token, attention scores included."""
-    return 6 * n_params + 12 * n_layers * seq_len * dim
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token of `model` (a model.Transformer, also sharded or on the meta
+    device) on sequences of `seq_len` tokens, by the accounting MFU is reported in across the
+    field: PaLM's (Chowdhery et al. 2022, appendix B), as torchtitan and llm.c use it:
+
+        6 * N + 12 * L * d * T
+
+    N = the parameters that take part in a matmul: all but the input embedding table, which is a
+    lookup (the untied output head is a matmul and counts); 6 = 2 FLOPs per multiply-add x
+    (forward + 2 backward). 12 * L * d * T = the attention scores and their weighted sum (QK^T
+    and AV: 2 matmuls x 2 FLOPs x 3 passes, each over d per layer and T keys), with causal
+    masking not discounted, as PaLM and llm.c count it. Norms, RoPE, SwiGLU's product and the
+    softmax are left out. For 1p7b at T=1024 this is 10.58 GFLOP/token; counting the embedding
+    too would overstate MFU by 5.8%."""
+    cfg = model.config
+    matmul_params = model.num_params() - model.tok_embeddings.weight.numel()
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 class Throughput:
@@ -115,7 +130,11 @@ class Logger:
             return
         if write_file:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+            self.path = Path(out_dir) / "metrics.jsonl"
+            torn = self.path.is_file() and self.path.stat().st_size and _last_byte(self.path) != b"\n"
+            self.file = open(self.path, "a")
+            if torn:  # an earlier write was cut short (full disk, kill): the next record starts a line
+                self.file.write("\n")
             # The printed lines as well: what is left when the terminal or a `| tee` is gone.
             self.text = open(Path(out_dir) / LOG_FILE, "a")
         if wandb_project:
@@ -140,8 +159,12 @@ class Logger:
         if not self.active:
             return
         if self.file:
-            self.file.write(json.dumps({"step": step, **values}) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps({"step": step, **values}) + "\n")
+                self.file.flush()
+            except OSError as e:  # with the file's name, so a full disk says where
+                self._abandon_file()
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.wandb:
             self.wandb.log(numbers, step=step)
@@ -163,7 +186,7 @@ class Logger:
         if not self.file:
             return 0
         self.file.flush()
-        path = Path(self.file.name)
+        path = self.path
         if not 0 <= position <= path.stat().st_size:  # not this file's history (replaced or cut by hand)
             return 0
         with open(path, "rb") as f:
@@ -172,11 +195,23 @@ class Logger:
         os.truncate(path, position)  # the file is open for appending: the next row goes at the new end
         return dropped
 
+    def _abandon_file(self) -> None:
+        """Close the file after a failed write without flushing the rest again (that fails too)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.file = None
+
     def close(self) -> None:
         if self.text:
             self.text.close()
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                self.file = None
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
         if self.wandb:
             self.wandb.finish()
         if self.tb:
@@ -191,23 +226,34 @@ def format_duration(seconds: float) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (or of the run directory's); a line that is not JSON, a
+    record torn by a write cut short, is skipped and counted in a note on stderr."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: pass a run directory or its metrics.jsonl")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows, torn = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise SystemExit(f"error: {path}:{n} is not JSON") from None
+            except json.JSONDecodeError:  # a record whose write was cut short (full disk, kill)
+                torn.append(n)
+    if torn:
+        print(f"note: {path}: skipped {len(torn)} torn line(s) (line {', '.join(map(str, torn[:5]))}"
+              f"{', ...' if len(torn) > 5 else ''}): records whose write was cut short", file=sys.stderr)
     return rows
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
+
+
 def plot(rows: list[dict], out_png: str | Path) -> None:
-    """Train and validation loss, LR, throughput and HellaSwag, one panel each."""
+    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -228,6 +274,11 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
     axes[0][1].set(title="learning rate", xlabel="step")
     axes[1][0].plot(*series("tokens_per_s"), lw=0.8)
     axes[1][0].set(title="tokens/s", xlabel="step")
+    steps, mfu = series("mfu")
+    if mfu:  # the same points as a fraction of the peak (flops_per_token's accounting): on CUDA only
+        right = axes[1][0].twinx()
+        right.plot(steps, [100 * m for m in mfu], lw=0.8, color="C1")
+        right.set_ylabel("MFU % (6N + 12LdT, N without the input embedding)", color="C1")
     ax = axes[1][1]
     ax.plot(*series("hellaswag_acc_norm"), "o-", label="acc_norm")
     ax.plot(*series("hellaswag_acc"), "o-", label="acc")

@@ -10,7 +10,8 @@ optimizer and loads a checkpoint, so that under FSDP both exist only as shards:
    block, `selective` every `ac_every`-th (see checkpoint_blocks for why blocks and not ops).
 2. torch.compile (`--compile_mode`): `blocks` compiles each TransformerBlock in place; they share
    one graph, so compile time does not grow with depth. The embedding, the last norm and the
-   chunked loss stay eager. `model` compiles the whole forward as one graph.
+   chunked loss stay eager. `model` compiles the whole forward as one graph. Under FSDP the
+   blocks are compiled one by one whatever `--compile_mode` says (see compile_mode).
 3. DDP or FSDP (`--parallel`). DDP: every rank holds the whole model, gradients are all-reduced in
    buckets while backward runs. FSDP2 (`fully_shard` on each block and on the root): each rank
    holds 1/world_size of the parameters, gradients and AdamW moments; a block's parameters are
@@ -23,13 +24,18 @@ parameters are DTensor shards, and torch.distributed.checkpoint writes the same 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
+import torch._dynamo.config
+import torch._functorch.config
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Transformer
@@ -43,22 +49,38 @@ def parallelize(model: Transformer, cfg: TrainConfig, d: Dist,
     the other ranks once an evaluation has started (see GatheredForEval). `backend` is
     torch.compile's (benchmarks/gpu_check.py uses dynamo's "eager" on the CPU)."""
     checkpoint_blocks(model, cfg.activation_checkpointing, cfg.ac_every)
-    whole = compiling(cfg, d) and cfg.compile_mode == "model"
-    if compiling(cfg, d):
+    mode = compile_mode(cfg, d)
+    whole = mode == "model"
+    if mode != "off":
         configure_compiler(cfg)
-        if cfg.compile_mode == "blocks":
-            for block in model.layers:
-                block.compile(backend=backend)
-    if cfg.parallel == "fsdp" and dist.is_initialized():
+    if mode == "blocks":
+        for block in model.layers:
+            block.compile(backend=backend)
+    if sharding(cfg):
         shard(model, cfg, d)
-        train_model = torch.compile(model, backend=backend) if whole else model
-        return train_model, GatheredForEval(train_model)
+        return model, GatheredForEval(model)
     compiled = torch.compile(model, backend=backend) if whole else model
     return (replicate(compiled, cfg, d) if d.world_size > 1 else compiled), compiled
 
 
 def compiling(cfg: TrainConfig, d: Dist) -> bool:
     return cfg.compile and (d.device.type == "cuda" or cfg.compile_cpu)
+
+
+def sharding(cfg: TrainConfig) -> bool:
+    return cfg.parallel == "fsdp" and dist.is_initialized()
+
+
+def compile_mode(cfg: TrainConfig, d: Dist) -> str:
+    """What parallelize compiles: "off", "blocks" or "model" (the setup line prints it).
+
+    Under FSDP always "blocks", as torchtitan does: FSDP2's hooks are excluded from dynamo, and
+    the graph break they make inside the loop over the blocks makes dynamo skip
+    Transformer.forward altogether, so "model" would compile the blocks, the last norm and the
+    loss one by one and run the loop eagerly while counting no graph break."""
+    if not compiling(cfg, d):
+        return "off"
+    return "blocks" if sharding(cfg) else cfg.compile_mode
 
 
 def configure_compiler(cfg: TrainConfig) -> None:
@@ -194,6 +216,18 @@ def all_reduce_bf16(process_group, bucket):  # noqa: ANN001, ANN201
 
 
 # ----------------------------------------------------------------------------- the training step
+
+def attention_backend(name: str) -> AbstractContextManager:
+    """The context the training step runs in for `--sdpa_backend`: "auto" leaves SDPA to pick
+    per call; "flash", "cudnn", "efficient" or "math" allows that backend alone (a shape it
+    cannot take is then an error, not a silent fallback). From outside the model, so model.py
+    keeps no device code; under torch.compile the backend is fixed when the graph is traced."""
+    if name == "auto":
+        return nullcontext()
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
+
 
 def set_gradient_sync(model: nn.Module, train_model: nn.Module, sync: bool) -> None:
     """Reduce gradients over the ranks on this micro-step, or only accumulate them locally.

@@ -17,12 +17,12 @@ import logging
 import os
 from typing import Iterator
 
-from utils import error_line
+from utils import UserError, error_line
 
 DOCS_PER_TASK = 128  # per tokenizer task: amortizes the hand-off to a thread, still balances load
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """A problem the user can fix; fineweb_edu.py's main() prints it as one line."""
 
 

@@ -12,14 +12,19 @@ import difflib
 import importlib.util
 import inspect
 import io
+import os
 import re
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ClassVar
 
 from model import ModelConfig, model_config
 from utils import DTYPES, UserError
+
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
 class ConfigError(UserError):
@@ -31,6 +36,9 @@ class TrainConfig:
     """Every knob of a pretraining run. Each field's trailing comment is its --help sentence and a
     comment line above a run of fields names their group (train_config.knob_help reads both)."""
 
+    # What kind of run this config trains, recorded in every checkpoint: a run never resumes as another kind.
+    RUN_KIND: ClassVar[str] = "pretraining"
+    SCRIPT: ClassVar[str] = "train_llama.py"
     # model
     model: str = "1p7b"  # a preset of model.py: tiny, 124m, 978m or 1p7b
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change (config files only)
@@ -87,6 +95,7 @@ class TrainConfig:
     fsdp_reduce_every_micro_step: bool = False  # fsdp: least memory, but accumulation x the reduce traffic
     activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th)
     ac_every: int = 2  # selective activation checkpointing: every N-th block
+    sdpa_backend: str = "auto"  # attention kernel: "auto" (SDPA picks per call), "flash", "cudnn", "efficient", "math"
     ddp_bucket_mb: int = 25  # DDP all-reduce bucket size; larger buckets, fewer messages across nodes
     ddp_bf16_compress: bool = False  # DDP: all-reduce gradients in bfloat16 (half the traffic)
     # seed, logs and benchmark mode
@@ -145,7 +154,7 @@ class TrainConfig:
         if not self.resume:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
         choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
-                   "activation_checkpointing": ("none", "full", "selective")}
+                   "activation_checkpointing": ("none", "full", "selective"), "sdpa_backend": SDPA_BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -170,13 +179,76 @@ def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -
     def describe(k, old, new):
         return f"{k}: checkpoint {old!r} vs now {new!r}"
 
+    # A knob a checkpoint does not record predates it: that run had its default.
+    model_defaults = ModelConfig().to_dict()
+    train_defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                      for f in dataclasses.fields(type(cfg))}
+    saved_model = {**model_defaults, **saved_model} if saved_model else {}
+    saved_train = {**train_defaults, **saved_train}
     refused = [describe(k, saved_model.get(k), v) for k, v in cfg.model_config().to_dict().items()
-               if saved_model.get(k) != v]
-    refused += [describe(k, saved_train.get(k), getattr(cfg, k)) for k in FIXED_ON_RESUME
-                if saved_train.get(k) != getattr(cfg, k)]
-    allowed = [describe(k, saved_train.get(k), getattr(cfg, k)) for k in SCHEDULE_KNOBS
-               if saved_train.get(k) != getattr(cfg, k)]
+               if saved_model and saved_model.get(k) != v]
+    refused += [describe(k, saved_train[k], getattr(cfg, k)) for k in FIXED_ON_RESUME
+                if saved_train[k] != getattr(cfg, k)]
+    allowed = [describe(k, saved_train[k], getattr(cfg, k)) for k in SCHEDULE_KNOBS
+               if saved_train[k] != getattr(cfg, k)]
     return refused, allowed
+
+
+def same_init_from(saved: str, now: str) -> bool:
+    """Whether two --init_from values name the same base model (the same text, or the same path)."""
+    if os.path.normpath(saved or ".") == os.path.normpath(now or "."):
+        return True
+    try:
+        return bool(saved and now) and os.path.samefile(saved, now)
+    except OSError:
+        return False
+
+
+def run_kind(meta: dict) -> str | None:
+    """The kind of run that wrote a checkpoint: recorded since run kinds were, else told by its
+    loader's data identity (shards: pretraining; instruction examples: fine-tuning)."""
+    if meta.get("run_kind"):
+        return meta["run_kind"]
+    data = (meta.get("loader") or {}).get("data") or {}
+    return "pretraining" if "shards" in data else "fine-tuning" if "examples" in data else None
+
+
+def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
+    """ConfigError unless `ckpt` was written by a run of cfg's kind that started from the same
+    --init_from: a resume continues that run, so anything else would be silently ignored."""
+    kind, scripts = run_kind(meta), {"pretraining": "train_llama.py", "fine-tuning": "finetune.py"}
+    if kind is not None and kind != cfg.RUN_KIND:
+        raise ConfigError(f"{ckpt} was written by a {kind} run ({scripts.get(kind, kind)}) and this is a "
+                          f"{cfg.RUN_KIND} run ({cfg.SCRIPT}): continue it with {scripts.get(kind, kind)}, or "
+                          f"choose another --out_dir (--init_from={ckpt} there starts from its weights)")
+    if "train_config" not in meta:
+        raise ConfigError(f"{ckpt} records no train_config: it was not written by a training run, so there is "
+                          f"no run to resume; start from its weights with --init_from={ckpt} in another --out_dir")
+    saved = meta["train_config"].get("init_from", "")
+    if not same_init_from(saved, cfg.init_from):
+        was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
+        keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"
+        raise ConfigError(f"--init_from={cfg.init_from or repr('')} but the run in {ckpt.parent} started from {was} "
+                          f"and a resume continues it from {ckpt.name}, never from a new base: {keep} to resume "
+                          f"it, or choose another --out_dir to start from the new one")
+
+
+def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None]) -> None:
+    """ConfigError (exit 2) for a resume with no step left to train, unless the command line asked
+    for exactly that step (--max_steps=N or --stop_step=N with N the checkpoint's step): a rerun
+    that trains nothing must not look like a run that trained."""
+    asked = getattr(cfg, "command_line", {})
+    for knob, limit in (("max_steps", cfg.max_steps), ("stop_step", cfg.stop_step)):
+        if not limit or step < limit:
+            continue
+        if asked.get(knob) == step:
+            note(f"already at step {step}, as --{knob}={step} asks: nothing to do")
+            return
+        if knob == "max_steps" and step == limit:
+            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; "
+                              f"raise --max_steps to continue")
+        raise ConfigError(f"already at step {step}, {'at' if step == limit else 'past'} {knob} {limit}: nothing to "
+                          f"do; raise --{knob} above {step} to continue (or pass --{knob}={step} to accept that)")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -236,6 +308,9 @@ def _parse_config(argv: list[str], kind: type[TrainConfig]) -> TrainConfig:
     if cfg.prepare_local_data and cfg.data_dir != named_data_dir and "prepare_local_data" not in given:
         _local_data_elsewhere(cfg.data_dir, named_data_dir)
         cfg.prepare_local_data = False
+    # Which knobs the command line set (not the config file): a rerun of a finished run exits 0 only
+    # when it names the step it is at (train_llama.check_not_finished).
+    cfg.command_line = {a[2:].partition("=")[0]: getattr(cfg, a[2:].partition("=")[0]) for a in args}
     return cfg
 
 
@@ -275,14 +350,17 @@ def knob_help(kind: type[TrainConfig] = TrainConfig) -> dict[str, tuple[str, str
         comments = {tok.start[0]: (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
                     for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                     if tok.type == tokenize.COMMENT}
+        fields = {f.name for f in dataclasses.fields(cls)}
         group, last_line = "", 0
         for node in ast.parse(source).body[0].body:
             if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
                 continue
             above = [text for line, (text, alone) in sorted(comments.items())
                      if alone and last_line < line < node.lineno]
-            group = " ".join(above) or group
             last_line = node.end_lineno
+            if node.target.id not in fields:  # a ClassVar: its comment is its own, not a group's
+                continue
+            group = " ".join(above) or group
             trailing = comments.get(node.end_lineno, ("", True))
             sentence = "" if trailing[1] else trailing[0]
             if node.target.id not in described:
@@ -323,9 +401,12 @@ def _shown(value) -> str:
 class SFTConfig(TrainConfig):
     """TrainConfig plus the SFT knobs; defaults are the 1.7B recipe (configs/sft_1p7b.py)."""
 
+    RUN_KIND: ClassVar[str] = "fine-tuning"
+    SCRIPT: ClassVar[str] = "finetune.py"
+
     # fine-tuning data
     data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
-    template: str = "vicuna"  # a name in finetune.TEMPLATES or a .json file of Template's fields
+    template: str = "vicuna"  # a name in chat_template.TEMPLATES or a .json file of Template's fields
     val_fraction: float = 0.02  # rows held out for validation (fixed split seed)
     overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
     pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile

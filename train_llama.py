@@ -23,7 +23,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -31,11 +31,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
+import hf_io
 import parallel
 from dataloader import DataError, TrainLoader, ValLoader
 from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from model import Transformer, build_model
-from train_config import ConfigError, TrainConfig, load_config, resume_differences, usage
+from train_config import (ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
+                          resume_differences, usage)
 from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
                    setup_distributed, teardown_distributed)
 
@@ -206,34 +208,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Micro-steps -> clip -> AdamW step (skipped everywhere if any rank saw a non-finite value).
+    """optimizer_step on the run's model, optimizer and next batches, then the run's counters.
     Returns (mean loss on this rank, gradient norm, whether the update was applied)."""
-    cfg, d = run.cfg, run.dist
+    cfg = run.cfg
     parallel.release_eval(run.eval_model, cfg)
     run.meter.start()
-    loss_sum = torch.zeros((), device=d.device)
     step_targets = step_target_count(run)
-    for micro_step in range(run.accum_steps):
-        x, y = next_batch(run)
-        last = micro_step == run.accum_steps - 1
-        parallel.set_gradient_sync(run.model, run.train_model, last or cfg.fsdp_reduce_every_micro_step)
-        with run.autocast():
-            loss = run.train_model(x, y)
-        # The micro-batch's mean loss times its share of the step's targets: the step's loss is the
-        # mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
-        loss = loss / run.accum_steps if step_targets is None else loss * ((y >= 0).sum() * d.world_size / step_targets)
-        loss_sum += loss.detach()
-        loss.backward()
-    grad_norm = parallel.clip_grad_norm(run.model.parameters(), cfg.grad_clip or math.inf)
-    applied, stopping = agree_on_step(run, grad_norm, loss_sum)
-    if applied:
-        run.optimizer.step()
-        if not run.memory_logged:  # what each rank holds, once the AdamW state exists
-            run.memory_logged = True
-            sizes = parallel.memory_per_rank(run.model, run.optimizer)
-            run.log.print(parallel.describe_memory(sizes))
-            run.log.metrics(run.progress.step + 1, **{f"{k}_per_rank": v for k, v in sizes.items()})
-    run.optimizer.zero_grad(set_to_none=True)
+    batches = (next_batch(run) for _ in range(run.accum_steps))
+    loss_sum, grad_norm, applied, stopping = optimizer_step(
+        run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
+        agree=lambda norm, loss: agree_on_step(run, norm, loss), after_update=lambda: log_memory_once(run))
     run.meter.stop()
     run.progress.step += 1
     run.progress.tokens_seen += cfg.total_batch_tokens
@@ -241,6 +225,78 @@ def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
     run.progress.skipped_total += not applied
     run.stopping = stopping
     return loss_sum, grad_norm, applied
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How optimizer_step runs, besides the model, the optimizer and the data."""
+
+    accum_steps: int
+    grad_clip: float = 1.0  # 0 = no clipping
+    autocast_dtype: torch.dtype | None = None  # None: float32, no autocast
+    sdpa_backend: str = "auto"  # parallel.attention_backend's names
+    reduce_every_micro_step: bool = False  # FSDP: reduce-scatter after every micro-step
+    world_size: int = 1
+
+    def autocast(self):
+        return nullcontext() if self.autocast_dtype is None else torch.autocast("cuda", dtype=self.autocast_dtype)
+
+
+def step_settings(run: Run) -> StepSettings:
+    cfg = run.cfg
+    return StepSettings(accum_steps=run.accum_steps, grad_clip=cfg.grad_clip, autocast_dtype=run.autocast_dtype,
+                        sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
+                        world_size=run.dist.world_size)
+
+
+def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], settings: StepSettings,
+                   step_targets: int | None = None,
+                   agree: Callable[[torch.Tensor, torch.Tensor], tuple[bool, bool]] | None = None,
+                   after_update: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+    """One optimizer step, the one training and benchmarks/gpu_check.py both take: micro-steps over
+    `batches` (accum_steps of them), gradients reduced on the last only -> clip -> AdamW (skipped
+    if `agree` says so) -> gradients freed. `model` is the unwrapped module, `train_model` what
+    parallel.parallelize made of it; `step_targets`: see step_target_count. `agree(grad_norm,
+    loss_sum)` -> (apply the update?, stop after it?), by default this process's own finiteness
+    check; `after_update` runs after the update, before the gradients are freed.
+    Returns (mean loss on this rank, gradient norm, applied, stop)."""
+    s = settings
+    loss_sum = None
+    with parallel.attention_backend(s.sdpa_backend):
+        for micro_step, (x, y) in enumerate(batches):
+            if loss_sum is None:
+                loss_sum = torch.zeros((), device=x.device)
+            last = micro_step == s.accum_steps - 1
+            parallel.set_gradient_sync(model, train_model, last or s.reduce_every_micro_step)
+            with s.autocast():
+                loss = train_model(x, y)
+            # The micro-batch's mean loss times its share of the step's targets: the step's loss is
+            # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
+            loss = (loss / s.accum_steps if step_targets is None
+                    else loss * ((y >= 0).sum() * s.world_size / step_targets))
+            loss_sum += loss.detach()
+            loss.backward()
+    grad_norm = parallel.clip_grad_norm(model.parameters(), s.grad_clip or math.inf)
+    if agree is None:
+        applied, stopping = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum)), False
+    else:
+        applied, stopping = agree(grad_norm, loss_sum)
+    if applied:
+        optimizer.step()
+        if after_update is not None:
+            after_update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, applied, stopping
+
+
+def log_memory_once(run: Run) -> None:
+    """What each rank holds, once per process, once the AdamW state exists."""
+    if not run.memory_logged:
+        run.memory_logged = True
+        sizes = parallel.memory_per_rank(run.model, run.optimizer)
+        run.log.print(parallel.describe_memory(sizes))
+        run.log.metrics(run.progress.step + 1, **{f"{k}_per_rank": v for k, v in sizes.items()})
 
 
 def step_target_count(run: Run) -> int | None:
@@ -321,7 +377,7 @@ def save_if_due(run: Run) -> bool:
 
 def save(run: Run) -> None:
     t0 = time.perf_counter()
-    meta = {"run_id": run.progress.run_id, "train_config": dataclasses.asdict(run.cfg),
+    meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict(), "metrics_position": run.log.position()}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
                            keep_last=run.cfg.keep_last)
@@ -446,7 +502,7 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
                   f"accumulation x {d.world_size} processes | device {d.device} | "
-                  f"compile {cfg.compile_mode if parallel.compiling(cfg, d) else 'off'} | "
+                  f"compile {parallel.compile_mode(cfg, d)} | "
                   f"{'fsdp' if parallel.is_sharded(run.model) else 'ddp' if d.world_size > 1 else 'one process'}")
         run.stop = StopFlag(log.print)
         return run
@@ -475,7 +531,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
     model = build_model(cfg.model_config(), d.device)
     if cfg.init_from and resume_from is None and not benchmark:
-        init_weights_from(cfg.init_from, model, log)
+        init_weights_from(cfg.init_from, model, log, cfg.verify)
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
@@ -559,12 +615,14 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
+        check_same_run(cfg, ckpt, meta)
         refused, allowed = resume_differences(meta.get("train_config", {}), meta.get("model_config", {}), cfg)
         if refused:
             raise ConfigError("cannot resume with a different model or data order: " + "; ".join(refused)
                               + " (use --init_from for weights only, or a new --out_dir)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        check_not_finished(cfg, meta["step"], log.print)
     return ckpt
 
 
@@ -619,15 +677,15 @@ def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
                       f"(its steps are done again now, so no step appears twice)")
 
 
-def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
+def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:
     """Weights only, from our checkpoint, an imported weights directory (export_hf.py --from_hf)
     or a Hugging Face Llama directory; the optimizer starts fresh."""
+    if (Path(path) / "config.json").is_file():
+        hf_io.check_vocabulary(path)
     if (Path(path) / "config.json").is_file() or (Path(path) / "model_config.json").is_file():
-        from export_hf import load_hf, load_weights  # noqa: PLC0415
-
         # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
-        source = (load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
-                  if (Path(path) / "config.json").is_file() else load_weights(path))
+        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
+                  if (Path(path) / "config.json").is_file() else hf_io.load_weights(path))
         config, state = source.config, source.state_dict()
     else:
         ckpt = checkpoint.resolve(path)
@@ -638,19 +696,19 @@ def init_weights_from(path: str, model: Transformer, log: Logger) -> None:
     if diffs:
         raise ConfigError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
     if state is None:
-        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files="size")
+        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files=verify)
     else:
         model.load_state_dict(state)
     log.print(f"initialized weights from {path}")
 
 
 def make_meter(run: Run) -> Throughput:
-    c, d = run.model.config, run.dist
+    d = run.dist
     name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None
     peak, note = peak_flops(name, run.cfg.peak_tflops)
     if d.device.type == "cuda":
         run.log.print(f"MFU: {note}")
-    flops = flops_per_token(run.model.num_params(), c.n_layers, run.cfg.seq_len, c.dim)
+    flops = flops_per_token(run.model, run.cfg.seq_len)
     return Throughput(run.cfg.total_batch_tokens, flops * run.cfg.total_batch_tokens, peak,
                       d.world_size, d.device)
 

@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import metrics  # noqa: E402
 from export_hf import hf_config, load_weights, save_weights, to_hf_state_dict  # noqa: E402
 from model import Transformer, model_config  # noqa: E402
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU (DESIGN.md)
 
 
 def _rss_bytes() -> int:
@@ -167,14 +166,14 @@ def attention_kernels(step) -> list[str]:
 def gpu_table(preset: str, micro_batches: list[int], seq_len: int, steps: int) -> None:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak_flops, peak_note = metrics.peak_flops(name)
     cfg = model_config(preset, max_seq_len=seq_len)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
     model.init_weights()
     n_params = model.num_params()
-    flops_per_token = 6 * n_params + 12 * cfg.n_layers * seq_len * cfg.dim
+    flops_per_token = metrics.flops_per_token(model, seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     torch.backends.cuda.matmul.allow_tf32 = True  # as train_llama.py sets it
     # Static shapes, as in training (one micro-batch size): each batch size compiles its own graph.
@@ -188,7 +187,7 @@ def gpu_table(preset: str, micro_batches: list[int], seq_len: int, steps: int) -
 
         def train_step() -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = compiled(idx, targets)
+                loss = compiled(idx, targets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -213,7 +212,8 @@ def gpu_table(preset: str, micro_batches: list[int], seq_len: int, steps: int) -
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
         kernels = ", ".join(attention_kernels(train_step))
         print(f"{batch:>11} {seconds * 1000:>9.1f} {tokens_per_s:>10,.0f} {mfu:>6} {peak_gib:>9.1f}  {kernels}")
-    print(f"MFU: (6N + 12LTd) x tokens/s / {peak_flops or 'unknown'} FLOP/s dense bf16 peak")
+    print(f"MFU: metrics.flops_per_token ({flops_per_token / 1e9:.2f} GFLOP/token: 6 x the parameters "
+          f"but the input embedding + 12 L d T) x tokens/s / the dense bf16 peak; {peak_note}")
 
 
 def main() -> None:

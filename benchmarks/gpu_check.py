@@ -1,21 +1,25 @@
-"""The one-shot GPU battery: speed, memory and correctness of the real training path in one command.
+"""The GPU battery: speed, memory and correctness of the real training path, in two device calls.
 
-    python benchmarks/gpu_check.py                     # every row: about 8 minutes on one H100/H200
-    python benchmarks/gpu_check.py --rows env,loss     # some rows (--list names them)
+    python benchmarks/gpu_check.py                     # call 1: env, then the headline row first
+    python benchmarks/gpu_check.py --call 2            # call 2: the rest, most wanted first
+    python benchmarks/gpu_check.py --rows env,loss     # named rows (--list shows them by call)
     python benchmarks/gpu_check.py --quick             # the tiny model, on whatever device there is
 
 GPU time comes rarely and briefly, so this is prepared and tested on the CPU: without CUDA the same
-command runs every row on the tiny model (NCCL becomes gloo, no memory cap, torch.compile with
-dynamo's "eager" backend, which counts graph breaks and recompiles as inductor would but builds no
-C++), and tests/test_gpu_check.py runs it that way. Each row runs in its own process group with its
-own timeout: a crash, an out-of-memory or a hang is that row's verdict and the others run on. Each
-row adds one JSON line to OUT/results.jsonl; the table is printed last and saved as OUT/table.txt;
-each row's stdout and stderr are in OUT/logs/. All rows share one inductor cache
-(OUT/inductor_cache), so a graph one row compiled is loaded, not compiled again, by the next.
+commands run every row on the tiny model (NCCL becomes gloo, no memory cap, torch.compile with
+dynamo's "eager" backend, which counts graph breaks, skipped frames and recompiles as inductor
+would but builds no C++), and tests/test_gpu_check.py runs them that way. Call 1 puts the headline
+(1p7b compiled per block at the default micro-batch, MFU over 5 optimizer steps) right after the
+environment, so that it returns within one device call on a cold machine. Each row runs in its own
+process group with its own timeout: a crash, an out-of-memory or a hang is that row's verdict and
+the others run on; a row the budget left cannot hold is skipped. Each row adds one JSON line to
+OUT/results.jsonl; the table is printed last and saved as OUT/table.txt; each row's stdout and
+stderr are in OUT/logs/. All rows share one inductor cache (.cache/inductor in the repo), so a
+graph one row compiled is loaded, not compiled again, by the next, and by the next call.
 
 Verdicts: "ok[: details]", "warning: ...", "out of memory", "mismatch: ..." (a check ran and
-failed), "failed: ..." (the row crashed), "timeout after N s", "skipped: ...". The exit status is 1
-when any row failed, timed out or mismatched.
+failed, or dynamo skipped a frame), "failed: ..." (the row crashed), "timeout after N s",
+"skipped: ...". The exit status is 1 when any row failed, timed out or mismatched.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ class Plan:
     device: str  # "cuda" or "cpu"
     model: str  # the measured preset: 1p7b, or tiny in quick/CPU mode
     seq_len: int
-    micro_batches: list[int]  # the two micro-batches of the speed rows (their slope is the activations)
-    accum: int  # micro-steps per optimizer step
+    micro_batch: int  # the headline's: TrainConfig's default
+    other_micro_batch: int  # the second speed row's (their peaks' slope is the activations)
+    long_seq_len: int  # the long-sequence row's, at long_micro_batch (the same tokens per micro-step)
+    long_micro_batch: int
+    accum: int  # micro-steps per optimizer step: what each GPU of the 8-GPU run takes
     steps: int  # timed optimizer steps after the first (compiling) one
     backend: str  # torch.compile backend
     mem_cap_gib: float  # the speed rows' memory cap, so a bigger card behaves like an 80 GB one
@@ -74,8 +81,11 @@ class Plan:
     def cuda(self) -> bool:
         return self.device == "cuda"
 
-    def autocast(self):
+    def autocast_dtype(self) -> torch.dtype | None:
         # bf16 autocast on CUDA; the CPU runs float32, as train_llama.py does there.
+        return torch.bfloat16 if self.cuda else None
+
+    def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
 
 
@@ -85,20 +95,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise SystemExit("gpu_check.py: error: --device=cuda but no CUDA device is visible; drop --device")
     out = Path(args.out).resolve()
     common = dict(mem_cap_gib=args.mem_cap_gib, peak_tflops=args.peak_tflops, out=str(out),
-                  cache_dir=str(Path(args.cache_dir).resolve() if args.cache_dir else out / "inductor_cache"))
+                  cache_dir=str(Path(args.cache_dir).resolve()))
     if device == "cuda" and not args.quick:
-        # 1p7b as trained; DDP on the 1p7b shapes with 2 of its 36 layers: real buckets, short compile.
-        return Plan(device=device, model="1p7b", seq_len=1024, micro_batches=[8, 16], accum=4, steps=3,
-                    backend=args.backend or "inductor", small_seq_len=256, ddp_model="1p7b", ddp_layers=2,
-                    ddp_micro_batch=4, ddp_seq_len=1024, **common)
+        # 1p7b as configs/llama_1p7b.py trains it on 8 GPUs: 16 x 1024 tokens x 4 micro-steps per
+        # GPU and optimizer step; MFU over 5 such steps. DDP on the 1p7b shapes with 2 of its 36
+        # layers: real buckets, short compile.
+        return Plan(device=device, model="1p7b", seq_len=1024, micro_batch=16, other_micro_batch=8,
+                    long_seq_len=2048, long_micro_batch=8, accum=4, steps=5, backend=args.backend or "inductor",
+                    small_seq_len=256, ddp_model="1p7b", ddp_layers=2, ddp_micro_batch=4, ddp_seq_len=1024, **common)
     if device == "cuda":
-        return Plan(device=device, model="tiny", seq_len=256, micro_batches=[8, 16], accum=4, steps=2,
-                    backend=args.backend or "inductor", small_seq_len=256, ddp_model="tiny", ddp_layers=4,
-                    ddp_micro_batch=4, ddp_seq_len=256, **common)
+        return Plan(device=device, model="tiny", seq_len=256, micro_batch=16, other_micro_batch=8,
+                    long_seq_len=512, long_micro_batch=8, accum=4, steps=5, backend=args.backend or "inductor",
+                    small_seq_len=256, ddp_model="tiny", ddp_layers=4, ddp_micro_batch=4, ddp_seq_len=256, **common)
     # The CPU smoke run: every path once, at the least work that still accumulates and chunks.
-    return Plan(device=device, model="tiny", seq_len=32, micro_batches=[2, 4], accum=2, steps=1,
-                backend=args.backend or "eager", small_seq_len=32, ddp_model="tiny", ddp_layers=4,
-                ddp_micro_batch=2, ddp_seq_len=32, **common)
+    return Plan(device=device, model="tiny", seq_len=32, micro_batch=4, other_micro_batch=2, long_seq_len=64,
+                long_micro_batch=2, accum=2, steps=1, backend=args.backend or "eager", small_seq_len=32,
+                ddp_model="tiny", ddp_layers=4, ddp_micro_batch=2, ddp_seq_len=32, **common)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -110,6 +122,10 @@ def sync(device: torch.device) -> None:
 
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def peak_reserved_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -156,14 +172,17 @@ def tail(path: Path, n: int = 15) -> list[str]:
 
 
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                             fused=device.type == "cuda")
+    """train_llama's AdamW (decay on 2-D weights only; fused on CUDA) with TrainConfig's defaults."""
+    from train_config import TrainConfig
+    from train_llama import build_optimizer
+
+    return build_optimizer(model, TrainConfig(), device)
 
 
 def wrap_like_training(model: torch.nn.Module, plan: Plan, seq_len: int, d=None, **knobs) -> torch.nn.Module:
     """The training model as train_llama makes it: parallel.parallelize with TrainConfig's defaults
-    (whole-model compile, no activation checkpointing, no FSDP) but `knobs`, compiled on plan.backend.
-    FSDP needs a process group: `d` from setup_distributed under torchrun."""
+    but `knobs`, compiled on plan.backend. FSDP needs a process group: `d` from setup_distributed
+    under torchrun."""
     import parallel
     from train_config import TrainConfig
     from utils import Dist
@@ -186,33 +205,41 @@ def make_batches(vocab_size: int, micro_batch: int, seq_len: int, count: int, de
     return batches
 
 
-def train_step(train_model, model, optimizer, batches, autocast) -> float:
-    """One optimizer step as train_llama.py takes it (accumulation over `batches`, gradients
-    reduced on the last micro-step only, clip, AdamW); returns the mean loss."""
-    import parallel
+def train_step(train_model, model, optimizer, batches, plan: Plan, sdpa_backend: str = "auto") -> float:
+    """One optimizer step through train_llama.optimizer_step, the step training takes (accumulation
+    over `batches`, gradients reduced on the last micro-step only, clip 1.0, AdamW); the mean loss."""
+    from train_llama import StepSettings, optimizer_step
 
-    total = torch.zeros((), device=batches[0][0].device)
-    for i, (x, y) in enumerate(batches):
-        parallel.set_gradient_sync(model, train_model, i == len(batches) - 1)
-        with autocast:
-            loss = train_model(x, y)
-        (loss / len(batches)).backward()
-        total += loss.detach() / len(batches)
-    parallel.clip_grad_norm(model.parameters(), 1.0)  # FSDP's gradients are shards
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total.item()
+    settings = StepSettings(accum_steps=len(batches), autocast_dtype=plan.autocast_dtype(), sdpa_backend=sdpa_backend)
+    loss, _, _, _ = optimizer_step(model, train_model, optimizer, batches, settings)
+    return loss.item()
 
 
 def compile_stats() -> dict:
-    """Graph breaks and recompiles so far in this process, from dynamo's own bookkeeping."""
+    """What dynamo compiled in this process so far, from its own bookkeeping: frames it compiled
+    and skipped (a skipped frame runs eagerly and counts as no graph break: Transformer.forward
+    under FSDP did), graph breaks, graphs, recompiles."""
     from torch._dynamo.utils import counters, get_compilation_metrics
 
     breaks = counters["graph_break"]
-    reasons = [m.recompile_reason for m in get_compilation_metrics() if getattr(m, "recompile_reason", None)]
-    return {"frames_compiled": counters["frames"]["ok"], "graph_breaks": sum(breaks.values()),
-            "graph_break_reasons": [first_line(r) for r in list(breaks)[:5]],
+    compilations = get_compilation_metrics()
+    reasons = [m.recompile_reason for m in compilations if getattr(m, "recompile_reason", None)]
+    skipped = [f"{m.co_name} ({Path(m.co_filename or '?').name}:{m.co_firstlineno})" for m in compilations
+               if getattr(m, "fail_type", None)]
+    return {"frames_compiled": counters["frames"]["ok"],
+            "frames_skipped": counters["frames"]["total"] - counters["frames"]["ok"],
+            "skipped_frames": skipped[:5], "graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(breaks.values()), "graph_break_reasons": [first_line(r) for r in list(breaks)[:5]],
             "recompiles": len(reasons), "recompile_reasons": [first_line(r) for r in reasons[:5]]}
+
+
+def compile_verdict(stats: dict) -> str:
+    """ok, or a mismatch when dynamo skipped a frame (it ran eagerly though compile was asked for)."""
+    counts = (f"{stats['graphs']} graphs, {stats['graph_breaks']} graph breaks, {stats['recompiles']} recompiles, "
+              f"{stats['frames_skipped']} frames skipped")
+    if stats["frames_skipped"]:
+        return f"mismatch: {counts}: {', '.join(stats['skipped_frames']) or '?'}"
+    return f"ok: {counts}"
 
 
 def top_kernels(fn, device: torch.device, n: int = 10) -> list[dict]:
@@ -339,14 +366,20 @@ def row_env(plan: Plan) -> dict:
     except FileNotFoundError as e:
         info["gpt2_vocab"] = None
         info["gpt2_vocab_error"] = first_line(e)
+    info.update(inductor_cache=os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                cache_files_at_start=sum(1 for _ in Path(plan.cache_dir).rglob("*")),
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
     cfg = model_config(plan.model, max_seq_len=plan.seq_len)
-    info["sdpa"] = sdpa_backends(cfg, plan.micro_batches[-1], plan.seq_len, torch.device(plan.device))
+    info["sdpa"] = sdpa_backends(cfg, plan.micro_batch, plan.seq_len, torch.device(plan.device))
+    available = [b for b in ("flash_attention", "cudnn_attention", "efficient_attention", "math")
+                 if "ms" in info["sdpa"][b]]
     if info["gpt2_vocab"] is None:
         verdict = "warning: no GPT-2 vocabulary, so the hellaswag and recompile rows fail: see benchmarks/README.md"
     elif plan.cuda and peak is None:
         verdict = f"warning: no peak for {name!r}, so MFU is null: pass --peak_tflops"
     else:
-        verdict = f"ok: SDPA default {info['sdpa']['default']}; {note}"
+        verdict = (f"ok: SDPA runs {', '.join(b.split('_')[0] for b in available)}, picks {info['sdpa']['default']}; "
+                   f"{note}; {info['cache_files_at_start']} files in the inductor cache")
     return {**info, "config": f"{info['device']}, torch {torch.__version__}", "verdict": verdict}
 
 
@@ -389,82 +422,152 @@ def sdpa_backends(cfg, batch: int, seq_len: int, device: torch.device) -> dict:
     return result
 
 
-def row_speed(plan: Plan, micro_batch: int, compiled: bool, **knobs) -> dict:
-    """One training step of the measured model (accumulation, clip, fused AdamW) at one micro-batch,
-    wrapped as train_llama wraps it with the TrainConfig `knobs` (parallel, activation_checkpointing,
-    ac_every, compile_mode): throughput, MFU, peak memory, compile time, graph breaks, recompiles
-    and the top kernels. FSDP applies under torchrun only (one rank: NCCL on CUDA, gloo on CPU)."""
+def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None = None, profile: bool = False,
+              **knobs) -> dict:
+    """Optimizer steps of the measured model (plan.accum micro-steps, clip, fused AdamW) through
+    train_llama.optimizer_step at one micro-batch, wrapped as train_llama wraps it with the
+    TrainConfig `knobs` (parallel, activation_checkpointing, ac_every, compile_mode): tokens/s and
+    MFU over plan.steps steps after the first, peak memory allocated and reserved, compile time,
+    what dynamo compiled and skipped, the top kernels. FSDP applies under torchrun only (one
+    rank: NCCL on CUDA, gloo on CPU). A frame dynamo skipped is a mismatch."""
     import metrics
     import parallel
     from model import build_model, model_config
+    from train_config import TrainConfig
     from utils import setup_distributed, teardown_distributed
 
+    seq_len = seq_len or plan.seq_len
     d = setup_distributed(plan.device)
     device = d.device
     if plan.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cap = cap_memory(plan)
-    cfg = model_config(plan.model, max_seq_len=plan.seq_len)
-    how = f"compiled ({plan.backend})" if compiled else "eager"
-    flags = "".join(f" --{k}={v}" for k, v in knobs.items())
-    result = {"config": f"{plan.model} {how}{flags}, seq {plan.seq_len} x {plan.accum} accum"
-                        + (f", cap {cap:g} GiB" if cap else ""), "micro_batch": micro_batch}
+    cfg = model_config(plan.model, max_seq_len=seq_len)
+    mode = parallel.compile_mode(TrainConfig(compile=compiled, compile_cpu=True, **knobs), d)
+    how = f"compiled {mode} ({plan.backend})" if compiled else "eager"
+    flags = "".join(f" --{k}={v}" for k, v in knobs.items() if k != "compile_mode")
+    result = {"config": f"{plan.model} {how}{flags}, seq {seq_len} x {plan.accum} accum"
+                        + (f", cap {cap:g} GiB" if cap else ""), "micro_batch": micro_batch, "seq_len": seq_len,
+              "compile_mode": mode}
     try:
         torch.manual_seed(0)
         model = build_model(cfg, device)
-        train_model = wrap_like_training(model, plan, plan.seq_len, d, compile=compiled, **knobs)
+        train_model = wrap_like_training(model, plan, seq_len, d, compile=compiled, **knobs)
         optimizer = make_optimizer(model, device)  # after wrapping: FSDP replaces parameters by shards
-        batches = make_batches(cfg.vocab_size, micro_batch, plan.seq_len, plan.accum, device)
+        batches = make_batches(cfg.vocab_size, micro_batch, seq_len, plan.accum, device)
 
         def step():
-            return train_step(train_model, model, optimizer, batches, plan.autocast())
+            return train_step(train_model, model, optimizer, batches, plan)
 
         t0 = time.perf_counter()
         step()
         first_step_s = time.perf_counter() - t0
-        # The peak after the first step: the optimizer state exists, compilation's memory is gone.
+        # The peaks after the first step: the optimizer state exists, compilation's memory is gone.
         reset_peak(device)
         times, loss = [], None
         for _ in range(plan.steps):
             t0 = time.perf_counter()
             loss = step()
             times.append(time.perf_counter() - t0)
-        peak = peak_gib(device)
-        # On the CPU, where a profiled step takes seconds, the plain rows alone cover the profiler.
-        kernels = top_kernels(step, device) if plan.cuda or not knobs else []
+        peak, reserved = peak_gib(device), peak_reserved_gib(device)
+        # On the CPU, where a profiled step takes seconds, the headline alone covers the profiler.
+        kernels = top_kernels(step, device) if plan.cuda or profile else []
     except Exception as e:  # an OOM is this row's answer; anything else is a crash
         if not is_oom(e):
             raise
-        return {**result, "peak_gib": peak_gib(device), "verdict": "out of memory", "error": first_line(e)}
+        return {**result, "peak_gib": peak_gib(device), "peak_reserved_gib": peak_reserved_gib(device),
+                "verdict": "out of memory", "error": first_line(e)}
     finally:
         teardown_distributed()
     step_s = statistics.median(times)
-    tokens_per_s = micro_batch * plan.seq_len * plan.accum / step_s
-    n_params = model.num_params()
+    tokens_per_s = micro_batch * seq_len * plan.accum / step_s
     flops, note = metrics.peak_flops(torch.cuda.get_device_name(device) if plan.cuda else None, plan.peak_tflops)
-    flops_per_token = metrics.flops_per_token(n_params, cfg.n_layers, plan.seq_len, cfg.dim)
+    flops_per_token = metrics.flops_per_token(model, seq_len)
     mfu = flops_per_token * tokens_per_s / flops if flops else None
     stats = compile_stats() if compiled else {}
-    verdict = "ok"
-    if compiled:
-        verdict = f"ok: {stats['graph_breaks']} graph breaks, {stats['recompiles']} recompiles"
+    verdict = compile_verdict(stats) if compiled else "ok"
     if not np.isfinite(loss):
         verdict = f"mismatch: loss {loss}"
-    return {**result, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_note": note, "peak_gib": peak,
-            "ms_per_step": step_s * 1000, "first_step_s": first_step_s,
-            "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": n_params,
-            "tokens_per_step": micro_batch * plan.seq_len * plan.accum, "sharded": parallel.is_sharded(model),
+    return {**result, "tokens_per_s": tokens_per_s, "mfu": mfu, "mfu_note": note, "flops_per_token": flops_per_token,
+            "peak_gib": peak, "peak_reserved_gib": reserved, "ms_per_step": step_s * 1000,
+            "step_ms_all": [t * 1000 for t in times], "steps_timed": len(times), "first_step_s": first_step_s,
+            "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": model.num_params(),
+            "tokens_per_step": micro_batch * seq_len * plan.accum, "sharded": parallel.is_sharded(model),
             **stats, "top_kernels": kernels, "verdict": verdict}
 
 
+def row_attention(plan: Plan) -> dict:
+    """The model's training step (eager, so that no backend waits on a compile; one micro-step)
+    under each SDPA backend that --sdpa_backend offers, at seq_len x micro_batch and at
+    long_seq_len x long_micro_batch (the same tokens): ms per step, and the attention op the
+    profiler saw run, so that a backend which was not used cannot pass for one that was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import build_model, model_config
+
+    device = torch.device(plan.device)
+    if plan.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cap = cap_memory(plan)
+    # Eager keeps every activation a compiled step frees: half the headline's micro-batch fits.
+    shapes = [(plan.seq_len, max(1, plan.micro_batch // 2)), (plan.long_seq_len, max(1, plan.long_micro_batch // 2))]
+    torch.manual_seed(0)
+    model = build_model(model_config(plan.model, max_seq_len=plan.long_seq_len), device)
+    optimizer = make_optimizer(model, device)
+    report: dict[str, dict] = {}
+    for seq_len, micro_batch in shapes:
+        batches = make_batches(model.config.vocab_size, micro_batch, seq_len, 1, device)
+        for backend in ("flash", "cudnn", "efficient", "math" if not plan.cuda else None):
+            if backend is None:
+                continue
+            key = f"{backend}_seq{seq_len}_mb{micro_batch}"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    ms = time_ms(lambda: train_step(model, model, optimizer, batches, plan, backend), device,
+                                 plan.steps)
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        train_step(model, model, optimizer, batches, plan, backend)
+                        sync(device)
+                    ops = sorted({e.key.removeprefix("aten::_scaled_dot_product_") for e in prof.key_averages()
+                                  if e.key.startswith("aten::_scaled_dot_product_")})
+                    report[key] = {"ms": ms, "ops": ops}
+                except Exception as e:  # a backend that refuses the shape (or the card): that is its answer
+                    # SDPA says why a backend refused in warnings; the error itself only says none ran.
+                    why = "; ".join(dict.fromkeys(first_line(w.message) for w in caught
+                                                  if "sdp" in str(w.message).lower()))
+                    report[key] = {"error": ("out of memory: " if is_oom(e) else "") + (why or first_line(e))[:300]}
+                optimizer.zero_grad(set_to_none=True)
+                if plan.cuda:
+                    torch.cuda.empty_cache()
+    ran = {k: v for k, v in report.items() if "ms" in v}
+    wrong = [k for k, v in ran.items() if not any(k.split("_")[0] in op for op in v["ops"])]
+    parts = []
+    for seq_len, micro_batch in shapes:
+        times = [f"{k.split('_')[0]} {v['ms']:.0f}" for k, v in ran.items()
+                 if k.endswith(f"_seq{seq_len}_mb{micro_batch}")]
+        parts.append(f"seq {seq_len}: " + (", ".join(times) or "none ran") + " ms")
+    summary = "; ".join(parts)
+    if wrong:
+        verdict = f"mismatch: {', '.join(wrong)} ran another kernel ({summary})"
+    elif not any(k.startswith("flash") for k in ran):
+        verdict = f"failed: flash attention ran at no shape ({summary})"
+    else:
+        verdict = f"ok: {summary}"
+    return {"config": f"{plan.model} eager step, 1 micro-step, per SDPA backend"
+                      + (f", cap {cap:g} GiB" if cap else ""),
+            "variants": report, "verdict": verdict}
+
+
 def row_train_llama(plan: Plan) -> dict:
-    """The real script's --benchmark path (synthetic tokens, nothing written), as a user runs it."""
-    mb = plan.micro_batches[-1]
+    """The real script's --benchmark path (synthetic tokens, nothing written), as a user runs it,
+    at the headline's shape and compile mode: the same graph, loaded from the inductor cache."""
+    mb = plan.micro_batch
     config = "configs/llama_1p7b.py" if plan.model == "1p7b" else "configs/tiny.py"
     # HellaSwag off: the benchmark never evaluates, and its data may not be on this machine.
     args = ["--config", config, f"--benchmark={8 if plan.model == '1p7b' else 3}", f"--seq_len={plan.seq_len}",
-            f"--micro_batch={mb}", f"--total_batch_tokens={mb * plan.seq_len * plan.accum}",
+            f"--micro_batch={mb}", f"--total_batch_tokens={mb * plan.seq_len * plan.accum}", "--compile_mode=blocks",
             f"--device={plan.device}", "--hellaswag_interval=0", f"--out_dir={Path(plan.out) / 'train_llama'}"]
     if plan.peak_tflops:
         args.append(f"--peak_tflops={plan.peak_tflops}")
@@ -523,8 +626,8 @@ def row_ddp(plan: Plan) -> dict:
                 compiled = wrap_like_training(model, plan, plan.ddp_seq_len, d)
                 train_model = parallel.replicate(compiled, TrainConfig(seq_len=plan.ddp_seq_len), d)
             t0 = time.perf_counter()
-            losses[variant] = [train_step(train_model, model, optimizer, batches[s * accum:(s + 1) * accum],
-                                          plan.autocast()) for s in range(steps)]
+            losses[variant] = [train_step(train_model, model, optimizer, batches[s * accum:(s + 1) * accum], plan)
+                               for s in range(steps)]
             seconds[variant] = time.perf_counter() - t0
             del model, optimizer, train_model
         stats = compile_stats()
@@ -533,9 +636,13 @@ def row_ddp(plan: Plan) -> dict:
     diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["ddp_compiled"], strict=True))
     # float32 on CPU agrees to rounding; on CUDA, bf16 autocast with kernels fused differently does not.
     tol = 2e-2 if plan.cuda else 1e-4
-    verdict = (f"ok: |loss - eager| <= {diff:.1e}, {stats['graph_breaks']} graph breaks" if diff <= tol else
-               f"mismatch: losses differ from eager by {diff:.2e} (> {tol:g})")
-    return {"config": f"{plan.ddp_model} {plan.ddp_layers} layers, DDP(compile), torchrun 1 x "
+    # DDP's optimizer splits the whole-model graph at its bucket boundaries: `graphs` counts them.
+    verdict = compile_verdict(stats)
+    if diff > tol:
+        verdict = f"mismatch: losses differ from eager by {diff:.2e} (> {tol:g})"
+    elif verdict.startswith("ok"):
+        verdict = f"ok: |loss - eager| <= {diff:.1e}, " + verdict.removeprefix("ok: ")
+    return {"config": f"{plan.ddp_model} {plan.ddp_layers} layers, DDP(compile model), torchrun 1 x "
                       f"{'nccl' if plan.cuda else 'gloo'}",
             "micro_batch": plan.ddp_micro_batch, "losses": losses, "seconds_per_variant": seconds,
             "max_loss_diff": diff, "tolerance": tol, **stats, "verdict": verdict}
@@ -548,7 +655,7 @@ def row_loss(plan: Plan) -> dict:
 
     device = torch.device(plan.device)
     cfg = model_config(plan.model)
-    n = plan.micro_batches[-1] * plan.seq_len  # the rows of one micro-batch
+    n = plan.micro_batch * plan.seq_len  # the rows of one micro-batch
     chunk = min(cfg.loss_chunk_size, n // 4)
     g = torch.Generator().manual_seed(0)
     h0 = torch.randn(n, cfg.dim, generator=g).to(device)  # like the final norm's output: unit RMS
@@ -598,7 +705,7 @@ def row_loss(plan: Plan) -> dict:
     # Both round through the same bf16 matmuls; chunking must not add error of its own.
     verdict = f"ok: {summary}" if err_ours <= 2 * max(err_theirs, 1e-4) else f"mismatch: {summary}"
     return {"config": f"loss {n} rows x {cfg.dim} -> {cfg.vocab_size}, chunk {chunk}",
-            "micro_batch": plan.micro_batches[-1], "tokens_per_s": n / (ours["ms"] / 1000),
+            "micro_batch": plan.micro_batch, "tokens_per_s": n / (ours["ms"] / 1000),
             "peak_gib": ours["peak_gib"], "ms_per_step": ours["ms"],
             "compile_s": ours["first_s"] - ours["ms"] / 1000, "variants": report, "verdict": verdict}
 
@@ -688,7 +795,7 @@ def row_recompile(plan: Plan) -> dict:
     def frames() -> int:
         return counters["frames"]["ok"]
 
-    train_step(compiled, model, optimizer, batches, plan.autocast())
+    train_step(compiled, model, optimizer, batches, plan)
     after = {"train": frames()}
     with torch.no_grad(), plan.autocast():
         for x, y in batches:
@@ -699,7 +806,7 @@ def row_recompile(plan: Plan) -> dict:
                        autocast_dtype=torch.bfloat16 if plan.cuda else None, progress=False)
     after["hellaswag"] = frames()
     before_metrics = len(get_compilation_metrics())
-    train_step(compiled, model, optimizer, batches, plan.autocast())
+    train_step(compiled, model, optimizer, batches, plan)
     after["train_again"] = frames()
     new = after["train_again"] - after["hellaswag"]
     reasons = [first_line(getattr(m, "recompile_reason", "") or "")
@@ -722,56 +829,82 @@ def row_recompile(plan: Plan) -> dict:
 class Row:
     run: object  # fn(plan) -> dict
     doc: str
+    call: int  # 1: the first device call (the headline); 2: the second
+    cold_s: float  # estimated seconds on a cold H100 (process start and compile included): the plan's time model
+    timeout_s: float = 300  # this row's limit on CUDA (--timeout overrides every row's)
     torchrun: bool = False  # launched under torchrun --nproc_per_node=1
     beside_others: bool = False  # a correctness row: may share the machine with other such rows
 
 
+HEADLINE = "blocks_mb16"
+
+# In the order they run. The estimates (cold_s) are not measurements: no row has run on a GPU yet.
+# They assume ~45-60 s for inductor's cold compile of one block graph (forward and backward) on a
+# 16-core machine, ~15 s of process start and CUDA set-up, and steps at ~40% MFU. On CUDA a row
+# that the budget left cannot hold by its estimate is skipped and the next one tried; results.jsonl's
+# `seconds` replace the estimates after the first GPU run. By them, all rows take more than two calls:
+# each call puts first what matters most, and a row it skipped is run later with --rows.
 ROWS: dict[str, Row] = {
-    "env": Row(row_env, "versions, card, peak FLOP/s, GPT-2 vocabulary, SDPA backends for bf16 GQA"),
-    # Named for the CUDA micro-batches 8, 16 and 32; the CPU smoke run uses 2, 4 and 8.
-    "compiled_mb8": Row(lambda plan: row_speed(plan, plan.micro_batches[0], compiled=True),
-                        "compiled training step at the smaller micro-batch, memory capped"),
-    "compiled_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True),
-                         "compiled training step at the larger micro-batch, memory capped"),
-    "train_llama": Row(row_train_llama, "train_llama.py --benchmark, the real script"),
-    "loss": Row(row_loss, "chunked loss vs compiled F.cross_entropy on full logits"),
-    # If compiling took the budget, the answers from here on matter least: they are the ones skipped.
-    "eager_mb8": Row(lambda plan: row_speed(plan, plan.micro_batches[0], compiled=False),
-                     "eager training step at the smaller micro-batch, memory capped"),
-    "eager_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=False),
-                      "eager training step at the larger micro-batch, memory capped"),
-    # parallel.py's other choices, each against compiled_mb16 (whole-model compile, no FSDP, no
-    # checkpointing); full checkpointing at twice its micro-batch, which does not fit without.
-    "fsdp_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True, parallel="fsdp"),
-                     "compiled step under FSDP2 (torchrun, one rank), memory capped", torchrun=True),
-    "blocks_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True, compile_mode="blocks"),
-                       "per-block compile instead of whole-model: step time and compile time"),
-    "ac_full_mb32": Row(lambda plan: row_speed(plan, 2 * plan.micro_batches[1], compiled=True,
+    # ---- call 1: the headline first, with nothing before it but the environment
+    "env": Row(row_env, "versions, card, peak FLOP/s, GPT-2 vocabulary, which SDPA backends run bf16 GQA",
+               call=1, cold_s=30, timeout_s=120),
+    HEADLINE: Row(lambda plan: row_speed(plan, plan.micro_batch, compiled=True, profile=True, compile_mode="blocks"),
+                  "THE HEADLINE: 1p7b compiled per block, default micro-batch, 4 micro-steps, MFU over 5 steps",
+                  call=1, cold_s=120, timeout_s=420),
+    "train_llama": Row(row_train_llama, "train_llama.py --benchmark, the real script, the headline's shape",
+                       call=1, cold_s=60, timeout_s=240),
+    "loss": Row(row_loss, "chunked loss vs compiled F.cross_entropy on full logits", call=1, cold_s=40,
+                timeout_s=180),
+    "blocks_mb8": Row(lambda plan: row_speed(plan, plan.other_micro_batch, compiled=True, compile_mode="blocks"),
+                      "the headline at the other micro-batch (with it: activation memory per sample)",
+                      call=1, cold_s=100),
+    "eager_mb8": Row(lambda plan: row_speed(plan, plan.other_micro_batch, compiled=False),
+                     "eager training step at the other micro-batch", call=1, cold_s=40),
+    # ---- call 2: the rest, most wanted first
+    "seq2048_mb8": Row(lambda plan: row_speed(plan, plan.long_micro_batch, compiled=True, compile_mode="blocks",
+                                              seq_len=plan.long_seq_len),
+                       "the headline at seq 2048, micro-batch 8 (the same tokens per micro-step)", call=2, cold_s=100),
+    "fsdp_mb16": Row(lambda plan: row_speed(plan, plan.micro_batch, compiled=True, parallel="fsdp"),
+                     "FSDP2 (torchrun, one rank), compiled per block; a frame dynamo skips is a mismatch",
+                     call=2, cold_s=110, torchrun=True),
+    "attention": Row(row_attention, "the model's step under each SDPA backend (flash, cudnn, efficient), seq 1024 "
+                                    "and 2048", call=2, cold_s=60),
+    "ddp": Row(row_ddp, "DDP around the whole-model compile, torchrun one rank (NCCL): losses vs eager, graph splits",
+               call=2, cold_s=80, torchrun=True),
+    "ac_full_mb32": Row(lambda plan: row_speed(plan, 2 * plan.micro_batch, compiled=True, compile_mode="blocks",
                                                activation_checkpointing="full"),
-                        "compiled step, every block checkpointed, at twice the larger micro-batch"),
-    "ac_selective_mb16": Row(lambda plan: row_speed(plan, plan.micro_batches[1], compiled=True,
+                        "compiled per block, every block checkpointed, at twice the default micro-batch",
+                        call=2, cold_s=110),
+    "ac_selective_mb16": Row(lambda plan: row_speed(plan, plan.micro_batch, compiled=True, compile_mode="blocks",
                                                     activation_checkpointing="selective", ac_every=2),
-                             "compiled step, every 2nd block checkpointed, at the larger micro-batch"),
-    "ddp": Row(row_ddp, "DDP + compile under torchrun (NCCL) vs eager", torchrun=True, beside_others=True),
-    "resume": Row(row_resume, "train_llama save/stop/resume under torchrun vs straight", beside_others=True),
+                             "compiled per block, every 2nd block checkpointed, default micro-batch",
+                             call=2, cold_s=110),
+    "model_mb16": Row(lambda plan: row_speed(plan, plan.micro_batch, compiled=True, compile_mode="model"),
+                      "the headline with whole-model compile (train_llama's default --compile_mode=model)",
+                      call=2, cold_s=300, timeout_s=480),
+    "resume": Row(row_resume, "train_llama save/stop/resume under torchrun vs straight", call=2, cold_s=90,
+                  beside_others=True),
     "hellaswag": Row(row_hellaswag, "hellaswag.py (--compile on CUDA) on the fixture, fresh checkpoint",
-                     beside_others=True),
+                     call=2, cold_s=90, beside_others=True),
     "recompile": Row(row_recompile, "no recompile of the train step after validation and HellaSwag",
-                     beside_others=True),
+                     call=2, cold_s=60, beside_others=True),
 }
-DERIVED = "activations"  # computed from the two compiled rows, not run
+CALLS = {1: [n for n, r in ROWS.items() if r.call == 1], 2: [n for n, r in ROWS.items() if r.call == 2]}
+BUDGET_S = {1: 480, 2: 480}  # each call's --budget: under a 540 s timeout_s, room for set-up and the table
+DERIVED = "activations"  # computed from the two per-block compiled rows, not run
 
 
 def activations_row(results: dict[str, dict], plan: Plan) -> dict:
-    """Activation memory per sample as the slope of the compiled rows' peaks, and the peaks it
-    projects for micro-batches 24 and 32."""
-    a, b = results.get("compiled_mb8", {}), results.get("compiled_mb16", {})
-    row = {"row": DERIVED, "config": f"{plan.model} compiled, peak(mb) = fixed + mb x per-sample"}
+    """Activation memory per sample as the slope of the per-block compiled rows' peaks, and the
+    peaks it projects for micro-batches 24 and 32."""
+    a, b = results.get("blocks_mb8", {}), results.get(HEADLINE, {})
+    row = {"row": DERIVED, "config": f"{plan.model} compiled per block, peak(mb) = fixed + mb x per-sample"}
     if a.get("peak_gib") is None or b.get("peak_gib") is None:
-        why = "needs CUDA (peak memory)" if not plan.cuda else "needs both compiled rows' peaks"
+        why = "needs CUDA (peak memory)" if not plan.cuda else f"needs the peaks of blocks_mb8 and {HEADLINE}"
         return {**row, "verdict": f"skipped: {why}"}
-    per_sample = (b["peak_gib"] - a["peak_gib"]) / (plan.micro_batches[1] - plan.micro_batches[0])
-    fixed = a["peak_gib"] - plan.micro_batches[0] * per_sample
+    small, large = plan.other_micro_batch, plan.micro_batch
+    per_sample = (b["peak_gib"] - a["peak_gib"]) / (large - small)
+    fixed = a["peak_gib"] - small * per_sample
     projected = {mb: fixed + mb * per_sample for mb in (24, 32)}
     fits = ", ".join(f"mb{mb} {gib:.1f} GiB{'' if gib <= plan.mem_cap_gib else ' (over the cap)'}"
                      for mb, gib in projected.items())
@@ -800,6 +933,7 @@ class Running:
     proc: subprocess.Popen
     started: float
     deadline: float
+    limit: float  # its own timeout
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -837,23 +971,31 @@ def finish(name: str, code: int | None, seconds: float, timeout: float, out: Pat
 
 
 # The commands and the limits they run under (per-row timeout, overall deadline, parallel width).
-def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: float, deadline: float,
-                 width: int = 1, log=print) -> dict[str, dict]:
-    """Run each command as its own process group, `width` at once, each until it exits, `timeout`
-    seconds pass, or the monotonic `deadline`; one result per command, in the given order.
+def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: float | dict[str, float],
+                 deadline: float, width: int = 1, log=print, estimates: dict[str, float] | None = None,
+                 least: float = 5.0) -> dict[str, dict]:
+    """Run each command as its own process group, `width` at once, each until it exits, its
+    timeout (`timeout`, or `timeout[name]`) passes, or the monotonic `deadline`; one result per
+    command, in the given order. A command whose estimated seconds (`estimates`) the time left
+    cannot hold is not started: it is skipped and the next one tried.
 
     A command's stdout/stderr go to OUT/logs/NAME.out/.err; its result is OUT/rows/NAME.json if it
-    wrote one, else a failed/timeout verdict with the end of its stderr."""
+    wrote one, else a failed/timeout verdict with the end of its stderr. A row is not started
+    with less than `least` seconds left."""
     for sub in ("logs", "rows"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    estimates = estimates or {}
     results: dict[str, dict] = {}
     pending, running = list(commands), []
     while pending or running:
         while pending and len(running) < width:
             name = pending.pop(0)
             now = time.monotonic()
-            if deadline - now < 5:
-                results[name] = {"row": name, "verdict": "skipped: the time budget (--budget) is spent"}
+            left = deadline - now
+            if left < max(least, estimates.get(name, 0.0)):
+                why = (f"needs about {estimates[name]:.0f} s, {left:.0f} s of the budget (--budget) left"
+                       if left >= least else "the time budget (--budget) is spent")
+                results[name] = {"row": name, "verdict": f"skipped: {why}"}
                 log(f"{name}: {results[name]['verdict']}")
                 continue
             (out / "rows" / f"{name}.json").unlink(missing_ok=True)
@@ -861,7 +1003,8 @@ def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: 
                 # Its own session, so that a timeout ends everything it started (train_llama, torchrun).
                 proc = subprocess.Popen(commands[name], stdout=stdout, stderr=stderr, env=env, cwd=REPO,
                                         start_new_session=True)
-            running.append(Running(name, proc, now, min(now + timeout, deadline)))
+            limit = timeout[name] if isinstance(timeout, dict) else timeout
+            running.append(Running(name, proc, now, min(now + limit, deadline), limit))
         time.sleep(0.1)
         for r in list(running):
             code, now = r.proc.poll(), time.monotonic()
@@ -871,9 +1014,31 @@ def run_commands(commands: dict[str, list[str]], out: Path, env: dict, timeout: 
                 stop_group(r.proc)
             running.remove(r)
             results[r.name] = finish(r.name, code, now - r.started, r.deadline - r.started, out,
-                                     by_budget=r.deadline < r.started + timeout)
+                                     by_budget=r.deadline < r.started + r.limit)
             log(f"{r.name}: {results[r.name]['verdict']} ({now - r.started:.0f} s)")
     return {name: results[name] for name in commands}
+
+
+def run_rows(names: list[str], commands: dict[str, list[str]], out: Path, env: dict, budget: float, cuda: bool,
+             jobs: int, timeout: float | None = None, time_scale: float = 1.0, log=print) -> dict[str, dict]:
+    """The schedule of one call: the rows that time things alone, one after another, in their
+    order (on the CPU, where nothing is a performance figure, `jobs` at once), then the
+    correctness rows `jobs` at once; a quarter of the budget is kept for those, so that a slow
+    compile cannot leave them no time. Each row's limit is its timeout_s (or `timeout`), and on
+    CUDA a row is started only if the budget left holds its cold_s; `time_scale` scales both
+    (tests/test_gpu_check.py runs the plan at a fiftieth of the time, with stand-in rows)."""
+    t0 = time.monotonic()
+    timed = [n for n in names if not ROWS[n].beside_others]
+    beside = [n for n in names if ROWS[n].beside_others]
+    reserve = budget / 4 if beside and timed else 0
+    limits = {n: (timeout or ROWS[n].timeout_s) * time_scale for n in names}
+    estimates = {n: ROWS[n].cold_s * time_scale for n in names} if cuda else {}
+    results = {}
+    for group, width, deadline in ((timed, 1 if cuda else jobs, t0 + budget - reserve), (beside, jobs, t0 + budget)):
+        if group:
+            results.update(run_commands({n: commands[n] for n in group}, out, env, limits, deadline, width, log,
+                                        estimates, least=5.0 * time_scale))
+    return {n: results[n] for n in names}
 
 
 def fmt(value, spec: str) -> str:
@@ -882,13 +1047,13 @@ def fmt(value, spec: str) -> str:
 
 def table(results: list[dict]) -> str:
     cols = [("row", "<17"), ("config", "<62"), ("micro-batch", ">11"), ("tokens/s", ">11"), ("MFU", ">6"),
-            ("peak GiB", ">8"), ("ms/step", ">9"), ("compile s", ">9"), ("verdict", "<")]
+            ("peak GiB", ">8"), ("reserved", ">8"), ("ms/step", ">9"), ("compile s", ">9"), ("verdict", "<")]
     lines = [" ".join(format(c, spec) for c, spec in cols)]
     for r in results:
         cells = [r["row"], str(r.get("config", ""))[:62], fmt(r.get("micro_batch"), "d"),
                  fmt(r.get("tokens_per_s"), ",.0f"), fmt(r["mfu"] * 100 if r.get("mfu") is not None else None, ".1f"),
-                 fmt(r.get("peak_gib"), ".1f"), fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("compile_s"), ".1f"),
-                 r["verdict"]]
+                 fmt(r.get("peak_gib"), ".1f"), fmt(r.get("peak_reserved_gib"), ".1f"),
+                 fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("compile_s"), ".1f"), r["verdict"]]
         lines.append(" ".join(format(c, spec) for c, (_, spec) in zip(cells, cols, strict=True)))
     return "\n".join(lines)
 
@@ -914,14 +1079,16 @@ def header(plan: Plan, argv: list[str]) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out/gpu_check", help="results, table, logs (default: %(default)s)")
-    parser.add_argument("--rows", help=f"comma-separated subset of: {','.join(ROWS)}")
-    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    parser.add_argument("--call", type=int, choices=sorted(CALLS), default=1,
+                        help="which device call's rows: 1 = the headline (default), 2 = the rest")
+    parser.add_argument("--rows", help=f"comma-separated rows instead of a call's: {','.join(ROWS)}")
+    parser.add_argument("--out", help="results, table, logs (default: out/gpu_check/callN, or out/gpu_check/rows)")
+    parser.add_argument("--list", action="store_true", help="list the rows by call and exit")
     parser.add_argument("--quick", action="store_true", help="the tiny model, on CUDA too")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    parser.add_argument("--timeout", type=float, help="seconds per row (default: 300 on CUDA, 120 on CPU)")
-    parser.add_argument("--budget", type=float, default=480,
-                        help="seconds for all rows; rows not started by then are skipped (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, help="seconds per row (default: each row's own on CUDA, 300 on CPU)")
+    parser.add_argument("--budget", type=float,
+                        help=f"seconds for all rows; a row the rest cannot hold is skipped (default: {BUDGET_S[1]})")
     parser.add_argument("--jobs", type=int, help="correctness rows run at once (default: 4 on CUDA, 2 on CPU)")
     parser.add_argument("--backend", help="torch.compile backend (default: inductor on CUDA, eager on CPU)")
     parser.add_argument("--mem_cap_gib", type=float, default=79.0,
@@ -929,16 +1096,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "default: %(default)s)")
     parser.add_argument("--peak_tflops", type=float, default=0.0,
                         help="dense bf16 peak of a card metrics.PEAK_BF16_TFLOPS does not know")
-    parser.add_argument("--cache_dir", help="TORCHINDUCTOR_CACHE_DIR of every row (default: OUT/inductor_cache)")
+    parser.add_argument("--cache_dir", default=str(REPO / ".cache" / "inductor"),
+                        help="TORCHINDUCTOR_CACHE_DIR of every row, kept between calls (default: .cache/inductor "
+                             "in the repo, git-ignored)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    names = args.rows.split(",") if args.rows else list(ROWS)
+    names = args.rows.split(",") if args.rows else CALLS[args.call]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"unknown row(s) {','.join(unknown)}; choose from {','.join(ROWS)}")
     args.names = names
+    args.out = args.out or str(REPO / "out" / "gpu_check" / ("rows" if args.rows else f"call{args.call}"))
+    args.budget = args.budget or BUDGET_S[args.call]
     return args
+
+
+def row_env_vars(plan: Plan, jobs: int) -> dict[str, str]:
+    """The environment every row starts with (set before its interpreter imports torch)."""
+    cache = Path(plan.cache_dir)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
+           "PYTHONUNBUFFERED": "1"}
+    # Fewer fragmentation OOMs at the same peak; the rows measure with it, as training should run.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not plan.cuda:
+        # Rows share the cores `jobs` at a time: more threads each would only spin against each other.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -949,39 +1133,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.list:
         for name, row in ROWS.items():
-            print(f"{name:17} {row.doc}")
+            print(f"call {row.call}  {name:17} ~{row.cold_s:3.0f} s  {row.doc}")
         return 0
     plan = make_plan(args)
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
+    Path(plan.cache_dir).mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(dataclasses.asdict(plan), indent=2))
-    timeout = args.timeout or (300 if plan.cuda else 120)
     jobs = args.jobs or (4 if plan.cuda else 2)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": plan.cache_dir, "PYTHONUNBUFFERED": "1"}
-    if not plan.cuda:
-        # Rows share the cores `jobs` at a time: more threads each would only spin against each other.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    print(f"gpu_check: {len(args.names)} rows on {plan.device} ({plan.model}), at most {timeout:.0f} s per row "
-          f"and {args.budget:.0f} s in all; logs in {out / 'logs'}", flush=True)
+    timeout = args.timeout or (None if plan.cuda else 300)
+    what = f"rows {','.join(args.names)}" if args.rows else f"call {args.call}: {','.join(args.names)}"
+    print(f"gpu_check: {what} on {plan.device} ({plan.model}), {args.budget:.0f} s in all; logs in {out / 'logs'}; "
+          f"inductor cache {plan.cache_dir}", flush=True)
     t0 = time.monotonic()
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:5.0f} s] {msg}", flush=True)
 
-    # On CUDA the rows that time things run alone, one after another, and then the correctness rows
-    # share the machine, `jobs` at once; a quarter of the budget is kept for them, so that a slow
-    # compile cannot leave them no time. On the CPU nothing is a performance figure: all share it.
-    timed = [n for n in args.names if not ROWS[n].beside_others]
-    beside = [n for n in args.names if ROWS[n].beside_others]
-    reserve = args.budget / 4 if beside else 0
-    results = {}
-    for names, width, deadline in ((timed, 1 if plan.cuda else jobs, t0 + args.budget - reserve),
-                                   (beside, jobs, t0 + args.budget)):
-        commands = {n: row_command(n, plan_path) for n in names}
-        results.update(run_commands(commands, out, env, timeout, deadline, width, log))
+    commands = {n: row_command(n, plan_path) for n in args.names}
+    results = run_rows(args.names, commands, out, row_env_vars(plan, jobs), args.budget, plan.cuda, jobs,
+                       timeout=timeout, log=log)
     lines = [results[n] for n in args.names]
-    if any(n.startswith("compiled_mb") for n in args.names):
+    if "blocks_mb8" in args.names:
         lines.append(activations_row(results, plan))
     (out / "results.jsonl").write_text("".join(json.dumps(line, default=str) + "\n" for line in lines))
     text = header(plan, argv) + "\n\n" + table(lines)

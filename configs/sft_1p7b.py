@@ -9,7 +9,7 @@ which was made for this data at this scale.
     python finetune.py --config configs/sft_1p7b.py --data=alpaca.jsonl    # a local copy, offline
 """
 
-from finetune import TEMPLATES
+from chat_template import TEMPLATES
 from train_config import SFTConfig
 
 

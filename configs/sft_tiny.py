@@ -10,7 +10,7 @@ primary color."), while the validation loss on the 2 held-out rows stays high. T
 demo of the pipeline needs to show. About 3 minutes on 2 CPU cores.
 """
 
-from finetune import TEMPLATES
+from chat_template import TEMPLATES
 from train_config import SFTConfig
 
 

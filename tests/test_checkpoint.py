@@ -13,6 +13,7 @@ import torch
 import checkpoint
 from checkpoint import CheckpointError, ModelState, OptimizerState
 from conftest import make_tiny_model
+from runs import call_main
 
 
 class Counter:
@@ -218,3 +219,39 @@ def test_run_lock_refuses_a_second_holder_until_released(tmp_path):
         checkpoint.RunLock(tmp_path)
     first.close()
     checkpoint.RunLock(tmp_path).close()
+
+
+@pytest.mark.parametrize("entry", ["export_hf", "chat", "hellaswag", "evaluate", "init_from"])
+def test_overwritten_bytes_are_refused_outside_training(tmp_path, data_dir, entry):
+    """Finite garbage (zeros) over part of a checkpoint: every script that reads checkpoints refuses it
+    by its checksum in one line, and --verify=size is the escape (it loads)."""
+    import chat
+    import evaluate
+    import export_hf
+    import hellaswag
+    from runs import refusal
+
+    ckpt = checkpoint.save(tmp_path / "run", 3, {"model": ModelState(make_tiny_model())})
+    storage = checkpoint.SafeReader(ckpt).read_metadata().storage_data
+    where = next(info for index, info in storage.items() if index.fqn.endswith("tok_embeddings.weight"))
+    with open(ckpt / where.relative_path, "r+b") as f:  # the middle of the embedding's raw bytes
+        f.seek(where.offset + where.length // 2)
+        f.write(b"\x00" * 4096)
+    if entry == "evaluate":
+        with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
+            evaluate.load_checkpoint(ckpt, torch.device("cpu"))
+        evaluate.load_checkpoint(ckpt, torch.device("cpu"), verify="size")
+        return
+    if entry == "init_from":
+        assert "does not match its recorded checksum" in refusal(tmp_path / "new", data_dir, f"--init_from={ckpt}")
+        return
+    main, argv = {
+        "export_hf": (export_hf.main, ["--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]),
+        "chat": (chat.main, ["--checkpoint", str(ckpt), "--prompt", "Hi", "--max_new_tokens", "1", "--device", "cpu"]),
+        "hellaswag": (hellaswag.main, ["--checkpoint", str(ckpt), "--data", str(Path(__file__).parent / "data" /
+                                       "hellaswag_sample.jsonl"), "--limit", "1", "--device", "cpu"]),
+    }[entry]
+    proc = call_main(main, argv, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "does not match its recorded checksum" in lines[0], proc.stderr
+    call_main(main, [*argv, "--verify", "size"])

@@ -1,6 +1,8 @@
 """CPU stand-ins for the CUDA training path: the compiled loss traces as one graph under bf16
 autocast, and DDP around the compiled model (torchrun, gloo) trains the same losses as eager."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,52 @@ def test_ddp_compiled_on_two_gloo_processes_matches_eager(tmp_path, data_dir):
         for step in e:
             assert abs(c[step] - e[step]) <= 1e-4, (key, step, c[step], e[step])
     assert any(r["step"] == 3 and "sample_s" in r for r in compiled)
+
+
+def test_configure_compiler_in_a_fresh_interpreter():
+    """parallel.configure_compiler sets torch._functorch.config and torch._dynamo.config options in
+    a fresh interpreter that imported nothing else of torch's (it imports those modules itself)."""
+    code = ("import parallel, torch; from train_config import TrainConfig; "
+            "parallel.configure_compiler(TrainConfig(seq_len=2048)); "
+            "print(torch._functorch.config.backward_pass_autocast, torch._dynamo.config.recompile_limit)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["off", str(8 + 2 * 2048 // 64)]
+
+
+def test_fsdp_compiles_every_block_and_skips_no_frame(tmp_path):
+    """Under FSDP (one gloo process), --compile_mode=model compiles per block, as the setup line
+    says: dynamo skips no frame, breaks no graph, and builds one graph, the block's, which every
+    block runs (Transformer.forward, which FSDP's hooks would make dynamo skip, is not compiled)."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+
+    import parallel
+    from model import TransformerBlock
+    from train_config import TrainConfig
+    from utils import Dist
+
+    torch._dynamo.reset()
+    counters.clear()
+    clear_compilation_metrics()  # earlier tests' compilations stay listed otherwise
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = TrainConfig(seq_len=SEQ, parallel="fsdp", compile_cpu=True, compile_mode="model")
+        d = Dist(0, 0, 1, torch.device("cpu"))
+        model = make_tiny_model(max_seq_len=SEQ).train()
+        train_model, _ = parallel.parallelize(model, cfg, d, backend="eager")
+        said = parallel.compile_mode(cfg, d)  # what train_llama's setup line prints
+        tokens = torch.randint(0, 50257, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            train_model(tokens[:, :-1], tokens[:, 1:]).backward()
+    finally:
+        dist.destroy_process_group()
+    frames = counters["frames"]
+    assert frames["total"] == frames["ok"] > 0, dict(frames)  # a skipped frame counts in total only
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+    code = TransformerBlock.forward.__code__
+    assert {(m.co_name, m.co_firstlineno) for m in get_compilation_metrics()} == {(code.co_name, code.co_firstlineno)}
+    assert all(block._compiled_call_impl is not None for block in model.layers)
+    assert said == "blocks" and parallel.is_sharded(model)

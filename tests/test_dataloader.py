@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -263,12 +264,15 @@ def test_bad_token_in_a_later_shard_fails_at_the_batch_that_reads_it(tmp_path):
 @pytest.mark.parametrize("max_token, bytes_off, checked", [(99, 0, False), (50300, 0, True), (99, 2, True)],
                          ids=["vouched", "max_token>=vocab", "other-size"])
 def test_manifest_max_token_skips_the_check(tmp_path, max_token, bytes_off, checked):
-    """Shards listed in manifest.json with their size and a max_token below the vocabulary are not checked."""
+    """Shards listed in manifest.json with their size and a max_token below the vocabulary are not
+    checked (an entry without the fingerprint cannot vouch: size alone misses a rewrite)."""
     d = _shards(tmp_path, np.arange(100), np.arange(100), np.arange(100))
     write_manifest(d, max_token=max_token)
     manifest = json.load(open(os.path.join(d, "manifest.json")))
     for entry in manifest["shards"]:
         entry["bytes"] += bytes_off
+        if not bytes_off:
+            entry["fingerprint"] = dataloader.fingerprint(os.path.join(d, entry["file"]))
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     loader = TrainLoader(d, T, 2, 2, vocab_size=50257, log=lambda s: None)
     loader.next_batch()
@@ -391,13 +395,45 @@ def test_shards_without_manifest_are_fingerprinted_from_a_sample(tmp_path, monke
     assert dataloader.identity_differences(before, data_identity(d)) == ["changed: edufineweb_train_000001.npy"]
 
 
-def test_identity_comes_from_the_manifest_without_reading_shards(tmp_path, monkeypatch):
-    """Shards that manifest.json lists with their size take its sha256, and no shard is read."""
-    d = _three_shards(tmp_path)
+def test_identity_takes_the_manifest_hash_beside_a_sampled_fingerprint(tmp_path, monkeypatch):
+    """Shards that manifest.json lists with their size take its sha256, and each is fingerprinted from
+    a sample of its own bytes too (a stale manifest cannot vouch for a rewritten file)."""
+    d = _shards(tmp_path, np.arange(100), np.arange(1 << 23) % 50000, np.arange(200))
     write_manifest(d, sha256="ab" * 32)
     counting = CountingOpen()
     monkeypatch.setattr(dataloader, "open", counting, raising=False)
     identity = data_identity(d)
-    assert list(counting.read) == ["manifest.json"]
-    assert {s["sha256"] for s in identity["shards"].values()} == {"ab" * 32} and len(identity["shards"]) == 3
+    assert counting.read["edufineweb_train_000001.npy"] <= 3 << 20  # of 16 MiB
+    assert {s["sha256"] for s in identity["shards"].values()} == {"ab" * 32} and len(identity["shards"]) == 2
+    assert all("fingerprint" in s for s in identity["shards"].values())
     assert identity["manifest"] == hashlib.sha256(open(os.path.join(d, "manifest.json"), "rb").read()).hexdigest()
+
+
+def test_a_shard_rewritten_beside_its_manifest_is_refused(tmp_path):
+    """fineweb_edu's manifest records a sampled fingerprint: a shard rewritten in place at the same size
+    (another script writing into the directory) is refused in one line naming it, not trusted."""
+    d = _three_shards(tmp_path)
+    write_manifest(d, max_token=599)
+    manifest = json.load(open(os.path.join(d, "manifest.json")))
+    for entry in manifest["shards"]:
+        entry["fingerprint"] = dataloader.fingerprint(os.path.join(d, entry["file"]))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    state = _saved_state(d)
+    _rebuild(d)
+    with pytest.raises(DataError, match=r"edufineweb_train_000002\.npy no longer matches .*manifest\.json") as info:
+        TrainLoader(d, T, 2, 4, log=lambda s: None)
+    assert "\n" not in str(info.value) and "delete manifest.json" in str(info.value)
+    os.remove(os.path.join(d, "manifest.json"))  # the way out it names: then the checkpoint sees the change
+    with pytest.raises(DataError, match="changed: edufineweb_train_000002.npy"):
+        TrainLoader(d, T, 2, 4, log=lambda s: None).load_state_dict(state)
+
+
+@pytest.mark.parametrize("stray", ["copy_of_edufineweb_train_000001.npy", "edufineweb_train_1.npy"])
+def test_stray_shards_are_refused_naming_them(tmp_path, stray):
+    """A copy with another prefix, or one train index twice, beside the real shards: one line naming them."""
+    d = _three_shards(tmp_path)
+    shutil.copy(os.path.join(d, "edufineweb_train_000001.npy"), os.path.join(d, stray))
+    with pytest.raises(DataError) as info:
+        TrainLoader(d, T, 2, 4, log=lambda s: None)
+    message = str(info.value)
+    assert "\n" not in message and stray in message and "edufineweb_train_000001.npy" in message

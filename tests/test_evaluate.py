@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import evaluate
 import export_hf
 import hellaswag
@@ -238,3 +239,31 @@ def test_task_that_cannot_load_offline_names_include_path(tmp_path, monkeypatch,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "could not load task(s) hub_task" in err[0] and "--include_path" in err[0], err
+
+
+def test_all_steps_cache_and_summary_follow_the_task_data_and_the_run(tmp_path, straight):
+    """(d) an --out that is a directory fails before any evaluation; (a) changed task data is evaluated
+    afresh; (c) a result survives its checkpoint's pruning before the summary; (b) a run started over in
+    the same directory does not inherit the old run's points."""
+    run = {"out": tmp_path / "out", "tasks": tmp_path / "tasks"}
+    run["out"].mkdir()
+    shutil.copytree(straight / "step_0000012", run["out"] / "step_0000012")
+    write_task(run["tasks"], "local_mc", make_examples(4))
+    proc = call_main(evaluate.main, [*all_steps_args(run), "--out", str(tmp_path)], check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr and "evaluate:" not in proc.stdout
+    assert not list(run["out"].rglob("lm_eval_*"))
+    assert "0 already evaluated" in all_steps(run).stdout
+    write_task(run["tasks"], "local_mc", make_examples(4, seed=5))  # same task name, other data
+    assert "0 already evaluated with these settings, 1 to evaluate" in all_steps(run).stdout
+    summary = max(run["out"].glob("lm_eval_*.json"), key=lambda p: p.stat().st_mtime_ns)
+    summary.unlink()  # as if keep_last pruned the step before the summary was written
+    shutil.rmtree(run["out"] / "step_0000012")
+    shutil.copytree(straight / "step_0000010", run["out"] / "step_0000010")
+    all_steps(run)
+    assert [s["step"] for s in json.loads(summary.read_text())["steps"]] == [10, 12]
+    checkpoint.start_over(run["out"], "archive")  # a new run in the same out_dir
+    shutil.copytree(straight / "step_0000005", run["out"] / "step_0000005")
+    meta = json.loads((run["out"] / "step_0000005" / "meta.json").read_text())
+    (run["out"] / "step_0000005" / "meta.json").write_text(json.dumps({**meta, "run_id": "new-run"}))
+    all_steps(run)
+    assert [s["step"] for s in json.loads(summary.read_text())["steps"]] == [5]

@@ -392,3 +392,37 @@ def test_cli_unreadable_file_is_one_line_naming_it(sharded_dir, tmp_path, damage
     line = one_error_line(run_cli("--from_hf", sharded_dir, "--out", tmp_path / "out"))
     assert str(bad) in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["export_hf", "chat", "evaluate", "hellaswag", "init_from"])
+@pytest.mark.parametrize("vocabulary", ["32k", "other_ids"])
+def test_a_model_with_another_vocabulary_is_refused_everywhere(tmp_path, data_dir, monkeypatch, entry, vocabulary):
+    """A 32k-token Llama, or one whose tokenizer gives GPT-2's tokens other ids: every entry point that
+    takes a Hugging Face directory refuses it in one line (one shared check), before reading weights."""
+    import chat
+    import evaluate
+    import hellaswag
+    from runs import refusal
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    vocab_size = 32000 if vocabulary == "32k" else 50304
+    (hf / "config.json").write_text(json.dumps(hf_config(model_config("tiny", vocab_size=vocab_size))))
+    if vocabulary == "other_ids":
+        (hf / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"!": 1, '"': 0}}}))
+    expected = "vocab_size=32000, not GPT-2's 50257" if vocabulary == "32k" else "to other ids"
+    if entry == "init_from":
+        assert expected in refusal(tmp_path / "run", data_dir, f"--init_from={hf}")
+        return
+    main, argv = {
+        "export_hf": (export_hf.main, ["--from_hf", str(hf), "--out", str(tmp_path / "out")]),
+        "chat": (chat.main, ["--hf", str(hf), "--prompt", "Hi", "--device", "cpu"]),
+        "evaluate": (evaluate.main, ["--hf", str(hf), "--tasks", "x", "--device", "cpu"]),
+        "hellaswag": (hellaswag.main, ["--hf", str(hf), "--device", "cpu", "--data",
+                                       str(Path(__file__).parent / "data" / "hellaswag_sample.jsonl")]),
+    }[entry]
+    if entry == "evaluate":  # its tasks load first (before any model); these are not the point here
+        monkeypatch.setattr(evaluate, "task_manager", lambda tasks, include_path: None)
+    proc = call_main(main, argv, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr

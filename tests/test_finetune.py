@@ -357,3 +357,69 @@ def test_export_carries_the_chat_template(tuned, tmp_path):
     generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     assert generated[-1] == EOT
     assert tokenizer.decode(generated[:-1]).strip() == rows[1]["output"]
+
+
+# ----------------------------------------------------------------------------- one run, one kind, one base
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, base_model) -> Path:
+    """A finished 3-step fine-tuning run (--epochs=0.5: max_steps is not on the command line)."""
+    out = tmp_path_factory.mktemp("finished")
+    finetune_run(out, base_model, "--epochs=0.5", "--eval_interval=0")
+    assert checkpoint.read_meta(checkpoint.resolve(out))["step"] == 3
+    return out
+
+
+def test_pretraining_and_fine_tuning_never_resume_each_other(tmp_path, base_model, finished):
+    """train_llama.py on a fine-tuning out_dir and finetune.py on a pretraining one (even with
+    --accept_new_data): one line naming both kinds and the way out; no checkpoint changes."""
+    import train_llama
+    from runs import BASE as PRETRAIN
+
+    line = one_line(call_main(train_llama.main, [*PRETRAIN, "--data_dir=/unused", f"--out_dir={finished}"], False))
+    assert "written by a fine-tuning run (finetune.py)" in line and "a pretraining run (train_llama.py)" in line
+    assert "another --out_dir" in line and "--init_from=" in line
+    # A pretraining checkpoint from before run kinds were recorded: its loader names shards.
+    pretrained = tmp_path / "pretrained"
+    model = make_tiny_model(max_seq_len=SEQ)
+    checkpoint.save(pretrained, 4, {"model": checkpoint.ModelState(model)}, meta={"loader": {"data": {"shards": {}}}})
+    line = one_line(finetune_run(pretrained, base_model, "--accept_new_data=true", check=False))
+    assert "written by a pretraining run (train_llama.py)" in line and "a fine-tuning run (finetune.py)" in line
+    assert [p.name for p in checkpoint.complete_checkpoints(pretrained)] == ["step_0000004"]
+    assert checkpoint.read_meta(checkpoint.resolve(finished))["run_kind"] == "fine-tuning"
+
+
+def test_a_changed_init_from_on_resume_is_refused(tmp_path, base_model, finished):
+    """Pointing a fine-tuning out_dir at another base model refuses, naming both; the old one resumes."""
+    other = tmp_path / "newer_base"
+    save_weights(make_tiny_model(seed=3, max_seq_len=SEQ), other)
+    line = one_line(finetune_run(finished, other, "--epochs=1", "--eval_interval=0", check=False))
+    assert f"--init_from={other}" in line and f"started from --init_from={base_model}" in line
+    assert "another --out_dir" in line
+
+
+def test_a_finished_run_trains_nothing_and_says_so(finished, base_model):
+    """Rerunning a finished run exits 2 with the step; naming that step as --max_steps exits 0."""
+    line = one_line(finetune_run(finished, base_model, "--epochs=0.5", "--eval_interval=0", check=False))
+    assert line.endswith("already complete at step 3 (max_steps 3): nothing to do; raise --max_steps to continue")
+    proc = finetune_run(finished, base_model, "--max_steps=3", "--eval_interval=0")
+    assert "already at step 3, as --max_steps=3 asks: nothing to do" in proc.stdout
+
+
+def test_refusal_hints_hold_for_the_command_given(tmp_path, base_model):
+    """--overlong=truncate is not suggested when it is set, and a checkpoint that records no config
+    is named as such rather than compared as "checkpoint None"."""
+    line = one_line(finetune_run(tmp_path / "a", base_model, "--seq_len=16", "--total_batch_tokens=64",
+                                 "--overlong=truncate", check=False))
+    assert "prompts that fill seq_len + 1 = 17 tokens" in line and "--overlong=truncate" not in line
+    assert "--overlong=truncate" in one_line(finetune_run(tmp_path / "b", base_model, "--seq_len=16",
+                                                          "--total_batch_tokens=64", check=False))
+    checkpoint.save(tmp_path / "c", 2, {"model": checkpoint.ModelState(make_tiny_model(max_seq_len=SEQ))})
+    line = one_line(finetune_run(tmp_path / "c", base_model, check=False))
+    assert "records no train_config" in line and "None" not in line

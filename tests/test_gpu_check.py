@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.py on the CPU: every row runs and reports, and a row that crashes or hangs
-is reported as such without stopping the rows after it."""
+"""benchmarks/gpu_check.py on the CPU: both device calls run every row and report, the first call's
+schedule returns the headline on a slow cold GPU, and a row that crashes or hangs is reported as
+such without stopping the rows after it."""
 
 import dataclasses
 import json
@@ -14,34 +15,74 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 
-def test_cpu_battery_reports_every_row(tmp_path):
-    """Without CUDA the one command runs every row on the tiny model: one JSON line per row, all ok
-    (the activation projection skipped: it needs CUDA's peak memory), FSDP, per-block compile and
-    activation checkpointing at the same micro-batch train like the plain compiled step, the table
-    printed last."""
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["row"] for r in rows] == [*gpu_check.ROWS, "activations"]
-    for r in rows:
+def test_cpu_battery_runs_both_calls(tmp_path):
+    """Without CUDA each call runs its rows on the tiny model: one JSON line per row, all ok (the
+    activation projection skipped: it needs CUDA's peak memory); the headline compiles one block
+    graph and skips no frame; FSDP compiles per block, skips no frame and trains like the headline,
+    as whole-model compile and activation checkpointing do; the attention row ran flash and math
+    inside the model; the table is printed last. The two calls run side by side, one row at a time each."""
+    procs = {call: subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--call", str(call), "--jobs", "1",
+                                     "--out", str(tmp_path / f"call{call}"), "--cache_dir", str(tmp_path / "cache")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for call in (1, 2)}
+    rows = {}
+    for call, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
+        lines = [json.loads(line) for line in (tmp_path / f"call{call}" / "results.jsonl").read_text().splitlines()]
+        assert [r["row"] for r in lines] == gpu_check.CALLS[call] + (["activations"] if call == 1 else [])
+        table = stdout.rstrip().splitlines()[-len(lines) - 1:]
+        assert table[0].split()[:2] == ["row", "config"]
+        assert [line.split()[0] for line in table[1:]] == [r["row"] for r in lines]
+        assert (tmp_path / f"call{call}" / "table.txt").read_text().rstrip().endswith(table[-1])
+        rows.update({r["row"]: r for r in lines})
+    for r in rows.values():
         expected = "skipped: needs CUDA" if r["row"] == "activations" else "ok"
         assert r["verdict"].startswith(expected), (r["row"], r["verdict"], r.get("stderr_tail"))
-    by_name = {r["row"]: r for r in rows}
-    for name in ("compiled_mb8", "compiled_mb16", "eager_mb8", "eager_mb16", "train_llama", "loss", "fsdp_mb16",
-                 "blocks_mb16", "ac_full_mb32", "ac_selective_mb16"):
-        assert by_name[name]["tokens_per_s"] > 0 and by_name[name]["ms_per_step"] > 0, name
-    assert by_name["compiled_mb16"]["graph_breaks"] == 0 and by_name["compiled_mb16"]["top_kernels"]
-    assert by_name["fsdp_mb16"]["sharded"] and not by_name["compiled_mb16"]["sharded"]
-    assert by_name["blocks_mb16"]["compile_s"] > 0
-    for name in ("fsdp_mb16", "blocks_mb16", "ac_selective_mb16"):
-        assert abs(by_name[name]["loss"] - by_name["compiled_mb16"]["loss"]) <= 1e-5, name
-    assert by_name["resume"]["max_loss_diff"] == 0.0
-    assert by_name["ddp"]["max_loss_diff"] <= 1e-4
-    table = proc.stdout.rstrip().splitlines()[-len(rows) - 1:]
-    assert table[0].split()[:2] == ["row", "config"]
-    assert [line.split()[0] for line in table[1:]] == [r["row"] for r in rows]
-    assert (tmp_path / "table.txt").read_text().rstrip().endswith(table[-1])
+    headline = rows[gpu_check.HEADLINE]
+    assert headline["compile_mode"] == "blocks" and headline["graphs"] == 1 and headline["frames_skipped"] == 0
+    assert headline["top_kernels"] and headline["flops_per_token"] > 0
+    for name in ("train_llama", "loss", "blocks_mb8", "eager_mb8", "seq2048_mb8", "fsdp_mb16", "ac_full_mb32",
+                 "ac_selective_mb16", "model_mb16"):
+        assert rows[name]["tokens_per_s"] > 0 and rows[name]["ms_per_step"] > 0, name
+    assert rows["seq2048_mb8"]["seq_len"] == 2 * headline["seq_len"]
+    fsdp = rows["fsdp_mb16"]
+    assert fsdp["sharded"] and not headline["sharded"]
+    assert fsdp["compile_mode"] == "blocks" and fsdp["frames_skipped"] == 0 and fsdp["graph_breaks"] == 0
+    for name in ("fsdp_mb16", "ac_selective_mb16", "model_mb16"):
+        assert abs(rows[name]["loss"] - headline["loss"]) <= 1e-5, name
+    ran = {k.split("_")[0]: v["ops"] for k, v in rows["attention"]["variants"].items() if "ms" in v}
+    assert any("flash" in op for op in ran["flash"]) and all("math" in op for op in ran["math"])
+    assert rows["resume"]["max_loss_diff"] == 0.0
+    assert rows["ddp"]["max_loss_diff"] <= 1e-4
+
+
+def test_first_call_returns_the_headline_on_a_slow_cold_gpu(tmp_path):
+    """The first call's schedule, run at a fiftieth of its time with each row a stand-in that takes
+    twice its cold-GPU estimate: the environment and the headline still finish inside the budget,
+    and the rows after them are stopped or skipped for it, not the headline."""
+    scale, slowdown = 0.02, 2.0
+    names = gpu_check.CALLS[1]
+    assert names[:2] == ["env", gpu_check.HEADLINE]
+    done = tmp_path / "rows"
+    commands = {n: [sys.executable, "-c", f"import time; time.sleep({gpu_check.ROWS[n].cold_s * scale * slowdown}); "
+                                          f"open({str(done / (n + '.json'))!r}, 'w').write('{{\"verdict\": \"ok\"}}')"]
+                for n in names}
+    results = gpu_check.run_rows(names, commands, tmp_path, dict(os.environ), gpu_check.BUDGET_S[1] * scale,
+                                 cuda=True, jobs=4, time_scale=scale, log=lambda msg: None)
+    assert results["env"]["verdict"] == results[gpu_check.HEADLINE]["verdict"] == "ok"
+    # The budget, not the headline, gave way: the last rows were stopped or never started.
+    assert results[names[-1]]["verdict"].startswith("skipped"), results
+
+
+def test_a_skipped_frame_is_a_mismatch():
+    """A compiled row whose dynamo skipped a frame (it ran eagerly) is a mismatch, even with no graph break."""
+    stats = {"graphs": 3, "graph_breaks": 0, "recompiles": 0, "frames_skipped": 1,
+             "skipped_frames": ["forward (model.py:338)"]}
+    assert gpu_check.compile_verdict(stats) == ("mismatch: 3 graphs, 0 graph breaks, 0 recompiles, 1 frames skipped: "
+                                                "forward (model.py:338)")
+    assert gpu_check.compile_verdict({**stats, "frames_skipped": 0}).startswith("ok")
 
 
 def test_a_crashing_or_hanging_row_does_not_stop_the_others(tmp_path):
@@ -99,8 +140,9 @@ def test_activation_memory_is_the_slope_of_two_peaks(tmp_path):
     """Peaks of 40 and 60 GiB at micro-batches 8 and 16: 2.5 GiB per sample, so 24 needs 80 GiB
     (over an 80 GB card's 79) and 32 needs 100."""
     args = gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path)])
-    plan = dataclasses.replace(gpu_check.make_plan(args), device="cuda", micro_batches=[8, 16], mem_cap_gib=79)
-    row = gpu_check.activations_row({"compiled_mb8": {"peak_gib": 40.0}, "compiled_mb16": {"peak_gib": 60.0}}, plan)
+    plan = dataclasses.replace(gpu_check.make_plan(args), device="cuda", other_micro_batch=8, micro_batch=16,
+                               mem_cap_gib=79)
+    row = gpu_check.activations_row({"blocks_mb8": {"peak_gib": 40.0}, "blocks_mb16": {"peak_gib": 60.0}}, plan)
     assert row["activation_bytes_per_sample"] == 2.5 * 2**30
     assert row["projected_gib"] == {24: 80.0, 32: 100.0}
     assert row["verdict"] == "ok: 2.50 GiB/sample; mb24 80.0 GiB (over the cap), mb32 100.0 GiB (over the cap)"

@@ -15,6 +15,7 @@ import torch
 from runs import BASE, EVAL, ROOT, SEQ, assert_close, losses, refusal, run, run_here, weights
 
 import checkpoint
+import metrics
 import train_llama
 from model import Transformer, build_model
 
@@ -364,3 +365,20 @@ def test_step_time_excludes_evaluation_and_checkpoints(tmp_path, data_dir, monke
     assert len(steps) == 4 and max(r["ms"] for r in steps) < 50_000
     assert min(r["eval_s"] for r in rows if "eval_s" in r) >= 100.0
     assert min(r["save_s"] for r in rows if "save_s" in r) >= 100.0
+
+
+def test_a_full_disk_under_metrics_jsonl_is_named_and_its_torn_line_skipped(tmp_path, data_dir, capsys):
+    """metrics.jsonl on a full device: one line naming it. A torn last record: readers skip and count
+    it, and a resumed run starts its records on a fresh line."""
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    line = refusal(tmp_path, data_dir, "--max_steps=2")
+    assert f"disk full while writing {tmp_path / 'metrics.jsonl'}" in line
+    (tmp_path / "metrics.jsonl").unlink()
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=2")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')
+    assert max(r["step"] for r in metrics.read_metrics(tmp_path)) == 2
+    run_here(tmp_path, data_dir, "--max_steps=3")
+    rows = metrics.read_metrics(tmp_path)
+    assert [r["loss"] for r in rows if r["step"] == 3 and "loss" in r]
+    assert capsys.readouterr().err.count("skipped 1 torn line(s) (line ") == 2

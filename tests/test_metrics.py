@@ -1,0 +1,32 @@
+"""metrics.py: the FLOPs behind MFU, and the log that reports it."""
+
+import torch
+from runs import metric_rows, run_here
+
+import metrics
+from model import Transformer, model_config
+
+
+def test_flops_per_token_of_1p7b_is_the_hand_count():
+    """1p7b at seq 1024: 6 x (1,716,144,128 - 50,304 x 2,048 input embedding) + 12 x 36 x 2,048 x
+    1,024 = 10,584,698,880 FLOPs per token (PaLM's accounting, the embedding lookup left out)."""
+    with torch.device("meta"):
+        model = Transformer(model_config("1p7b"))
+    matmul_params = 1_716_144_128 - 50_304 * 2_048
+    assert matmul_params == 1_613_121_536
+    assert metrics.flops_per_token(model, 1024) == 6 * 1_613_121_536 + 12 * 36 * 2048 * 1024 == 10_584_698_880
+    # seq 2048 adds only the attention term
+    assert metrics.flops_per_token(model, 2048) - metrics.flops_per_token(model, 1024) == 12 * 36 * 2048 * 1024
+
+
+def test_logged_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(tmp_path, data_dir):
+    """metrics.jsonl keeps tokens_per_s beside mfu, and mfu = tokens/s x flops_per_token / peak
+    (a CPU run gets an MFU only from --peak_tflops)."""
+    run_here(tmp_path, data_dir, "--max_steps=2", "--peak_tflops=0.001")
+    rows = [r for r in metric_rows(tmp_path) if "loss" in r]
+    assert len(rows) == 2
+    with torch.device("meta"):
+        tiny = Transformer(model_config("tiny", max_seq_len=32))
+    for r in rows:
+        expected = r["tokens_per_s"] * metrics.flops_per_token(tiny, 32) / 1e9
+        assert abs(r["mfu"] - expected) <= 1e-9 * expected, (r["mfu"], expected)

@@ -369,7 +369,8 @@ def test_step_time_excludes_evaluation_and_checkpoints(tmp_path, data_dir, monke
 
 def test_a_full_disk_under_metrics_jsonl_is_named_and_its_torn_line_skipped(tmp_path, data_dir, capsys):
     """metrics.jsonl on a full device: one line naming it. A torn last record: readers skip and count
-    it, and a resumed run starts its records on a fresh line."""
+    it, a resume cuts it off with the other rows past its checkpoint, and a logger starts its records
+    on a fresh line."""
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
     line = refusal(tmp_path, data_dir, "--max_steps=2")
     assert f"disk full while writing {tmp_path / 'metrics.jsonl'}" in line
@@ -381,4 +382,11 @@ def test_a_full_disk_under_metrics_jsonl_is_named_and_its_torn_line_skipped(tmp_
     run_here(tmp_path, data_dir, "--max_steps=3")
     rows = metrics.read_metrics(tmp_path)
     assert [r["loss"] for r in rows if r["step"] == 3 and "loss" in r]
-    assert capsys.readouterr().err.count("skipped 1 torn line(s) (line ") == 2
+    # The torn record lay past the step-2 checkpoint: the resume cut it off with the rows it redoes.
+    assert capsys.readouterr().err.count("skipped 1 torn line(s) (line ") == 1
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    log = metrics.Logger(str(tmp_path), True)
+    log.metrics(4, loss=1.0)
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 4, "loss": 1.0}

@@ -7,7 +7,8 @@
 The conversation is kept in the chat template the checkpoint was fine-tuned with (finetune.py
 records it; --template overrides; vicuna otherwise) and tokenized exactly as in fine-tuning. Tokens
 are printed as they are decoded (bytes are held back until they complete a UTF-8 character) and
-generation stops at <|endoftext|> or after --max_new_tokens, with a KV cache. --temperature 0 is
+generation stops at <|endoftext|> or after --max_new_tokens, with a KV cache (static, and the decode
+compiled, on CUDA or with --compile=on: see model.Transformer.decoder). --temperature 0 is
 greedy; otherwise sampling from the --top_k most likely tokens, seeded by --seed.
 
 With --prompt the answer alone goes to stdout (notes to stderr); a prompt longer than the model's
@@ -40,13 +41,16 @@ from utils import DTYPES, UserError, cli_errors, resolve_device
 @torch.no_grad()
 def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                   top_k: int | None = None, generator: torch.Generator | None = None,
-                  stop: int | None = EOT) -> Iterator[int]:
+                  stop: int | None = EOT, compile: bool | str = False) -> Iterator[int]:
     """Yield up to max_new_tokens token ids continuing `ids`, one at a time, stopping after
-    `stop`. The prompt is one forward pass into the KV cache, then one token per pass. Ids past
-    GPT-2's vocabulary (the model's padding rows) are never picked: they have no text."""
+    `stop`. The prompt is one forward pass into the KV cache, then one `model.decode` per token
+    (compiled with `compile`: one graph for every turn, its cache kept between them, as in
+    model.generate). Ids past GPT-2's vocabulary (the model's padding rows) are never picked:
+    they have no text."""
     device = model.output.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    model.setup_cache(1, len(ids) + max_new_tokens)
+    model.setup_cache(1, None if compile else len(ids) + max_new_tokens)
+    decode = model.decoder(compile)
     try:
         logits = model(idx, start_pos=0)[:, -1, :]  # (1, vocab)
         pos = len(ids)
@@ -57,10 +61,11 @@ def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, tempe
             yield int(token)
             if int(token) == stop or i == max_new_tokens - 1:
                 return
-            logits = model(token, start_pos=pos)[:, -1, :]
+            logits = decode(token, torch.tensor([pos], device=device))
             pos += 1
     finally:
-        model.clear_cache()
+        if not compile:
+            model.clear_cache()
 
 
 class TextStream:
@@ -80,14 +85,14 @@ class TextStream:
 
 # stream_tokens' knobs and where to print: kept flat so the CLI's flags map one to one.
 def answer(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
-           generator: torch.Generator | None, out=None) -> str:
+           generator: torch.Generator | None, out=None, compile: bool = False) -> str:
     """Generate and print the answer to `ids` as it is decoded (to `out`, default sys.stdout);
     return its text (no <|endoftext|>, no leading whitespace: templates such as Vicuna's put a
     space before the answer)."""
     out = sys.stdout if out is None else out  # looked up now, so a redirected stdout is honoured
     stream, text = TextStream(), []
     try:
-        for token in stream_tokens(model, ids, max_new_tokens, temperature, top_k, generator):
+        for token in stream_tokens(model, ids, max_new_tokens, temperature, top_k, generator, compile=compile):
             if token == EOT:
                 break
             piece = stream.add(token)
@@ -190,7 +195,7 @@ def interactive(model: Transformer, template: Template, args: argparse.Namespace
         print("Assistant: ", end="", flush=True)
         try:
             reply = answer(model, ids, min(args.max_new_tokens, context - len(ids)), args.temperature,
-                           args.top_k, generator)
+                           args.top_k, generator, compile=args.compile)
         except KeyboardInterrupt:
             print("\n[answer interrupted; it is not kept in the conversation]")
             continue
@@ -215,6 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                 "float32 on CPU")
     parser.add_argument("--verify", choices=("full", "size"), default="full",
                         help="check a checkpoint's files against their recorded sha256 (full) or sizes only (size)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="decode with torch.compile (a static KV cache, one graph for every token and turn; the "
+                             "first answer waits for the compile): auto = on CUDA only, where it pays back at once")
     return parser.parse_args(argv)
 
 
@@ -228,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         device = model.output.weight.device
         generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature else None
         print(f"loaded {model.num_params():,} parameters on {device}; {note}", file=sys.stderr, flush=True)
+        # On the CPU the compile costs a minute or more for ~10% at 124m (README, benchmarks/bench_generate.py).
+        args.compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         if args.prompt is None:
             return interactive(model, template, args, generator)
         context = model.config.max_seq_len
@@ -236,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         if room < args.max_new_tokens:
             print(f"note: the prompt takes {len(ids):,} of the {context:,}-token context: the answer can have at "
                   f"most {room:,} tokens", file=sys.stderr, flush=True)
-        answer(model, ids, min(args.max_new_tokens, room), args.temperature, args.top_k, generator)
+        answer(model, ids, min(args.max_new_tokens, room), args.temperature, args.top_k, generator,
+               compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,15 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
+import hf_io
+import lora
 from model import ModelConfig, Transformer, build_model
 from utils import UserError, fsync_dir, write_atomic
 
@@ -132,16 +135,19 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 # ----------------------------------------------------------------------------- stateful objects
 
 class ModelState:
-    """The model's weights for torch.distributed.checkpoint (unwrapped module: no DDP/compile prefixes)."""
+    """The model's weights for torch.distributed.checkpoint (unwrapped module: no DDP/compile prefixes).
+    With trainable_only, only the parameters that train (a LoRA run's adapters): the frozen base
+    comes from the base model the checkpoint refers to, not from the checkpoint."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, trainable_only: bool = False):
         self.model = model
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def state_dict(self) -> dict:
-        return get_model_state_dict(self.model)
+        return get_model_state_dict(self.model, options=self.options)
 
     def load_state_dict(self, state: dict) -> None:
-        set_model_state_dict(self.model, state)
+        set_model_state_dict(self.model, state, options=self.options)
 
 
 class OptimizerState:
@@ -299,8 +305,9 @@ def _one_bad_name(name: str | None) -> str | None:
 # ----------------------------------------------------------------------------- save
 
 def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | None = None,
-         keep_last: int = 3) -> Path:
+         keep_last: int = 3, keep: Path | None = None) -> Path:
     """Write `state` as checkpoint `step` (collective: every rank calls it); returns its path.
+    Pruning never removes `keep` (the run's last good checkpoint).
 
     CheckpointError, with the partial directory removed and the previous checkpoints intact, if a
     tensor is not finite or the disk fills up."""
@@ -334,7 +341,7 @@ def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | 
             os.replace(tmp, final)
             fsync_dir(out_dir)
             write_atomic(out_dir / LATEST, final.name + "\n")
-            prune(out_dir, keep_last, newest=final)
+            prune(out_dir, keep_last, newest=final, keep=keep)
     except (OSError, RuntimeError, CheckpointException) as e:
         # torch's writers report a full disk as a RuntimeError ("unexpected pos") as often as
         # ENOSPC: the free space left at the failure tells them apart.
@@ -375,9 +382,10 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def prune(out_dir: Path, keep_last: int, newest: Path) -> None:
+def prune(out_dir: Path, keep_last: int, newest: Path, keep: Path | None = None) -> None:
     """Delete complete checkpoints of `newest`'s run that are older than it, beyond the newest
-    `keep_last`. Checkpoints of other runs, later steps, and names that are not exactly ours
+    `keep_last`. Checkpoints of other runs, later steps, `keep` (the last one known to be good:
+    a checkpoint written after a spike must not push it out) and names that are not exactly ours
     (`step_0000004.good`) are never touched."""
     if keep_last <= 0:
         return
@@ -386,7 +394,7 @@ def prune(out_dir: Path, keep_last: int, newest: Path) -> None:
     ours = [p for p in complete_checkpoints(out_dir)
             if int(p.name[5:]) <= newest_step and _run_id(p) == run_id]
     for old in ours[:-keep_last]:
-        if old != newest:
+        if old != newest and (keep is None or old.resolve() != Path(keep).resolve()):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -538,9 +546,12 @@ def _upgrade(meta: dict) -> dict:
     return meta
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", verify_files: str = "size") -> Transformer:
+def load_model(path: str | Path, device: torch.device | str = "cpu", verify_files: str = "size",
+               merge: bool = True) -> Transformer:
     """Our model with the weights of a checkpoint (a step directory or a run directory), in eval
-    mode. Sizes are checked by default; pass verify_files="full" for the checksums too."""
+    mode. Sizes are checked by default; pass verify_files="full" for the checksums too. A LoRA
+    run's checkpoint is its base model (checked against the reference it recorded) with the
+    adapters attached, merged into the weights unless merge=False."""
     ckpt = resolve(path)
     if ckpt is None:
         raise CheckpointError(f"{path} holds no checkpoint yet")
@@ -548,8 +559,83 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", verify_file
     if "model_config" not in meta:
         raise CheckpointError(f"{ckpt / META} has no model_config: not one of our checkpoints")
     model = build_model(ModelConfig(**meta["model_config"]), device)  # weights overwritten below
-    load(ckpt, {"model": ModelState(model)}, verify_files)
+    adapter = meta.get("lora")
+    if adapter:
+        check_base(adapter["base"], ckpt)
+        load_weights_into(adapter["base"]["path"], model, verify_files)
+        lora.attach(model, lora.LoraSpec.from_dict(adapter["spec"]))
+    load(ckpt, {"model": ModelState(model, trainable_only=bool(adapter))}, verify_files)
+    if adapter and merge:
+        lora.merge(model)
     return model.eval()
+
+
+def load_weights_into(path: str | Path, model: Transformer, verify_files: str = "full") -> None:
+    """Weights only into `model`, from our checkpoint, an imported weights directory
+    (export_hf.py --from_hf) or a Hugging Face Llama directory; CheckpointError if they do not fit."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        hf_io.check_vocabulary(path)
+    if (path / "config.json").is_file() or (path / "model_config.json").is_file():
+        # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
+        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
+                  if (path / "config.json").is_file() else hf_io.load_weights(path))
+        config, state = source.config, source.state_dict()
+    else:
+        ckpt = resolve(path)
+        if ckpt is None:
+            raise CheckpointError(f"--init_from={path}: no checkpoint there")
+        meta = read_meta(ckpt)
+        if meta.get("lora"):
+            raise CheckpointError(f"{ckpt} holds LoRA adapters, not a whole model: export_hf.py --checkpoint "
+                                  f"{ckpt} --out DIR writes the merged model, which can be a base")
+        config, state = meta.get("model_config", {}), None
+    diffs = model.config.differences(config, weights_only=True)
+    if diffs:
+        raise CheckpointError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
+    if state is None:
+        load(ckpt, {"model": ModelState(model)}, verify_files=verify_files)
+    else:
+        model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- a LoRA run's base
+
+def base_reference(path: str | Path) -> dict:
+    """What a LoRA run records of its base model: the absolute path (a run directory resolved to
+    its step directory) and a sha256 over the base's files. For our checkpoints that is the hash
+    of the checksums its meta.json records (loading verifies the files against them); for weights
+    and Hugging Face directories, the hash of every weight and config file."""
+    path = Path(path)
+    if (path / "config.json").is_file() or (path / "model_config.json").is_file():
+        names = sorted(p.name for p in path.iterdir() if p.is_file() and
+                       (p.suffix == ".safetensors" or p.name in ("config.json", "model_config.json", hf_io.INDEX_FILE)))
+        files = {name: file_checksum(path / name) for name in names}
+    else:
+        ckpt = resolve(path)
+        if ckpt is None:
+            raise CheckpointError(f"--init_from={path}: no checkpoint there")
+        path, files = ckpt, read_meta(ckpt).get("files")
+        if files is None:
+            raise CheckpointError(f"{ckpt} records no file checksums (written by an older version): export it "
+                                  f"(export_hf.py) and pass the export as --init_from")
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"path": str(path.resolve()), "sha256": digest}
+
+
+def check_base(reference: dict, ckpt: Path, now: str | Path | None = None) -> None:
+    """CheckpointError unless the base at `now` (default: the recorded path) still has the
+    recorded sha256: an adapter only means something on the weights it was trained on."""
+    now = now or reference["path"]
+    try:
+        current = base_reference(now)["sha256"]
+    except (CheckpointError, OSError):
+        current = None
+    if current != reference["sha256"]:
+        state = "is gone" if current is None else "changed since"
+        raise CheckpointError(f"the base model of the LoRA adapters in {ckpt} {state} ({now}; recorded "
+                              f"{reference['path']} with sha256 {reference['sha256'][:12]}...): the adapters only "
+                              f"fit the weights they were trained on; restore that base, or fine-tune anew")
 
 
 # ----------------------------------------------------------------------------- the run's lock

@@ -369,6 +369,7 @@ class GlobalOrder:
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.log, self.unit = log, unit
         self.step = 0  # micro-steps taken by this rank; global batch step // accum_steps
+        self.skipped: list[tuple[int, int]] = []  # [start, end) global batches never served, merged
         self._orders: dict[int, np.ndarray] = {}
         # False logs only the first new epoch: a fine-tuning run may go through seventy of them
         self.every_epoch, self._epoch_logged = every_epoch, False
@@ -407,6 +408,38 @@ class GlobalOrder:
         """The items at stream positions [first, first + count)."""
         return [int(self._order(p // self.n)[p % self.n]) for p in range(first, first + count)]
 
+    def skip(self, windows: list) -> None:
+        """Never serve global batches in these half-open [start, end) windows (merged with those
+        already skipped); the next batch served moves past any window it falls in. Windows are in
+        global batch indices of the data order, so they mean the same on any GPU count."""
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted([*self.skipped, *((int(a), int(b)) for a, b in windows)]):
+            if not 0 <= start < end:
+                raise ValueError(f"skip window {start}:{end} is empty or negative: use START:END with START < END")
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        self.skipped = merged
+        self.step = self.following(self.step - 1) if self.step % self.accum_steps == 0 else self.step
+
+    def following(self, step: int) -> int:
+        """The micro-step that comes after `step`: the next one, or, at the end of a global batch,
+        the first of the next batch not in a skipped window."""
+        step += 1
+        if step % self.accum_steps:
+            return step
+        batch = step // self.accum_steps
+        for start, end in self.skipped:
+            if start <= batch < end:
+                batch = end
+        return batch * self.accum_steps
+
+    @property
+    def batch(self) -> int:
+        """The global batch index (of the data order) this rank's next micro-step belongs to."""
+        return self.step // self.accum_steps
+
     def position(self) -> int:
         """Items of the global stream consumed; only between optimizer steps."""
         batches, micro = divmod(self.step, self.accum_steps)
@@ -421,6 +454,7 @@ class GlobalOrder:
             raise DataError(f"saved position {position} is not a multiple of global_batch "
                              f"{self.global_batch}: resume with the global batch that saved it")
         self.step = position // self.global_batch * self.accum_steps
+        self.skip([])  # a position inside a skipped window moves past it
 
 
 class FollowsOrder:
@@ -437,6 +471,23 @@ class FollowsOrder:
     def step(self) -> int:
         """Micro-steps taken by this rank."""
         return self.order.step
+
+    def skip(self, windows: list) -> None:
+        """Never serve these [start, end) global batches (GlobalOrder.skip); kept in state_dict()."""
+        self.close()  # batches built ahead may be ones now skipped
+        self.order.skip(windows)
+
+    def order_state(self) -> dict:
+        """What the loader's state_dict() holds of its order: the position and the skipped windows."""
+        return {"position": self.order.position(), "skip_batches": [list(w) for w in self.order.skipped]}
+
+    def seek_order(self, state: dict) -> None:
+        """The order_state() of a checkpoint: its windows (added to this run's) and its position."""
+        self.order.skip(state.get("skip_batches", []))
+        self.order.seek(int(state["position"]))
+
+    def close(self) -> None:
+        pass
 
 
 class TrainLoader(FollowsOrder):
@@ -473,6 +524,18 @@ class TrainLoader(FollowsOrder):
     def _make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _windows(self.stream, self.order.ids(step), self.seq_len, self.pin_memory)
 
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Micro-step `step`'s x, y again, and where each sequence comes from (its shard and token
+        offset there): for the forensics of a spike."""
+        ids = self.order.ids(step)
+        sources = []
+        for sequence in ids:
+            at = sequence * (self.seq_len + 1)
+            i = bisect.bisect_right(self.stream.starts, at) - 1
+            sources.append({"sequence": sequence, "shard": os.path.basename(self.stream.paths[i]),
+                            "offset": at - self.stream.starts[i]})
+        return (*_windows(self.stream, ids, self.seq_len, False), sources)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: x, y of shape (micro_batch, seq_len), int64."""
         if not self.prefetch:
@@ -484,7 +547,7 @@ class TrainLoader(FollowsOrder):
             if isinstance(batch, BaseException):
                 self._worker = None
                 raise batch
-        self.order.step += 1
+        self.order.step = self.order.following(self.order.step)
         return batch
 
     def _start_worker(self) -> None:
@@ -510,7 +573,7 @@ class TrainLoader(FollowsOrder):
                     pass
             if isinstance(item, BaseException):
                 return
-            step += 1
+            step = self.order.following(step)
 
     def close(self) -> None:
         """Stop the prefetch thread, if any."""
@@ -521,7 +584,7 @@ class TrainLoader(FollowsOrder):
 
     def state_dict(self) -> dict:
         """The loader's position: sequences of the global stream consumed, at a global-batch boundary."""
-        return {"position": self.order.position(), "seed": self.seed, "seq_len": self.seq_len,
+        return {**self.order_state(), "seed": self.seed, "seq_len": self.seq_len,
                 "shuffle": self.shuffle, "data": self.identity}
 
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
@@ -534,9 +597,12 @@ class TrainLoader(FollowsOrder):
             if state[key] != getattr(self, key):
                 raise DataError(f"the saved loader state has {key}={state[key]!r} but this loader "
                                  f"{key}={getattr(self, key)!r}: use the saved value to resume")
+        if "mixture" in state:  # mixture.MixtureLoader's: each source has its own position
+            sources = ",".join(f"{s['data_dir']}:{s['weight']}" for s in state["mixture"])
+            raise DataError(f"the checkpoint trained on a data mixture: resume with --data_mix={sources}")
         self._check_same_data(state.get("data"), accept_new_data)
         self.close()
-        self.order.seek(int(state["position"]))
+        self.seek_order(state)
 
     def _check_same_data(self, saved: dict | None, accept_new_data: bool) -> None:
         if saved is None:

@@ -78,7 +78,7 @@ import checkpoint
 import hf_io
 import metrics
 from model import Transformer
-from tokenizer import EOT, vocab_file
+from tokenizer import EOT, N_VOCAB, vocab_file
 from utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",

@@ -35,6 +35,16 @@ index are refused as leftovers of another save rather than silently chosen betwe
     python export_hf.py --checkpoint out/llama_1p7b/step_0001000 --out hf_out --dtype bfloat16
     python export_hf.py --from_hf path/to/DMaS-LLaMa-Lite --out out/imported
     python export_hf.py --checkpoint out/llama_1p7b --out some_dir --force   # replace a foreign dir
+
+A LoRA run (finetune.py --lora_rank) exports as the merged model by default: its base with the
+adapters folded into the weights, an ordinary Llama directory. With `--adapter` it exports the
+adapters alone in PEFT's format (adapter_config.json, adapter_model.safetensors, plus the tokenizer
+files and chat template), for `peft.PeftModel.from_pretrained(<the base exported by this script>,
+<dir>)`; adapter_config.json names the base by the path the run recorded.
+
+    python export_hf.py --checkpoint out/sft_1p7b_lora --out hf_merged
+    python export_hf.py --checkpoint out/sft_1p7b_lora --out hf_adapter --adapter
+    python export_hf.py --checkpoint out/llama_1p7b --out hf_base   # the base the adapter goes on
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import torch
 from safetensors.torch import save_file
 
 import checkpoint
+import lora
 from chat_template import checkpoint_template
 from hf_io import (INDEX_FILE, SINGLE_FILE, check_vocabulary, config_from_hf, hf_config, hf_name,  # noqa: F401
                    load_hf, load_weights, to_hf_state_dict)
@@ -211,6 +222,37 @@ def save_hf(
 
 
 
+def save_adapter(model: Transformer, spec: lora.LoraSpec, out_dir: str | Path, base: str,
+                 dtype: torch.dtype = torch.float32, force: bool = False, source: str | None = None,
+                 chat_template: str | None = None) -> None:
+    """The LoRA adapters of `model` (attached, not merged) as a PEFT adapter directory whose module
+    names are LlamaForCausalLM's; `base` goes to adapter_config.json's base_model_name_or_path."""
+    info = {"format": "peft_lora", "source": source, "base": base, "dtype": str(dtype).removeprefix("torch."),
+            "lora": spec.to_dict()}
+    with _writing(out_dir, force, info) as tmp:
+        state = {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in lora.peft_state_dict(model).items()}
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        lora.save_peft_config(spec, tmp, base_model=base)
+        save_tokenizer(tmp, model_max_length=model.config.max_seq_len, chat_template=chat_template)
+
+
+def _export_adapter(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    ckpt = checkpoint.resolve(args.checkpoint)
+    adapter = checkpoint.read_meta(ckpt).get("lora") if ckpt is not None else None
+    if not adapter:
+        raise UserError(f"--adapter: {args.checkpoint} holds no LoRA adapters (not a finetune.py --lora_rank run); "
+                        f"drop --adapter to export its whole model")
+    model = checkpoint.load_model(ckpt, args.device, verify_files=args.verify, merge=False)
+    template = checkpoint_template(args.checkpoint)
+    base = adapter["base"]["path"]
+    save_adapter(model, lora.LoraSpec.from_dict(adapter["spec"]), args.out, base, dtype=dtype, force=args.force,
+                 source=str(ckpt), chat_template=template.jinja() if template else None)
+    trained = sum(t.numel() for t in lora.peft_state_dict(model).values())
+    print(f"exported {trained:,} adapter parameters from {ckpt} to {args.out} (PEFT format); their base is {base}: "
+          f"export it with export_hf.py --checkpoint {base} --out BASE_DIR and load both with "
+          f"PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(BASE_DIR), {args.out})")
+
+
 # ----------------------------------------------------------------------------- our weights
 
 
@@ -250,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                              "tokens); default keeps all")
     parser.add_argument("--pad_vocab_to", type=int, default=50304,
                         help="import: pad the vocabulary with zero rows to this size (0 keeps it)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="a LoRA run: export the adapters alone in PEFT's format instead of the merged model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--verify", choices=("full", "size"), default="full",
                         help="export: check the checkpoint's files against their recorded sha256 (full) or "
@@ -260,7 +304,11 @@ def main(argv: list[str] | None = None) -> None:
         dtype = DTYPES[args.dtype]
         source_dir = args.checkpoint or args.from_hf
         check_output_dir(args.out, args.force, source_dir)  # before the checkpoint is read: fail fast
-        if args.checkpoint:
+        if args.adapter and not args.checkpoint:
+            raise UserError("--adapter exports a LoRA run's adapters: pass it with --checkpoint")
+        if args.adapter:
+            _export_adapter(args, dtype)
+        elif args.checkpoint:
             model = _load_checkpoint(args.checkpoint, args.device, args.verify)
             template = checkpoint_template(args.checkpoint)
             save_hf(model, args.out, vocab_size=args.vocab_size, dtype=dtype, force=args.force, source=source_dir,

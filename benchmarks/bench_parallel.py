@@ -3,7 +3,7 @@
     python benchmarks/bench_parallel.py                    # tiny, 2 gloo processes: DDP vs FSDP x checkpointing
     python benchmarks/bench_parallel.py --model=124m --seq_len=64 --micro_batch=2 --steps=5 --repeats=2
     python benchmarks/bench_parallel.py --compile --threads=2   # 1 process: eager vs compile_mode=blocks vs model
-    python benchmarks/bench_parallel.py --activations      # bytes kept for backward per token, and the table
+    python benchmarks/bench_parallel.py --activations      # bytes kept for backward per token
 
 Speed and memory: each variant is a fresh `torchrun --nproc_per_node=2 train_llama.py --benchmark=N`
 on synthetic tokens (OMP_NUM_THREADS=1 per rank), the variants interleaved `--repeats` times so
@@ -20,8 +20,8 @@ Activations: torch.distributed._tools.mem_tracker.MemTracker counts the bytes al
 forward of one batch (everything backward will need), at two batch sizes and two depths of the
 real block shapes (eager, each dtype and checkpointing mode); the differences are the bytes per
 token per block and outside the blocks. A compiled block's saved tensors are counted through
-saved_tensors_hooks instead. The table of peak memory per GPU for 978m and 1p7b is projected from
-these (see memory_table).
+saved_tensors_hooks instead. planner.py's memory model is checked against these figures; plan.py
+prints the projected peak per GPU.
 """
 
 from __future__ import annotations
@@ -272,56 +272,6 @@ def _block(cfg):
         return TransformerBlock(cfg)
 
 
-# The table's axes as keywords with the README's defaults.
-def memory_table(measured: dict, presets=("978m", "1p7b"), gpus=(2, 8), micro_batches=(4, 8, 16),
-                 seq_len: int = 1024, loss_chunk: int = 4096, reserve_gib: float = 2.0) -> None:
-    """Projected peak GiB per GPU, and the smallest of 24/48/80 GB cards where it fits with
-    `reserve_gib` to spare (CUDA context, allocator fragmentation: not modelled).
-
-    Static bytes from the parameter count N (Nb per block, Nr outside the blocks): DDP 16N (fp32
-    params, grads as bucket views, 2 AdamW moments) + 2N (autocast's bf16 weight copies, kept for
-    backward: the measured 6 B per parameter alive after forward); FSDP 16N/W, plus, while
-    gradients accumulate unsharded (the default), 6N (the gathered bf16 params stay, the fp32
-    gradients are full), else 2 blocks of bf16 params and of fp32 grads + the root's bf16 params.
-    Activations: the measured bytes per token per compiled block x layers + outside the blocks
-    (eager); with full checkpointing the checkpointed inputs plus one block being recomputed. The loss: min(tokens,
-    4096) rows x vocab x 6 B (fp32 logits, bf16 gradient) + vocab x dim x 4 (fp32 weight grad)."""
-    from model import model_config  # noqa: PLC0415
-
-    for preset in presets:
-        cfg = model_config(preset)
-        nb = sum(p.numel() for p in _block(cfg).parameters())
-        n = cfg.n_layers * nb + 2 * cfg.vocab_size * cfg.dim + cfg.dim
-        print(f"\n{preset}: {n:,} parameters, seq {seq_len}; projected peak GiB per GPU (smallest card "
-              f"that fits with {reserve_gib:g} GiB to spare: 24, 48, 80 GB, or - for none)")
-        header = " | ".join(f"mb {mb}{ac}" for mb in micro_batches for ac in ("", " + AC"))
-        print(f"| setting | GPUs | {header} |")
-        print("| --- | --- |" + " ---: |" * (2 * len(micro_batches)))
-        rows = [("DDP", "1, 2 or 8", "autocast_bf16", 18 * n)]
-        for w in gpus:
-            rows.append(("FSDP", str(w), "bf16_params", 16 * n / w + 6 * n))
-        for w in gpus:
-            per_block_gathered = 2 * 2 * nb + 2 * 4 * nb + 2 * (n - cfg.n_layers * nb)
-            rows.append(("FSDP, reduce every micro-step", str(w), "bf16_params", 16 * n / w + per_block_gathered))
-        for label, gpus_text, mode, static in rows:
-            cells = []
-            for mb in micro_batches:
-                tokens = mb * seq_len
-                loss = min(tokens, loss_chunk) * cfg.vocab_size * 6 + cfg.vocab_size * cfg.dim * 4
-                for ac in ("none", "full"):
-                    # Compiled blocks (the default on CUDA) keep less than eager ones; the
-                    # embedding, last norm and loss are counted as eager.
-                    compiled, outside = measured[preset, mode, "compiled"][0], measured[preset, mode, "none"][1]
-                    per_block = measured[preset, mode, "full"][0] if ac == "full" else compiled
-                    act = tokens * (cfg.n_layers * per_block + outside)
-                    if ac == "full":
-                        act += tokens * compiled  # the block being recomputed
-                    gib = (static + act + loss) / 2**30
-                    card = next((c for c in (24, 48, 80) if gib + reserve_gib <= c), "-")
-                    cells.append(f"{gib:.1f} ({card})")
-            print(f"| {label} | {gpus_text} | " + " | ".join(cells) + " |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
@@ -339,7 +289,10 @@ def main() -> None:
         measured = activations(["124m"], seq_len=128)
         measured |= activations(["978m", "1p7b"], seq_len=128, modes=DTYPE_MODES[:2], acs=("none", "full"))
         measured |= compiled_activations(["124m", "978m", "1p7b"], seq_len=128)
-        memory_table(measured)
+        # planner.py counts the same terms from model.py's ops (its docstrings cite these figures);
+        # the table per GPU is plan.py's.
+        print("\nthe projected table per GPU: python plan.py --config configs/llama_1p7b.py --gpu \"RTX A6000\" "
+              "--gpus 2 --markdown")
     elif args.compile:
         compile_modes(args)
     else:

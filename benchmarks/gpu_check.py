@@ -205,12 +205,14 @@ def make_batches(vocab_size: int, micro_batch: int, seq_len: int, count: int, de
     return batches
 
 
-def train_step(train_model, model, optimizer, batches, plan: Plan, sdpa_backend: str = "auto") -> float:
+def train_step(train_model, model, optimizer, batches, plan: Plan, sdpa_backend: str = "auto",
+               doc_mask: bool = False) -> float:
     """One optimizer step through train_llama.optimizer_step, the step training takes (accumulation
     over `batches`, gradients reduced on the last micro-step only, clip 1.0, AdamW); the mean loss."""
     from train_llama import StepSettings, optimizer_step
 
-    settings = StepSettings(accum_steps=len(batches), autocast_dtype=plan.autocast_dtype(), sdpa_backend=sdpa_backend)
+    settings = StepSettings(accum_steps=len(batches), autocast_dtype=plan.autocast_dtype(), sdpa_backend=sdpa_backend,
+                            doc_mask=doc_mask)
     loss, _, _, _ = optimizer_step(model, train_model, optimizer, batches, settings)
     return loss.item()
 
@@ -432,6 +434,7 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None 
     rank: NCCL on CUDA, gloo on CPU). A frame dynamo skipped is a mismatch."""
     import metrics
     import parallel
+    import planner
     from model import build_model, model_config
     from train_config import TrainConfig
     from utils import setup_distributed, teardown_distributed
@@ -494,6 +497,7 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None 
             "step_ms_all": [t * 1000 for t in times], "steps_timed": len(times), "first_step_s": first_step_s,
             "compile_s": first_step_s - step_s if compiled else None, "loss": loss, "n_params": model.num_params(),
             "tokens_per_step": micro_batch * seq_len * plan.accum, "sharded": parallel.is_sharded(model),
+            **planner.gpu_check_projection(cfg, seq_len, micro_batch, plan.accum, compiled, knobs, peak),
             **stats, "top_kernels": kernels, "verdict": verdict}
 
 
@@ -558,6 +562,50 @@ def row_attention(plan: Plan) -> dict:
     return {"config": f"{plan.model} eager step, 1 micro-step, per SDPA backend"
                       + (f", cap {cap:g} GiB" if cap else ""),
             "variants": report, "verdict": verdict}
+
+
+def row_doc_mask(plan: Plan) -> dict:
+    """The compiled training step at the default micro-batch with --doc_mask and without, on the same
+    batches of ~700-token documents (FineWeb-Edu's order of size), timed alternately in one process:
+    what document-aware attention costs (flex_attention on CUDA, a dense SDPA mask on the CPU)."""
+    from model import build_model, model_config
+    from tokenizer import EOT
+    from utils import Dist
+
+    device, micro_batch = torch.device(plan.device), plan.micro_batch
+    cfg = model_config(plan.model, max_seq_len=plan.seq_len)
+    torch.manual_seed(0)
+    model = build_model(cfg, device)
+    train_model = wrap_like_training(model, plan, plan.seq_len, Dist(device=device), compile=True)
+    optimizer = make_optimizer(model, device)
+    batches = make_batches(cfg.vocab_size, micro_batch, plan.seq_len, plan.accum, device)
+    generator = torch.Generator().manual_seed(1)
+    for x, _ in batches:  # documents begin at EOT; their lengths exponential around 700 tokens
+        starts = torch.rand(x.shape, generator=generator) < 1 / min(700, plan.seq_len // 4)
+        x[starts.to(device)] = EOT
+
+    def step(with_mask: bool) -> float:  # the mask built per micro-batch, as training builds it
+        return train_step(train_model, model, optimizer, batches, plan, doc_mask=with_mask)
+
+    first = {}
+    for with_mask in (False, True):  # compiles each graph
+        t0 = time.perf_counter()
+        step(with_mask)
+        first[with_mask] = time.perf_counter() - t0
+    times, losses = {False: [], True: []}, {}
+    for _ in range(plan.steps + 1):
+        for with_mask in (False, True):
+            t0 = time.perf_counter()
+            losses[with_mask] = step(with_mask)
+            sync(device)
+            times[with_mask].append(time.perf_counter() - t0)
+    plain, doc = (statistics.median(times[m]) * 1000 for m in (False, True))
+    finite = all(np.isfinite(v) for v in losses.values())
+    return {"config": f"{plan.model} compiled ({plan.backend}), --doc_mask vs without, seq {plan.seq_len} x "
+                      f"{plan.accum} accum", "micro_batch": micro_batch, "ms_per_step": doc, "ms_per_step_plain": plain,
+            "ratio": doc / plain, "tokens_per_s": micro_batch * plan.seq_len * plan.accum / doc * 1000,
+            "first_step_s": first[True], "first_step_s_plain": first[False], "peak_gib": peak_gib(device),
+            "verdict": f"ok: {doc / plain:.2f}x the plain step" if finite else f"mismatch: losses {losses}"}
 
 
 def row_train_llama(plan: Plan) -> dict:
@@ -884,6 +932,8 @@ ROWS: dict[str, Row] = {
                       call=2, cold_s=300, timeout_s=480),
     "resume": Row(row_resume, "train_llama save/stop/resume under torchrun vs straight", call=2, cold_s=90,
                   beside_others=True),
+    "doc_mask_mb16": Row(row_doc_mask, "compiled step with --doc_mask vs without (flex_attention on CUDA)",
+                         call=2, cold_s=150),
     "hellaswag": Row(row_hellaswag, "hellaswag.py (--compile on CUDA) on the fixture, fresh checkpoint",
                      call=2, cold_s=90, beside_others=True),
     "recompile": Row(row_recompile, "no recompile of the train step after validation and HellaSwag",

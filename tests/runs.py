@@ -87,8 +87,9 @@ def metric_rows(out_dir: Path) -> list[dict]:
 
 
 def losses(out_dir: Path) -> dict[int, float]:
-    """step -> train loss from metrics.jsonl (a resumed run's entries replace earlier ones)."""
-    return {r["step"]: r["loss"] for r in metric_rows(out_dir) if "loss" in r}
+    """step -> train loss of the applied steps in metrics.jsonl (a resumed or rolled-back run's
+    entries replace earlier ones; spike and skip records, which carry a loss too, are left out)."""
+    return {r["step"]: r["loss"] for r in metric_rows(out_dir) if "loss" in r and "event" not in r}
 
 
 def val_losses(out_dir: Path) -> dict[int, float]:

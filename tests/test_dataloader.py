@@ -74,7 +74,7 @@ def test_resume_on_another_world_size_reproduces_the_rest(data):
     straight, _ = global_batches(data, 1, micro_batch=2, global_batch=8, steps=15)
     first, state = global_batches(data, 2, micro_batch=2, global_batch=8, steps=5)
     assert {k: v for k, v in state.items() if k != "data"} == {"position": 40, "seed": 1337, "seq_len": T,
-                                                               "shuffle": True}
+                                                               "shuffle": True, "skip_batches": []}
     rest, _ = global_batches(data, 4, micro_batch=2, global_batch=8, steps=10, state=state)
     assert all(torch.equal(a, b) for a, b in zip(straight, first + rest))
 

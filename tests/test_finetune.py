@@ -144,6 +144,26 @@ def test_batches_are_the_same_on_any_world_size():
     assert seen[:n] != seen[n:2 * n]
 
 
+def test_skipped_batches_are_never_served_and_kept_in_the_state():
+    """--skip_batches in fine-tuning: the SFT loader serves global batches 0, 3, 4 with [1, 3)
+    skipped, and a loader given its state (a resume) keeps skipping them."""
+    cfg = config()
+    data = SFTData(cfg)
+    plain = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    skipping = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    skipping.skip([(1, 3)])
+    batches = [plain.order.step_ids(2 * k) for k in range(5)]
+    served = []
+    for _ in range(2):
+        served.append(skipping.order.step_ids(skipping.step))
+        skipping.next_batch(), skipping.next_batch()
+    resumed = SFTLoader(data.train, data.identity, 4, cfg, log=lambda _: None)
+    resumed.load_state_dict(skipping.state_dict())
+    assert resumed.state_dict()["skip_batches"] == [[1, 3]]
+    served.append(resumed.order.step_ids(resumed.step))
+    assert served == [batches[0], batches[3], batches[4]]
+
+
 def test_validation_split_is_fixed_and_held_out():
     """The validation rows do not depend on the seed and never appear in training."""
     a, b = SFTData(config()), SFTData(config("--seed=7"))

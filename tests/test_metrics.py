@@ -30,3 +30,16 @@ def test_logged_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(tmp_path
     for r in rows:
         expected = r["tokens_per_s"] * metrics.flops_per_token(tiny, 32) / 1e9
         assert abs(r["mfu"] - expected) <= 1e-9 * expected, (r["mfu"], expected)
+
+
+def test_plot_shows_mfu_beside_tokens_per_s(tmp_path):
+    """The throughput panel carries MFU (in %) on a second axis when the rows have it."""
+    import matplotlib.pyplot as plt
+
+    rows = [{"step": 1, "loss": 5.0, "lr": 1e-4, "tokens_per_s": 4.0e4, "mfu": 0.40},
+            {"step": 2, "loss": 4.0, "lr": 2e-4, "tokens_per_s": 5.0e4, "mfu": 0.50}]
+    metrics.plot(rows, tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").is_file()
+    [mfu_axis] = [ax for ax in plt.gcf().axes if ax.get_ylabel().startswith("MFU")]
+    assert list(mfu_axis.lines[0].get_ydata()) == [40.0, 50.0]
+    plt.close("all")

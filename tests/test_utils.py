@@ -29,7 +29,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys
 def test_a_missing_optional_dependency_is_one_line_naming_the_package(tmp_path, monkeypatch):
     """finetune.py --data=HUB_NAME without `datasets` installed: one line saying what to install."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` sees when it is absent
-    argv = ["--config", str(ROOT / "configs" / "sft_tiny.py"), "--init_from=unused", "--data=nobody/instructions",
+    argv = ["--config", str(ROOT / "configs" / "sft_tiny.py"), f"--init_from={tmp_path}", "--data=nobody/instructions",
             f"--out_dir={tmp_path}", "--device=cpu"]
     proc = call_main(finetune.main, argv, check=False)
     lines = proc.stderr.strip().splitlines()

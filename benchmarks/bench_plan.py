@@ -1,0 +1,136 @@
+"""planner.py's projected peak memory against a measured training step, on the CPU.
+
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_plan.py                # the default cases
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_plan.py --cases tiny:128:4 124m:16:1:none+full
+
+Each case (preset:seq_len:micro_batch) runs under DDP and FSDP with each activation-checkpointing
+mode: the model wrapped as train_llama wraps it, AdamW's state made up front (as after a first
+step), then one train_llama.train_step (two micro-steps, so FSDP accumulates unsharded gradients
+as a real run does) under torch's MemTracker, whose peak counts every tensor alive on this rank,
+parameters, gradients and optimizer state included. One process group serves every case.
+Prints a table and one `plan_check_json: {...}` line per case (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import parallel  # noqa: E402
+import planner  # noqa: E402
+import train_llama  # noqa: E402
+from metrics import Logger, Throughput  # noqa: E402
+from model import Transformer, rope_table  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
+from utils import setup_distributed, teardown_distributed  # noqa: E402
+
+ACCUM = 2
+
+
+def make_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's moments as its first step would make them, so the measured step is a steady one."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+
+
+def step_tracker():
+    """MemTracker for a step of several micro-steps: its per-module statistics refuse a root
+    module's second forward, so they are cleared there (the overall peak is kept apart)."""
+    from torch.distributed._tools.mem_tracker import MemTracker  # noqa: PLC0415
+
+    class StepTracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs):
+            name = self._mod_tracker.get_known_fqn(module)
+            if module in self.memory_tracking and not self._mod_tracker.is_bw and name and "." not in name:
+                self.reset_mod_stats()
+            super()._pre_fw_hook(module, inputs)
+
+    return StepTracker()
+
+
+def zero_model(mc, device: torch.device) -> Transformer:
+    """The model with zero weights: memory is what is measured, the losses stay finite (so AdamW
+    steps), and 124m's normal init would cost seconds per case."""
+    with torch.device("meta"):
+        model = Transformer(mc)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.rope.copy_(rope_table(mc.head_dim, mc.max_seq_len, mc.rope_theta))
+    return model
+
+
+def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d) -> float:
+    """The peak bytes on this rank of one training step."""
+    cfg = TrainConfig(model=preset, seq_len=seq_len, micro_batch=micro_batch,
+                      total_batch_tokens=micro_batch * seq_len * d.world_size * ACCUM, parallel=par,
+                      activation_checkpointing=ac, device="cpu", compile=False, benchmark=1,
+                      eval_interval=0, sample_interval=0)
+    model = zero_model(cfg.model_config(), d.device)
+    train_model, eval_model = parallel.parallelize(model, cfg, d)
+    optimizer = train_llama.build_optimizer(model, cfg, d.device)
+    make_state(optimizer)
+    run = train_llama.Run(cfg, d, Logger("", active=False), model, train_model, eval_model, optimizer, None, None,
+                          accum_steps=ACCUM, last_step=1, memory_logged=True)
+    run.meter = Throughput(cfg.total_batch_tokens, 1.0, None, d.world_size, d.device)
+    run.synthetic = torch.Generator().manual_seed(0)
+    tracker = step_tracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        train_llama.train_step(run)
+    peak = tracker.get_tracker_snapshot("peak")[d.device]["Total"]
+    del run, model, train_model, eval_model, optimizer, tracker
+    gc.collect()
+    return peak
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["tiny:128:4", "tiny:128:8", "124m:16:1", "124m:16:2"],
+                        help="preset:seq_len:micro_batch[:checkpointing modes joined by +, default --ac]")
+    parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"])
+    parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    d = setup_distributed("cpu")
+    results = []
+    try:
+        for case in args.cases:
+            preset, seq_len, micro_batch, *modes = case.split(":")
+            for par in args.parallel:
+                for ac in (modes[0].split("+") if modes else args.ac):
+                    measured = measure(preset, int(seq_len), int(micro_batch), par, ac, d)
+                    cfg = TrainConfig(model=preset, seq_len=int(seq_len), micro_batch=int(micro_batch),
+                                      total_batch_tokens=int(micro_batch) * int(seq_len) * d.world_size * ACCUM,
+                                      parallel=par, activation_checkpointing=ac, device="cpu", compile=False)
+                    s = planner.setting_from_config(cfg, d.world_size, "cpu")
+                    row = {"case": case, "parallel": par, "ac": ac, "rank": d.rank, "world_size": d.world_size,
+                           **planner.compare_measured(cfg.model_config(), s, int(seq_len), measured)}
+                    results.append(row)
+                    if d.is_main:
+                        print(f"plan_check_json: {json.dumps(row)}", flush=True)
+    finally:
+        teardown_distributed()
+    if d.is_main:
+        print(f"\n| case (preset:seq:micro-batch) | parallel | checkpointing | measured MiB | projected MiB | error |")
+        print("| --- | --- | --- | ---: | ---: | ---: |")
+        for r in results:
+            print(f"| {r['case']} | {r['parallel']} | {r['ac']} | {r['measured_gib'] * 1024:,.0f} | "
+                  f"{r['projected_gib'] * 1024:,.0f} | {r['error']:+.1%} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
             with cli_errors("finetune.py", expected=(DataError,)):
                 try:
                     cfg = load_config(argv, kind=SFTConfig)
-                    check_base_model(cfg)
                     data = SFTData(cfg)
+                    check_base_model(cfg)
                     if cfg.epochs:
                         per_step = cfg.total_batch_tokens // cfg.seq_len
                         cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(per_step))
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def check_base_model(cfg: SFTConfig) -> None:
     """A fine-tuning run that has not started yet needs --init_from to exist: say how to make it
-    (the pretraining command of the config that writes there) before any data is read."""
+    (the pretraining command of the config that writes there)."""
     if Path(cfg.init_from).exists() or checkpoint.complete_checkpoints(cfg.out_dir):
         return
     raise ConfigError(f"--init_from={cfg.init_from} does not exist: make the base model first with "

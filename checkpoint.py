@@ -558,7 +558,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", verify_file
     meta = read_meta(ckpt)
     if "model_config" not in meta:
         raise CheckpointError(f"{ckpt / META} has no model_config: not one of our checkpoints")
-    model = build_model(ModelConfig(**meta["model_config"]), device)  # weights overwritten below
+    try:
+        config = ModelConfig(**meta["model_config"])
+    except (TypeError, ValueError) as e:  # an edited or damaged meta.json
+        raise CheckpointError(f"{ckpt / META} has an unusable model_config ({e}): resume from another step_* "
+                              f"directory") from None
+    model = build_model(config, device)  # weights overwritten below
     adapter = meta.get("lora")
     if adapter:
         check_base(adapter["base"], ckpt)

@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def check_base_model(cfg: SFTConfig) -> None:
     """A fine-tuning run that has not started yet needs --init_from to exist: say how to make it
-    (the pretraining command of the config that writes there)."""
+    (the pretraining command of the config that writes there) before the model is built."""
     if Path(cfg.init_from).exists() or checkpoint.complete_checkpoints(cfg.out_dir):
         return
     raise ConfigError(f"--init_from={cfg.init_from} does not exist: make the base model first with "

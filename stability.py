@@ -11,7 +11,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -21,9 +21,26 @@ import checkpoint
 from doc_mask import document_mask
 from utils import Dist, UserError, write_atomic
 
-if TYPE_CHECKING:  # for annotations only: a library module never imports a script at run time
-    from train_config import TrainConfig
-    from train_llama import Run
+class Run(Protocol):
+    """What these functions read and set of train_llama.Run (a library module does not import the
+    script that imports it)."""
+
+    cfg: Any  # train_config.TrainConfig (which reads this module's ON_SPIKE)
+    dist: Dist
+    log: Any  # metrics.Logger
+    progress: Any  # train_llama.Progress
+    loader: Any
+    eval_model: torch.nn.Module
+    accum_steps: int
+    benchmark: bool
+    consecutive_skips: int
+    event: dict | None
+    score: float
+    health: Health
+    spikes: SpikeDetector
+    scaler: LossScaler
+
+    def autocast(self): ...
 
 ON_SPIKE = ("off", "warn", "skip", "rollback")
 
@@ -276,7 +293,7 @@ def last_good_checkpoint(run: Run) -> str:
     return f"no checkpoint in {run.cfg.out_dir} was confirmed good before it (start again, e.g. with a lower --max_lr)"
 
 
-def check_precision(cfg: TrainConfig, d: Dist) -> None:
+def check_precision(cfg: Any, d: Dist) -> None:
     """bfloat16 needs compute capability 8.0 (A100, RTX 30xx) or later: on a V100, T4 or RTX 20xx
     it is emulated at a fraction of the speed, if at all; float16 with loss scaling is the way."""
     if d.device.type != "cuda" or cfg.dtype != "bfloat16":

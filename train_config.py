@@ -391,7 +391,7 @@ def _parse_config(argv: list[str], kind: type[TrainConfig]) -> TrainConfig:
         _local_data_elsewhere(cfg.data_dir, named_data_dir)
         cfg.prepare_local_data = False
     # Which knobs the command line set (not the config file): a rerun of a finished run exits 0 only
-    # when it names the step it is at (train_llama.check_not_finished).
+    # when it names the step it is at (check_not_finished).
     cfg.command_line = {key: getattr(cfg, key) for key in given}
     return cfg
 

@@ -802,7 +802,7 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
         refused, allowed = resume_differences(meta.get("train_config", {}), meta.get("model_config", {}), cfg)
         if refused:
             raise ConfigError("cannot resume with a different model or data order: " + "; ".join(refused)
-                              + " (use --init_from for weights only, or a new --out_dir)")
+                              + f" (use the checkpoint's values, or a new --out_dir with --init_from={ckpt} for its weights)")
         for change in allowed:
             log.print(f"warning: changed on resume: {change}")
         if not cfg.decay_from:

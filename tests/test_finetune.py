@@ -239,7 +239,7 @@ def test_bad_data_is_one_line_naming_file_and_row(tmp_path, capsys, name):
     """A row without output, an empty file, broken JSON, wrong roles, a template without a placeholder."""
     extra, message = bad_data(tmp_path, name)
     with pytest.raises(SystemExit) as e:
-        finetune.main([*BASE, "--init_from=unused", f"--out_dir={tmp_path / 'out'}", *extra])
+        finetune.main([*BASE, f"--init_from={tmp_path}", f"--out_dir={tmp_path / 'out'}", *extra])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("finetune.py: error: ") and message in err, err
@@ -250,7 +250,7 @@ def test_hub_dataset_offline_is_one_line_naming_the_local_route(tmp_path, capsys
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit):
-        finetune.main([*BASE, "--init_from=unused", "--data=nobody/no-such-instructions", f"--out_dir={tmp_path}"])
+        finetune.main([*BASE, f"--init_from={tmp_path}", "--data=nobody/no-such-instructions", f"--out_dir={tmp_path}"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data=nobody/no-such-instructions: cannot load it" in err
     assert "--data=FILE.jsonl" in err

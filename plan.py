@@ -36,7 +36,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help='card name, e.g. "RTX A6000", H100, "A100 80GB" (default: %(default)s)')
     parser.add_argument("--gpus", type=int, default=1, help="GPUs per node (default: %(default)s)")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--tokens", type=float, help="tokens to train on (default: the config's max_steps x batch)")
+    parser.add_argument("--tokens", type=float,
+                        help="tokens to train on (default: the config's max_steps x batch; a decay branch's decay_steps)")
     parser.add_argument("--gpu_mem", type=float, help="GiB per card, for a card the table does not know")
     parser.add_argument("--peak_tflops", type=float, help="the card's dense bf16 peak TFLOP/s (datasheet)")
     parser.add_argument("--mfu", type=float, help=f"assumed MFU (default: {planner.DEFAULT_MFU:g}, or --measured)")
@@ -230,7 +231,8 @@ def plan(argv: list[str]) -> dict:
     card = planner.Card(card.name, card.memory_gib, link, card.aliases, card.tflops)
     mfu, mfu_note = assumed_mfu(args)
     world = args.gpus * args.nodes
-    tokens = args.tokens or cfg.max_steps * cfg.total_batch_tokens
+    # a decay branch (--decay_from) trains its decay_steps alone, from its checkpoint's step
+    tokens = args.tokens or (cfg.decay_steps if cfg.decay_from else cfg.max_steps) * cfg.total_batch_tokens
     c = cfg.model_config()
     rows = [planner.project(c, s, cfg.seq_len, cfg.total_batch_tokens, card, mfu, tokens, args.nodes, args.network)
             for s in candidates(cfg, world, micro_batches(args, cfg, world))]

@@ -109,6 +109,16 @@ def test_changed_weights_continue_each_source(dirs):
         assert [i for s, i in after if s == name] == [i for s, i in before if s == name][seen:seen + 40]
 
 
+def test_batch_at_names_each_sequence_source(dirs):
+    """Spike forensics: batch_at(step) rebuilds the micro-batch and names each row's source, shard and offset."""
+    loader = mixture(dirs)(2, 8, 1, 2)
+    for step in range(6):
+        x, y, sources = loader.batch_at(step)
+        assert torch.equal(x, loader.next_batch()[0]) and torch.equal(x[:, 1:], y[:, :-1])
+        assert all(s["source"].startswith(name) and s["sequence"] == i for s, (name, i) in zip(sources, origin(x)))
+        assert all(os.path.basename(s["shard"]).startswith("x_train_") for s in sources)
+
+
 def test_one_directory_order_is_unchanged(dirs):
     """Without --data_mix the order is today's (each epoch a permutation seeded with seed + epoch);
     a mixture of that one directory draws the very same sequences."""

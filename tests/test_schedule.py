@@ -73,8 +73,8 @@ def test_extending_wsd_keeps_the_learning_rate_continuous(tmp_path, data_dir):
     assert [lr[s] for s in range(3, 13)] == [6e-4] * 10 and lr[16] < lr[15] < lr[12]
     assert "moves the learning rate" not in proc.stdout
     cosine = tmp_path / "cosine"
-    run_here(cosine, data_dir, "--stop_step=5")
-    assert "moves the learning rate at step 5" in run_here(cosine, data_dir, "--max_steps=16").stdout
+    run_here(cosine, data_dir, "--stop_step=4")
+    assert "moves the learning rate at step 4" in run_here(cosine, data_dir, "--max_steps=16", "--stop_step=5").stdout
 
 
 def test_decay_branch_from_a_stable_checkpoint(tmp_path, data_dir):
@@ -95,3 +95,12 @@ def test_decay_branch_from_a_stable_checkpoint(tmp_path, data_dir):
     assert "needs its own out_dir" in refusal(main_dir, data_dir, *WSD, f"--decay_from={main_dir}")
     run_here(main_dir, data_dir, *WSD)  # the main run continues to its own end
     assert sorted(losses(main_dir)) == list(range(1, 13))
+
+
+def test_plan_counts_a_decay_branch_by_its_own_steps():
+    """plan.py times a decay branch's decay_steps, not the main run's max_steps."""
+    from test_plan import ROOT, plan_json
+
+    base = ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--gpu", "H100", "--gpus", "8", "--lr_schedule=wsd"]
+    assert plan_json(*base)["tokens"] == 38_147 * 524_288
+    assert plan_json(*base, "--decay_from=out/llama_1p7b", "--decay_steps=2000")["tokens"] == 2000 * 524_288

@@ -95,11 +95,14 @@ def test_help_shows_the_config_values_by_group():
     assert "--data=tests/data/alpaca_tiny.json" in text and "--init_from=out/tiny " in text
 
 
-def test_help_into_a_closed_pipe_is_quiet():
-    """`train_llama.py --help | head -1`: exit 0 and nothing on stderr (no BrokenPipeError)."""
-    proc = subprocess.run(f"{sys.executable} train_llama.py --help | head -1", shell=True, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.startswith("Pretrain") and proc.stderr == "", proc.stderr
+def test_help_into_a_closed_pipe_is_quiet(monkeypatch, capfd):
+    """`train_llama.py --help | head -1`: with the pipe's reader gone, --help returns quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert train_llama.main(["--help"]) == {}
+    assert capfd.readouterr().err == ""
 
 
 def test_a_refused_launch_leaves_no_directory(tmp_path, data_dir):

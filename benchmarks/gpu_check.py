@@ -790,6 +790,36 @@ def row_resume(plan: Plan) -> dict:
             "max_loss_diff": diff, "seconds_all_runs": seconds, "verdict": verdict}
 
 
+def row_generate(plan: Plan) -> dict:
+    """benchmarks/bench_generate.py: greedy decoding tokens/s of our eager decode, our compiled decode
+    (one graph over a static KV cache; CUDA graphs on a GPU) and transformers' generate on our own
+    export of the same weights. On CUDA the measured preset; on the CPU the tiny model, 8 tokens,
+    dynamo's eager backend (a smoke run). Every way must produce the eager decode's tokens."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "benchmarks" / "bench_generate.py")
+    bench_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_generate)
+    args = argparse.Namespace(model=plan.model, prompt_tokens=32, new_tokens=128 if plan.cuda else 8,
+                              repeats=3 if plan.cuda else 1, device=plan.device, dtype=None,
+                              backend="inductor" if plan.cuda else "eager")
+    result = bench_generate.bench(args)
+    speeds, ratio = result["tokens_per_s"], result["compiled_vs_eager"]
+    summary = (f"tokens/s eager {speeds['ours_eager']:,.1f}, compiled {speeds['ours_compiled']:,.1f}, "
+               f"transformers {speeds['transformers']:,.1f}; compiled {ratio:.2f}x eager")
+    wrong = [name for name, same in result["match"].items() if not same]
+    if wrong:
+        verdict = f"mismatch: {', '.join(wrong)} decoded other tokens ({summary})"
+    elif plan.cuda and ratio < 2:
+        verdict = f"ok, below the 2x target: {summary}"
+    else:
+        verdict = f"ok: {summary}"
+    return {"config": f"{plan.model} greedy decode, 32 + {args.new_tokens} tokens, {result['dtype']}",
+            "tokens_per_s": speeds["ours_compiled"], "compile_s": result["compile_s"], "generate": result,
+            "verdict": verdict}
+
+
 def row_hellaswag(plan: Plan) -> dict:
     """hellaswag.py on the test fixture with a checkpoint freshly saved by train_llama.py: eager,
     and on CUDA also --compile (on CPU inductor's C++ build would take most of the smoke run)."""
@@ -938,6 +968,8 @@ ROWS: dict[str, Row] = {
                      call=2, cold_s=90, beside_others=True),
     "recompile": Row(row_recompile, "no recompile of the train step after validation and HellaSwag",
                      call=2, cold_s=60, beside_others=True),
+    "generate": Row(row_generate, "greedy decode: ours eager vs compiled (static KV cache) vs transformers",
+                    call=2, cold_s=120),
 }
 CALLS = {1: [n for n, r in ROWS.items() if r.call == 1], 2: [n for n, r in ROWS.items() if r.call == 2]}
 BUDGET_S = {1: 480, 2: 480}  # each call's --budget: under a 540 s timeout_s, room for set-up and the table

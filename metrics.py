@@ -189,10 +189,11 @@ class Logger:
         self.file.flush()
         return self.file.tell()
 
-    def drop_after(self, position: int) -> int:
-        """Cut metrics.jsonl back to `position`, where it ended when the checkpoint being resumed
-        was saved: the rows after it belong to steps the resumed run does again, and leaving them
-        would give those steps twice. Returns how many rows were dropped."""
+    def drop_after(self, position: int, step: int) -> int:
+        """Cut metrics.jsonl back to `position`, where it ended when the checkpoint of `step` being
+        resumed was saved: the rows after it of later steps are of steps the resumed run does again,
+        and leaving them would give those steps twice. Rows of `step` or earlier logged after the
+        save (the save's own row) stay; a torn line goes. Returns how many rows were dropped."""
         if not self.file:
             return 0
         self.file.flush()
@@ -201,9 +202,20 @@ class Logger:
             return 0
         with open(path, "rb") as f:
             f.seek(position)
-            dropped = sum(1 for line in f if line.strip())
+            tail = [line for line in f if line.strip()]
+        kept = []
+        for line in tail:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
         os.truncate(path, position)  # the file is open for appending: the next row goes at the new end
-        return dropped
+        if kept:
+            with open(path, "ab") as f:
+                f.writelines(kept)
+        return len(tail) - len(kept)
 
     def close(self) -> None:
         if self.text:

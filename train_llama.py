@@ -916,10 +916,11 @@ def restore(run: Run, ckpt: Path) -> None:
 def drop_superseded_metrics(run: Run, ckpt: Path) -> None:
     """At launch, cut metrics.jsonl back to where it ended when `ckpt` was saved: the rows after it
     are of steps this run does again, and would otherwise appear twice."""
-    position = checkpoint.read_meta(ckpt).get("metrics_position")
+    meta = checkpoint.read_meta(ckpt)
+    position = meta.get("metrics_position")
     if position is None or ckpt.parent.resolve() != Path(run.cfg.out_dir).resolve():
         return  # a checkpoint from before this was recorded, or another run's metrics.jsonl
-    dropped = run.log.drop_after(position)
+    dropped = run.log.drop_after(position, meta["step"])
     if dropped:
         run.log.print(f"metrics.jsonl: dropped the {dropped} rows logged after this checkpoint was saved "
                       f"(its steps are done again now, so no step appears twice)")

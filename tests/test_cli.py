@@ -60,7 +60,7 @@ def test_ctrl_c_through_a_dying_pipe_saves_and_exits_0(tmp_path, data_dir):
 
 def test_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, data_dir, straight):
     """A run killed after step 12 whose newest checkpoint is step 5: resumed, each step appears once
-    in metrics.jsonl, with the straight run's values."""
+    in metrics.jsonl, with the straight run's values, and step 5's save row is kept."""
     out = tmp_path / "run"
     shutil.copytree(straight, out)
     for name in ("step_0000010", "step_0000012", "latest"):
@@ -72,6 +72,8 @@ def test_resume_drops_metrics_rows_past_its_checkpoint(tmp_path, data_dir, strai
         steps = [r["step"] for r in rows if key in r]
         assert len(steps) == len(set(steps)), (key, steps)
     assert losses(out) == losses(straight)
+    # The resumed checkpoint's own save row (logged after its save) belongs to a done step: it stays.
+    assert [r["step"] for r in rows if "save_s" in r].count(5) == 1
 
 
 def test_every_knob_has_a_help_sentence():

@@ -307,18 +307,24 @@ def test_step_loss_is_the_mean_over_answer_tokens_whatever_the_micro_batch(tmp_p
         assert expected == sum(int((loader.next_batch()[1] >= 0).sum()) for _ in range(loader.accum_steps))
 
 
-def test_two_processes_match_one(tmp_path, base_model, straight):
-    """torchrun with 2 gloo processes equals 1 process with twice the accumulation (losses, val, weights)."""
+def two_processes_match(out_dir: Path, reference_dir: Path, *args: str) -> None:
+    """finetune.py `args` under torchrun with 2 gloo processes (one micro-step each) into `out_dir`:
+    its losses and validation losses equal `reference_dir`'s within 1e-5."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "finetune.py"), *BASE, f"--init_from={base_model}", f"--out_dir={tmp_path}"]
+           str(ROOT / "finetune.py"), *args, f"--out_dir={out_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 accumulation x 2 processes" in proc.stdout
     for key in ("loss", "val_loss"):
-        ours, reference = metrics(tmp_path, key), metrics(straight, key)
+        ours, reference = metrics(out_dir, key), metrics(reference_dir, key)
         assert ours.keys() == reference.keys()
         assert all(abs(ours[k] - reference[k]) < 1e-5 for k in ours), (ours, reference)
+
+
+def test_two_processes_match_one(tmp_path, base_model, straight):
+    """torchrun with 2 gloo processes equals 1 process with twice the accumulation (losses, val, weights)."""
+    two_processes_match(tmp_path, straight, *BASE, f"--init_from={base_model}")
     ours, reference = checkpoint.load_model(tmp_path).state_dict(), checkpoint.load_model(straight).state_dict()
     assert all((ours[k] - v).abs().max() < 1e-5 for k, v in reference.items())
 

@@ -3,10 +3,8 @@ matches across process counts, never touches its base, refuses a changed base, a
 or as a PEFT adapter that transformers + peft load with our logits."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,8 @@ from conftest import make_tiny_model
 from export_hf import save_weights
 from metrics import flops_per_token
 from runs import call_main
-from test_finetune import BASE, FIXTURE, SEQ, metrics, prompt_of
+from test_finetune import BASE, FIXTURE, SEQ, metrics, prompt_of, two_processes_match
 
-ROOT = Path(__file__).resolve().parent.parent
 LORA = ["--lora_rank=8", "--lora_alpha=16", "--max_steps=6", "--eval_interval=3"]
 
 
@@ -114,16 +111,7 @@ def test_resume_equals_straight_run(tmp_path, base, straight):
 
 def test_two_processes_match_one(tmp_path, base, straight):
     """torchrun with 2 gloo processes (DDP over the adapters) equals 1 process within 1e-5."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "finetune.py"), *BASE, *LORA, f"--init_from={base}", f"--out_dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 accumulation x 2 processes" in proc.stdout
-    for key in ("loss", "val_loss"):
-        ours, reference = metrics(tmp_path, key), metrics(straight, key)
-        assert ours.keys() == reference.keys()
-        assert all(abs(ours[k] - reference[k]) < 1e-5 for k in ours), (ours, reference)
+    two_processes_match(tmp_path, straight, *BASE, *LORA, f"--init_from={base}")
     ours, reference = adapter_tensors(tmp_path), adapter_tensors(straight)
     assert all((ours[k] - v).abs().max() < 1e-5 for k, v in reference.items())
 

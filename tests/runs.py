@@ -53,12 +53,16 @@ def run_here(out_dir: Path, data_dir: Path, *extra: str, check: bool = True) -> 
     return call_main(train_llama.main, [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra], check)
 
 
-def refusal(out_dir: Path, data_dir: Path, *extra: str) -> str:
-    """The line on stderr of a run train_llama.py refuses (in-process): exit 2 and one line only."""
-    proc = run_here(out_dir, data_dir, *extra, check=False)
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    """The line on stderr of a refused command: exit 2 and one line only."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     return lines[0]
+
+
+def refusal(out_dir: Path, data_dir: Path, *extra: str) -> str:
+    """The line on stderr of a run train_llama.py refuses (in-process): exit 2 and one line only."""
+    return one_line(run_here(out_dir, data_dir, *extra, check=False))
 
 
 def call_main(main, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import train_llama
 from conftest import make_tiny_model
 from export_hf import save_weights
 from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
-from runs import call_main
+from runs import call_main, one_line
 from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,12 +386,6 @@ def test_export_carries_the_chat_template(tuned, tmp_path):
 
 
 # ----------------------------------------------------------------------------- one run, one kind, one base
-
-def one_line(proc: subprocess.CompletedProcess) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    return lines[0]
-
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, base_model) -> Path:

@@ -17,7 +17,7 @@ import finetune
 from conftest import make_tiny_model
 from export_hf import save_weights
 from metrics import flops_per_token
-from runs import call_main
+from runs import call_main, one_line
 from test_finetune import BASE, FIXTURE, SEQ, metrics, prompt_of, two_processes_match
 
 LORA = ["--lora_rank=8", "--lora_alpha=16", "--max_steps=6", "--eval_interval=3"]
@@ -48,12 +48,6 @@ def digest(path: Path) -> dict[str, bytes]:
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     model = checkpoint.load_model(run, merge=False)
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
-
-
-def one_line(proc: subprocess.CompletedProcess) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

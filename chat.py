@@ -29,12 +29,11 @@ from typing import Iterator
 
 import torch
 
-import checkpoint
-import hf_io
-from chat_template import TEMPLATES, Template, checkpoint_template, encode, load_template
+from llama_fineweb import checkpoint, hf_io
+from llama_fineweb.chat_template import TEMPLATES, Template, checkpoint_template, encode, load_template
+from llama_fineweb.tokenizer import EOT, N_VOCAB, get_encoding
+from llama_fineweb.utils import DTYPES, UserError, cli_errors, resolve_device
 from model import Transformer, pick_next_token
-from tokenizer import EOT, N_VOCAB, get_encoding
-from utils import DTYPES, UserError, cli_errors, resolve_device
 
 
 # model.generate's sampling knobs plus a stop token: the same names, passed through.

@@ -62,14 +62,13 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-import checkpoint
-import lora
-from chat_template import checkpoint_template
-from hf_io import (INDEX_FILE, SINGLE_FILE, check_vocabulary, config_from_hf, hf_config, hf_name,  # noqa: F401
-                   load_hf, load_weights, to_hf_state_dict)
+from llama_fineweb import checkpoint, lora
+from llama_fineweb.chat_template import checkpoint_template
+from llama_fineweb.hf_io import (INDEX_FILE, SINGLE_FILE, check_vocabulary, config_from_hf, hf_config,  # noqa: F401
+                                  hf_name, load_hf, load_weights, to_hf_state_dict)
+from llama_fineweb.tokenizer import N_VOCAB, vocab_file
+from llama_fineweb.utils import DTYPES, UserError, cli_errors, fsync_dir
 from model import Transformer
-from tokenizer import N_VOCAB, vocab_file
-from utils import DTYPES, UserError, cli_errors, fsync_dir
 
 EXPORT_INFO = "export_info.json"  # written last into every output: "this directory is an export"
 _WRITTEN_BY = "export_hf.py"

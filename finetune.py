@@ -63,14 +63,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-import checkpoint
+from llama_fineweb import checkpoint
+
 # The templates are chat_template.py's; their names stay importable from here for config files.
-from chat_template import EOT_TEXT, TEMPLATES, Template, checkpoint_template, encode, load_template  # noqa: F401
-from dataloader import DataError, FollowsOrder, GlobalOrder
-from tokenizer import EOT
-from train_config import ConfigError, SFTConfig, TrainConfig, load_config, load_config_file, usage
+from llama_fineweb.chat_template import EOT_TEXT, TEMPLATES, Template, checkpoint_template, encode, load_template  # noqa: F401
+from llama_fineweb.dataloader import DataError, FollowsOrder, GlobalOrder
+from llama_fineweb.tokenizer import EOT
+from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig, load_config, load_config_file, usage
+from llama_fineweb.utils import cli_errors, closed_output_survives, teardown_distributed
 from train_llama import train
-from utils import cli_errors, closed_output_survives, teardown_distributed
 
 SPLIT_SEED = 0  # the validation split's permutation: fixed, so every run holds out the same rows
 

@@ -40,10 +40,10 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-import utils
-from dataloader import MANIFEST, SHARD_PATTERN, fingerprint, shard_name
-from text_sources import BuildError, describe_source, open_documents, resolve_local_files
-from tokenizer import EOT, get_encoding
+from llama_fineweb import utils
+from llama_fineweb.dataloader import MANIFEST, SHARD_PATTERN, fingerprint, shard_name
+from llama_fineweb.text_sources import BuildError, describe_source, open_documents, resolve_local_files
+from llama_fineweb.tokenizer import EOT, get_encoding
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 SUBSET_OUT = {

@@ -21,9 +21,9 @@ import json
 import sys
 from dataclasses import asdict
 
-import planner
-from train_config import SFTConfig, TrainConfig, load_config
-from utils import UserError, cli_errors
+from llama_fineweb import planner
+from llama_fineweb.train_config import SFTConfig, TrainConfig, load_config
+from llama_fineweb.utils import UserError, cli_errors
 
 AC_MODES = ("none", "selective", "full")
 

@@ -30,21 +30,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import checkpoint
-import lora
-import parallel
-import planner
-import stability
-from dataloader import DataError, TrainLoader, ValLoader
-from doc_mask import document_mask
-from metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
-from mixture import MixtureLoader, MixtureVal, parse_data_mix
+from fineweb_edu import build_local_corpus
+from llama_fineweb import checkpoint, hellaswag, lora, parallel, planner, stability
+from llama_fineweb.dataloader import DataError, TrainLoader, ValLoader
+from llama_fineweb.doc_mask import document_mask
+from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
+from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
+from llama_fineweb.stability import Health, LossScaler, SpikeDetector, StepStats
+from llama_fineweb.tokenizer import get_encoding
+from llama_fineweb.train_config import (SCHEDULE_KNOBS, ConfigError, TrainConfig, check_not_finished, check_same_run,
+                                        load_config, resume_differences, usage)
+from llama_fineweb.utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
+                                 setup_distributed, teardown_distributed)
 from model import Transformer, build_model
-from stability import Health, LossScaler, SpikeDetector, StepStats
-from train_config import (SCHEDULE_KNOBS, ConfigError, TrainConfig, check_not_finished, check_same_run, load_config,
-                          resume_differences, usage)
-from utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
-                   setup_distributed, teardown_distributed)
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
 
@@ -559,8 +557,6 @@ def validation_loss(run: Run, batches=None) -> float:
 
 
 def hellaswag_score(run: Run) -> dict:
-    import hellaswag  # noqa: PLC0415
-
     d = run.dist
     if not hellaswag.rank_share(run.hellaswag_examples, d.rank, d.world_size):  # fewer examples than ranks
         parallel.join_eval(run.eval_model, d.device)
@@ -573,8 +569,6 @@ def hellaswag_score(run: Run) -> dict:
 @torch.no_grad()
 def sample_text(run: Run) -> str:
     """A seeded continuation of the sample prompt; its own generator leaves training RNG alone."""
-    from tokenizer import get_encoding  # noqa: PLC0415
-
     enc, device = get_encoding(), run.dist.device
     prompt = torch.tensor([enc.encode_ordinary(run.cfg.sample_prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
@@ -856,8 +850,6 @@ def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, V
         return make_mixture_loaders(cfg, d, log)
     if cfg.prepare_local_data:
         if d.is_main:
-            from fineweb_edu import build_local_corpus  # noqa: PLC0415
-
             build_local_corpus(cfg.data_dir, log=log.print)
         if d.world_size > 1:
             dist.barrier()
@@ -946,8 +938,6 @@ def make_meter(run: Run) -> Throughput:
 
 def load_hellaswag(cfg: TrainConfig):
     """Loaded at start, so that missing data fails now rather than hours into the run."""
-    import hellaswag  # noqa: PLC0415
-
     return hellaswag.load_examples(cfg.hellaswag_data or None, limit=cfg.hellaswag_limit or None)
 
 

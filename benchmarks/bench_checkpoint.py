@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import checkpoint  # noqa: E402
+from llama_fineweb import checkpoint  # noqa: E402
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dataloader import shard_name  # noqa: E402
-from tokenizer import EOT, get_encoding  # noqa: E402
+from llama_fineweb.dataloader import shard_name  # noqa: E402
+from llama_fineweb.tokenizer import EOT, get_encoding  # noqa: E402
 
 
 def stdlib_documents(tokens: int, chars: int = 4500) -> list[str]:
@@ -199,7 +199,7 @@ def measure_loader(kind: str, data_dir: str, batches: int, batch: int, seq_len: 
             position += batch * seq_len
             return buf[:-1].view(batch, seq_len), buf[1:].view(batch, seq_len)
     else:
-        from dataloader import TrainLoader
+        from llama_fineweb.dataloader import TrainLoader
 
         loader = TrainLoader(data_dir, seq_len, batch, batch, shuffle=kind != "ours-sequential",
                              vocab_size=50257, prefetch=kind == "ours-prefetch", log=lambda s: None)

@@ -27,11 +27,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dataloader import TrainLoader  # noqa: E402
-from doc_mask import document_mask  # noqa: E402
-from mixture import MixtureLoader, parse_data_mix  # noqa: E402
+from llama_fineweb.dataloader import TrainLoader  # noqa: E402
+from llama_fineweb.doc_mask import document_mask  # noqa: E402
+from llama_fineweb.mixture import MixtureLoader, parse_data_mix  # noqa: E402
+from llama_fineweb.tokenizer import EOT  # noqa: E402
 from model import build_model, model_config  # noqa: E402
-from tokenizer import EOT  # noqa: E402
 
 
 def bench_doc_mask(args: argparse.Namespace) -> dict:

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from export_hf import save_hf  # noqa: E402
+from llama_fineweb.tokenizer import get_encoding  # noqa: E402
+from llama_fineweb.utils import DTYPES, resolve_device  # noqa: E402
 from model import build_model, model_config  # noqa: E402
-from tokenizer import get_encoding  # noqa: E402
-from utils import DTYPES, resolve_device  # noqa: E402
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 

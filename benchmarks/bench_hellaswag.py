@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hellaswag  # noqa: E402
+from llama_fineweb.tokenizer import get_encoding  # noqa: E402
 from model import Transformer, build_model, model_config  # noqa: E402
-from tokenizer import get_encoding  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "data" / "hellaswag_sample.jsonl"
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import metrics  # noqa: E402
 from export_hf import save_weights  # noqa: E402
-from hf_io import hf_config, load_weights, to_hf_state_dict  # noqa: E402
+from llama_fineweb import metrics  # noqa: E402
+from llama_fineweb.hf_io import hf_config, load_weights, to_hf_state_dict  # noqa: E402
 from model import Transformer, model_config  # noqa: E402
 
 

@@ -174,7 +174,7 @@ def bytes_after_forward(preset: str, layers: int, batch: int, seq_len: int, mode
     import torch  # noqa: PLC0415
     from torch.distributed._tools.mem_tracker import MemTracker  # noqa: PLC0415
 
-    import parallel  # noqa: PLC0415
+    from llama_fineweb import parallel  # noqa: PLC0415
     from model import build_model, model_config  # noqa: PLC0415
 
     torch.manual_seed(0)

@@ -26,12 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import parallel  # noqa: E402
-import planner  # noqa: E402
 import train_llama  # noqa: E402
+from llama_fineweb import parallel, planner  # noqa: E402
+from llama_fineweb.train_config import TrainConfig  # noqa: E402
+from llama_fineweb.utils import setup_distributed, teardown_distributed  # noqa: E402
 from model import Transformer, rope_table  # noqa: E402
-from train_config import TrainConfig  # noqa: E402
-from utils import setup_distributed, teardown_distributed  # noqa: E402
 
 ACCUM = 2
 

@@ -173,7 +173,7 @@ def tail(path: Path, n: int = 15) -> list[str]:
 
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """train_llama's AdamW (decay on 2-D weights only; fused on CUDA) with TrainConfig's defaults."""
-    from train_config import TrainConfig
+    from llama_fineweb.train_config import TrainConfig
     from train_llama import build_optimizer
 
     return build_optimizer(model, TrainConfig(), device)
@@ -183,9 +183,9 @@ def wrap_like_training(model: torch.nn.Module, plan: Plan, seq_len: int, d=None,
     """The training model as train_llama makes it: parallel.parallelize with TrainConfig's defaults
     but `knobs`, compiled on plan.backend. FSDP needs a process group: `d` from setup_distributed
     under torchrun."""
-    import parallel
-    from train_config import TrainConfig
-    from utils import Dist
+    from llama_fineweb import parallel
+    from llama_fineweb.train_config import TrainConfig
+    from llama_fineweb.utils import Dist
 
     cfg = TrainConfig(seq_len=seq_len, compile_cpu=True, **knobs)
     # plan.backend: inductor on CUDA; on the CPU dynamo's "eager", as inductor would build C++ for minutes.
@@ -339,8 +339,7 @@ def row_env(plan: Plan) -> dict:
     runs the model's bf16 GQA attention."""
     import tiktoken
 
-    import metrics
-    import tokenizer
+    from llama_fineweb import metrics, tokenizer
     from model import model_config
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
@@ -432,12 +431,10 @@ def row_speed(plan: Plan, micro_batch: int, compiled: bool, seq_len: int | None 
     MFU over plan.steps steps after the first, peak memory allocated and reserved, compile time,
     what dynamo compiled and skipped, the top kernels. FSDP applies under torchrun only (one
     rank: NCCL on CUDA, gloo on CPU). A frame dynamo skipped is a mismatch."""
-    import metrics
-    import parallel
-    import planner
+    from llama_fineweb import metrics, parallel, planner
+    from llama_fineweb.train_config import TrainConfig
+    from llama_fineweb.utils import setup_distributed, teardown_distributed
     from model import build_model, model_config
-    from train_config import TrainConfig
-    from utils import setup_distributed, teardown_distributed
 
     seq_len = seq_len or plan.seq_len
     d = setup_distributed(plan.device)
@@ -568,9 +565,9 @@ def row_doc_mask(plan: Plan) -> dict:
     """The compiled training step at the default micro-batch with --doc_mask and without, on the same
     batches of ~700-token documents (FineWeb-Edu's order of size), timed alternately in one process:
     what document-aware attention costs (flex_attention on CUDA, a dense SDPA mask on the CPU)."""
+    from llama_fineweb.tokenizer import EOT
+    from llama_fineweb.utils import Dist
     from model import build_model, model_config
-    from tokenizer import EOT
-    from utils import Dist
 
     device, micro_batch = torch.device(plan.device), plan.micro_batch
     cfg = model_config(plan.model, max_seq_len=plan.seq_len)
@@ -652,10 +649,10 @@ def parse_benchmark(stdout: str) -> dict:
 def row_ddp(plan: Plan) -> dict:
     """Under torchrun (one rank; NCCL on CUDA, gloo on CPU): DDP around the compiled model, as
     train_llama wraps it, trains the same steps as the plain eager model with the same losses."""
-    import parallel
+    from llama_fineweb import parallel
+    from llama_fineweb.train_config import TrainConfig
+    from llama_fineweb.utils import setup_distributed, teardown_distributed
     from model import build_model, model_config
-    from train_config import TrainConfig
-    from utils import setup_distributed, teardown_distributed
 
     d = setup_distributed(plan.device)  # NCCL on CUDA, gloo on the CPU, as train_llama sets it up
     device = d.device

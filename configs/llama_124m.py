@@ -1,6 +1,6 @@
 """A 124M-parameter LLaMa on FineWeb-Edu: a quick sanity run on one GPU or a node."""
 
-from train_config import TrainConfig
+from llama_fineweb.train_config import TrainConfig
 
 
 def config() -> TrainConfig:

@@ -1,6 +1,6 @@
 """The DMaS-LLaMa-Lite run: the paper's 1.7B LLaMa on ~20B FineWeb-Edu tokens."""
 
-from train_config import TrainConfig
+from llama_fineweb.train_config import TrainConfig
 
 
 def config() -> TrainConfig:

@@ -9,8 +9,8 @@ which was made for this data at this scale.
     python finetune.py --config configs/sft_1p7b.py --data=alpaca.jsonl    # a local copy, offline
 """
 
-from chat_template import TEMPLATES
-from train_config import SFTConfig
+from llama_fineweb.chat_template import TEMPLATES
+from llama_fineweb.train_config import SFTConfig
 
 
 def config() -> SFTConfig:

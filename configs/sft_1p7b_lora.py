@@ -20,8 +20,8 @@ projects the whole (not measured):
         with 2 GiB kept for the CUDA context; with --activation_checkpointing=full, 6.2 GiB)
 """
 
-from chat_template import TEMPLATES
-from train_config import SFTConfig
+from llama_fineweb.chat_template import TEMPLATES
+from llama_fineweb.train_config import SFTConfig
 
 
 def config() -> SFTConfig:

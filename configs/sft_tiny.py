@@ -10,8 +10,8 @@ primary color."), while the validation loss on the 2 held-out rows stays high. T
 demo of the pipeline needs to show. About 3 minutes on 2 CPU cores.
 """
 
-from chat_template import TEMPLATES
-from train_config import SFTConfig
+from llama_fineweb.chat_template import TEMPLATES
+from llama_fineweb.train_config import SFTConfig
 
 
 def config() -> SFTConfig:

@@ -1,6 +1,6 @@
 """A few-minute CPU run on text from the Python standard library: the whole pipeline, offline."""
 
-from train_config import TrainConfig
+from llama_fineweb.train_config import TrainConfig
 
 
 def config() -> TrainConfig:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
 import train_llama
+from llama_fineweb import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 32

@@ -14,9 +14,9 @@ import chat
 from conftest import make_tiny_model
 from export_hf import save_hf, save_weights
 from finetune import TEMPLATES, encode
+from llama_fineweb.tokenizer import EOT, N_VOCAB, get_encoding
 from model import pick_next_token
 from runs import call_main
-from tokenizer import EOT, N_VOCAB, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTEXT = 64

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import CheckpointError, ModelState, OptimizerState
 from conftest import make_tiny_model
+from llama_fineweb import checkpoint
+from llama_fineweb.checkpoint import CheckpointError, ModelState, OptimizerState
 from runs import call_main
 
 
@@ -221,12 +221,12 @@ def test_run_lock_refuses_a_second_holder_until_released(tmp_path):
     checkpoint.RunLock(tmp_path).close()
 
 
-@pytest.mark.parametrize("entry", ["export_hf", "chat", "hellaswag", "evaluate", "init_from"])
+@pytest.mark.parametrize("entry", ["export_hf", "chat", "hellaswag", "eval_suite", "init_from"])
 def test_overwritten_bytes_are_refused_outside_training(tmp_path, data_dir, entry):
     """Finite garbage (zeros) over part of a checkpoint: every script that reads checkpoints refuses it
     by its checksum in one line, and --verify=size is the escape (it loads)."""
     import chat
-    import evaluate
+    import eval_suite
     import export_hf
     import hellaswag
     from runs import refusal
@@ -237,10 +237,10 @@ def test_overwritten_bytes_are_refused_outside_training(tmp_path, data_dir, entr
     with open(ckpt / where.relative_path, "r+b") as f:  # the middle of the embedding's raw bytes
         f.seek(where.offset + where.length // 2)
         f.write(b"\x00" * 4096)
-    if entry == "evaluate":
+    if entry == "eval_suite":
         with pytest.raises(CheckpointError, match="does not match its recorded checksum"):
-            evaluate.load_checkpoint(ckpt, torch.device("cpu"))
-        evaluate.load_checkpoint(ckpt, torch.device("cpu"), verify="size")
+            eval_suite.load_checkpoint(ckpt, torch.device("cpu"))
+        eval_suite.load_checkpoint(ckpt, torch.device("cpu"), verify="size")
         return
     if entry == "init_from":
         assert "does not match its recorded checksum" in refusal(tmp_path / "new", data_dir, f"--init_from={ckpt}")

@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
-from runs import BASE, EVAL, ROOT, call_main, losses, metric_rows, refusal, run_here
 
 import finetune
 import train_llama
-from train_config import ConfigError, SFTConfig, TrainConfig, knob_help, load_config
+from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig, knob_help, load_config
+from runs import BASE, EVAL, ROOT, call_main, losses, metric_rows, refusal, run_here
 
 # `tee` in Python: copies stdin and dies at once on SIGINT, as a terminal's pipeline does
 READER = ("import os, signal, sys\nsignal.signal(signal.SIGINT, lambda *_: os._exit(130))\n"
@@ -156,27 +156,27 @@ def test_fine_tuning_logs_a_new_epoch_once():
 
 
 def test_unreachable_hub_switches_evaluation_to_the_cache(monkeypatch):
-    """No connection to the hub (or HF_HUB_OFFLINE set): evaluate.py says why and sets the offline
+    """No connection to the hub (or HF_HUB_OFFLINE set): eval_suite.py says why and sets the offline
     switches, so lm-eval reads its cache at once instead of retrying."""
-    import evaluate
+    import eval_suite
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
     started = time.monotonic()
-    assert "127.0.0.1 unreachable" in evaluate.hub_offline()
+    assert "127.0.0.1 unreachable" in eval_suite.hub_offline()
     assert time.monotonic() - started < 5 and os.environ["HF_HUB_OFFLINE"] == "1"
-    assert evaluate.hub_offline() == "HF_HUB_OFFLINE is set"
+    assert eval_suite.hub_offline() == "HF_HUB_OFFLINE is set"
 
 
 def test_shipped_local_hellaswag_task_runs_offline(tmp_path, monkeypatch, tiny_model):
     """tasks/hellaswag_sample.yaml, from the repository root, scores a checkpoint with no network."""
-    import evaluate
+    import eval_suite
     import export_hf
 
     export_hf.save_weights(tiny_model(), tmp_path / "weights")
     monkeypatch.chdir(ROOT)
-    evaluate.main(["--checkpoint", str(tmp_path / "weights"), "--tasks", "hellaswag_sample", "--include_path",
+    eval_suite.main(["--checkpoint", str(tmp_path / "weights"), "--tasks", "hellaswag_sample", "--include_path",
                    "tasks", "--limit", "8", "--device", "cpu", "--out", str(tmp_path / "result.json")])
     record = json.loads((tmp_path / "result.json").read_text())
     assert record["n_samples"]["hellaswag_sample"] == 8 and "acc" in record["scores"]["hellaswag_sample"]
@@ -184,7 +184,7 @@ def test_shipped_local_hellaswag_task_runs_offline(tmp_path, monkeypatch, tiny_m
 
 def test_a_closed_stdout_is_silenced_not_raised(monkeypatch):
     """What every CLI runs in: a write into a pipe whose reader is gone is dropped, then and after."""
-    from utils import closed_output_survives
+    from llama_fineweb.utils import closed_output_survives
 
     read_end, write_end = os.pipe()
     os.close(read_end)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+
 from conftest import make_tiny_model
 from runs import metric_rows, run
-from torch._dynamo.utils import counters
 
 SEQ = 32
 
@@ -90,10 +91,10 @@ def test_fsdp_compiles_every_block_and_skips_no_frame(tmp_path):
     import torch.distributed as dist
     from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
 
-    import parallel
+    from llama_fineweb import parallel
+    from llama_fineweb.train_config import TrainConfig
+    from llama_fineweb.utils import Dist
     from model import TransformerBlock
-    from train_config import TrainConfig
-    from utils import Dist
 
     torch._dynamo.reset()
     counters.clear()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import dataloader
-from dataloader import DataError, TrainLoader, ValLoader, data_identity, shard_name, val_batches
+from llama_fineweb import dataloader
+from llama_fineweb.dataloader import DataError, TrainLoader, ValLoader, data_identity, shard_name, val_batches
 
 T = 8  # sequence length: windows of 9 tokens
 TRAIN_LENGTHS = [1000, 777, 1500]  # uneven, so windows straddle shard boundaries

@@ -3,11 +3,11 @@ were run alone (logits, loss, gradients), eager and compiled, both forms of the 
 
 import pytest
 import torch
-from conftest import make_tiny_model
-from runs import assert_close, losses, metric_rows, run, run_here
 
-from doc_mask import document_ids, document_mask
-from tokenizer import EOT
+from conftest import make_tiny_model
+from llama_fineweb.doc_mask import document_ids, document_mask
+from llama_fineweb.tokenizer import EOT
+from runs import assert_close, losses, metric_rows, run, run_here
 
 SEQ = 32
 VOCAB, TEST_EOT = 512, 500  # a small vocabulary keeps the output layer cheap; its EOT stands for 50256

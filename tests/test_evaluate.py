@@ -1,4 +1,4 @@
-"""evaluate.py: lm-evaluation-harness on our checkpoints, offline, with local tasks and tiny models."""
+"""eval_suite.py: lm-evaluation-harness on our checkpoints, offline, with local tasks and tiny models."""
 
 import json
 import os
@@ -13,14 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import evaluate
+import eval_suite
 import export_hf
-import hellaswag
 from conftest import make_tiny_model
+from llama_fineweb import checkpoint, hellaswag
+from llama_fineweb.tokenizer import EOT, N_VOCAB, get_encoding
 from model import model_config
 from runs import call_main
-from tokenizer import EOT, N_VOCAB, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the cat dog ran over a hill and then sat under tree while birds sang loudly in "
@@ -55,7 +54,7 @@ def write_task(task_dir: Path, name: str, examples: list[dict], dataset: str | N
 
 
 def run_main(*args: str) -> None:
-    evaluate.main([*args, "--device", "cpu", "--batch_size", "8"])
+    eval_suite.main([*args, "--device", "cpu", "--batch_size", "8"])
 
 
 def scores(path: Path) -> dict:
@@ -64,7 +63,7 @@ def scores(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def mc_run(tmp_path_factory):
-    """A tiny checkpoint and a 24-example local task, evaluated once by evaluate.py."""
+    """A tiny checkpoint and a 24-example local task, evaluated once by eval_suite.py."""
     tmp = tmp_path_factory.mktemp("mc")
     model = make_tiny_model()
     ckpt = tmp / "weights"
@@ -101,7 +100,7 @@ def test_acc_equals_summed_ending_loss(mc_run):
 
 
 def test_acc_equals_hellaswag_py(mc_run):
-    """The same examples in HellaSwag's jsonl form: evaluate.py's acc is hellaswag.py's acc."""
+    """The same examples in HellaSwag's jsonl form: eval_suite.py's acc is hellaswag.py's acc."""
     examples = hellaswag.load_examples(str(mc_run["data"]))
     ours = hellaswag.evaluate(mc_run["model"], examples, "cpu", batch_size=4, progress=False)
     result = json.loads(mc_run["out"].read_text())
@@ -139,13 +138,13 @@ def all_steps_args(run: dict) -> list[str]:
 
 
 def all_steps(run: dict) -> subprocess.CompletedProcess:
-    """`evaluate.py --all_steps` on the run, as evaluate.main in this process."""
-    return call_main(evaluate.main, all_steps_args(run))
+    """`eval_suite.py --all_steps` on the run, as eval_suite.main in this process."""
+    return call_main(eval_suite.main, all_steps_args(run))
 
 
 def all_steps_under_torchrun(run: dict, nproc: int) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "evaluate.py"), *all_steps_args(run)]
+           str(ROOT / "eval_suite.py"), *all_steps_args(run)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -249,7 +248,7 @@ def test_all_steps_cache_and_summary_follow_the_task_data_and_the_run(tmp_path, 
     run["out"].mkdir()
     shutil.copytree(straight / "step_0000012", run["out"] / "step_0000012")
     write_task(run["tasks"], "local_mc", make_examples(4))
-    proc = call_main(evaluate.main, [*all_steps_args(run), "--out", str(tmp_path)], check=False)
+    proc = call_main(eval_suite.main, [*all_steps_args(run), "--out", str(tmp_path)], check=False)
     assert proc.returncode == 2 and "is a directory" in proc.stderr and "evaluate:" not in proc.stdout
     assert not list(run["out"].rglob("lm_eval_*"))
     assert "0 already evaluated" in all_steps(run).stdout

@@ -16,9 +16,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 import export_hf
 from conftest import make_hf_llama, make_tiny_model
 from export_hf import EXPORT_INFO, hf_config, load_hf, load_weights, save_hf, save_weights, to_hf_state_dict
+from llama_fineweb.tokenizer import get_encoding
 from model import Transformer, model_config
 from runs import call_main
-from tokenizer import get_encoding
 
 transformers.logging.set_verbosity_error()  # progress bars and load reports, not failures
 
@@ -394,13 +394,13 @@ def test_cli_unreadable_file_is_one_line_naming_it(sharded_dir, tmp_path, damage
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("entry", ["export_hf", "chat", "evaluate", "hellaswag", "init_from"])
+@pytest.mark.parametrize("entry", ["export_hf", "chat", "eval_suite", "hellaswag", "init_from"])
 @pytest.mark.parametrize("vocabulary", ["32k", "other_ids"])
 def test_a_model_with_another_vocabulary_is_refused_everywhere(tmp_path, data_dir, monkeypatch, entry, vocabulary):
     """A 32k-token Llama, or one whose tokenizer gives GPT-2's tokens other ids: every entry point that
     takes a Hugging Face directory refuses it in one line (one shared check), before reading weights."""
     import chat
-    import evaluate
+    import eval_suite
     import hellaswag
     from runs import refusal
 
@@ -417,12 +417,12 @@ def test_a_model_with_another_vocabulary_is_refused_everywhere(tmp_path, data_di
     main, argv = {
         "export_hf": (export_hf.main, ["--from_hf", str(hf), "--out", str(tmp_path / "out")]),
         "chat": (chat.main, ["--hf", str(hf), "--prompt", "Hi", "--device", "cpu"]),
-        "evaluate": (evaluate.main, ["--hf", str(hf), "--tasks", "x", "--device", "cpu"]),
+        "eval_suite": (eval_suite.main, ["--hf", str(hf), "--tasks", "x", "--device", "cpu"]),
         "hellaswag": (hellaswag.main, ["--hf", str(hf), "--device", "cpu", "--data",
                                        str(Path(__file__).parent / "data" / "hellaswag_sample.jsonl")]),
     }[entry]
-    if entry == "evaluate":  # its tasks load first (before any model); these are not the point here
-        monkeypatch.setattr(evaluate, "task_manager", lambda tasks, include_path: None)
+    if entry == "eval_suite":  # its tasks load first (before any model); these are not the point here
+        monkeypatch.setattr(eval_suite, "task_manager", lambda tasks, include_path: None)
     proc = call_main(main, argv, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 
 import chat
-import checkpoint
 import export_hf
 import finetune
 import train_llama
 from conftest import make_tiny_model
 from export_hf import save_weights
 from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
+from llama_fineweb import checkpoint
+from llama_fineweb.tokenizer import EOT, get_encoding
 from runs import call_main, one_line
-from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "data" / "alpaca_tiny.json"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import fineweb_edu
-from dataloader import TrainLoader, val_batches
+from llama_fineweb.dataloader import TrainLoader, val_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from tokenizer import EOT, get_encoding  # noqa: E402
+from llama_fineweb.tokenizer import EOT, get_encoding  # noqa: E402
 
 SHARD = 3000  # tokens per shard in the small corpus
 

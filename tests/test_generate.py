@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import chat
 from conftest import make_tiny_model
-from tokenizer import get_encoding
+from llama_fineweb.tokenizer import get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,12 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hellaswag
+import hellaswag as hellaswag_cli
 from conftest import make_tiny_model
+from llama_fineweb import hellaswag
+from llama_fineweb.tokenizer import EOT, get_encoding
 from model import model_config
 from runs import call_main
-from tokenizer import EOT, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "hellaswag_sample.jsonl"
@@ -118,7 +119,7 @@ def test_hf_cli_matches_our_model(tmp_path, hf_llama):
 
 def test_checkpoint_cli_matches_in_process_and_writes_beside_it(tmp_path, tiny_model):
     """`--checkpoint RUN_DIR` scores its latest step as evaluate() does and writes hellaswag.json there."""
-    import checkpoint
+    from llama_fineweb import checkpoint
 
     model = tiny_model(n_layers=2, **WIDE)
     step_dir = checkpoint.save(tmp_path, 7, {"model": checkpoint.ModelState(model)})
@@ -259,7 +260,7 @@ def test_eval_compiles_once_per_bucket_and_keeps_the_training_graph(tiny_model):
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     """`hellaswag.py --device cpu ARGS` as hellaswag.main() in this process."""
-    return call_main(hellaswag.main, ["--device", "cpu", *map(str, args)], check=False)
+    return call_main(hellaswag_cli.main, ["--device", "cpu", *map(str, args)], check=False)
 
 
 def one_error_line(stderr: str) -> str:

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_finetune import BASE, FIXTURE, SEQ, metrics, prompt_of, two_processes_match
 
 import chat
-import checkpoint
 import export_hf
 import finetune
 from conftest import make_tiny_model
 from export_hf import save_weights
-from metrics import flops_per_token
+from llama_fineweb import checkpoint
+from llama_fineweb.metrics import flops_per_token
 from runs import call_main, one_line
-from test_finetune import BASE, FIXTURE, SEQ, metrics, prompt_of, two_processes_match
 
 LORA = ["--lora_rank=8", "--lora_alpha=16", "--max_steps=6", "--eval_interval=3"]
 
@@ -85,7 +85,7 @@ def test_checkpoint_holds_the_adapters_and_the_base_reference(straight, base):
 
 
 def make_base(base: Path) -> torch.nn.Module:
-    from hf_io import load_weights
+    from llama_fineweb.hf_io import load_weights
 
     return load_weights(base).eval()
 

@@ -1,10 +1,10 @@
 """metrics.py: the FLOPs behind MFU, and the log that reports it."""
 
 import torch
-from runs import metric_rows, run_here
 
-import metrics
+from llama_fineweb import metrics
 from model import Transformer, model_config
+from runs import metric_rows, run_here
 
 
 def test_flops_per_token_of_1p7b_is_the_hand_count():

@@ -7,11 +7,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from runs import losses, metric_rows, refusal, run_here
 
-import metrics
-from dataloader import DataError, TrainLoader
-from mixture import MixtureLoader, MixturePlan, integer_weights, parse_data_mix
+import metrics as metrics_cli
+from llama_fineweb.dataloader import DataError, TrainLoader
+from llama_fineweb.mixture import MixtureLoader, MixturePlan, integer_weights, parse_data_mix
+from runs import losses, metric_rows, refusal, run_here
 
 T = 8  # windows of 9 tokens
 SOURCES = {"edu": (0, 1800), "code": (30000, 700)}  # first token, length: a token tells source and place
@@ -183,7 +183,7 @@ def test_training_on_a_mixture_logs_each_source_and_resumes_exactly(tmp_path, da
     last = [r for r in rows if "loss" in r][-1]
     tokens = sorted(v for k, v in last.items() if k.startswith("tokens/"))
     assert tokens == [16 * 32, 48 * 32] and sum(k.startswith("epoch/") for k in last) == 2
-    metrics.main([str(straight)])  # the plot draws each source's val loss, tokens and epochs
+    metrics_cli.main([str(straight)])  # the plot draws each source's val loss, tokens and epochs
     assert (straight / "metrics.png").stat().st_size > 0
     run_here(resumed, data_dir, two_sources, "--eval_interval=4", "--max_steps=8", "--stop_step=3")
     run_here(resumed, data_dir, two_sources, "--eval_interval=4", "--max_steps=8")

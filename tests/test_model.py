@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer, apply_rope, build_model, chunked_cross_entropy, model_config, rope_table
-
-
 from conftest import make_tiny_model
+from model import ModelConfig, Transformer, apply_rope, build_model, chunked_cross_entropy, model_config, rope_table
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

@@ -9,20 +9,9 @@ import sys
 import time
 
 import pytest
-from runs import (
-    BASE,
-    EVAL,
-    ROOT,
-    assert_close,
-    losses,
-    metric_rows,
-    refusal,
-    run,
-    val_losses,
-    weights,
-)
 
-import checkpoint
+from llama_fineweb import checkpoint
+from runs import BASE, EVAL, ROOT, assert_close, losses, metric_rows, refusal, run, val_losses, weights
 
 
 def samples(stdout: str) -> list[str]:

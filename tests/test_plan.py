@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import plan
-import planner
+from llama_fineweb import planner
+from llama_fineweb.train_config import ConfigError, TrainConfig, load_config
 from runs import ROOT, call_main, metric_rows, run_here
-from train_config import ConfigError, TrainConfig, load_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
@@ -214,7 +214,7 @@ def test_measured_mfu_replaces_the_assumption(tmp_path):
 def test_lora_plan_counts_the_adapters_alone(tiny_model):
     """With LoRA only the adapters train: the planner counts exactly the parameters lora.attach
     adds, and 1p7b's LoRA config fits a 24 GiB card at micro-batch 4 where full fine-tuning does not."""
-    import lora
+    from llama_fineweb import lora
 
     spec = lora.LoraSpec(4, 8.0, 0.0, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     model = tiny_model()

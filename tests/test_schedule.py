@@ -3,10 +3,10 @@
 import math
 
 import pytest
-from runs import losses, metric_rows, refusal, run_here
 
-import checkpoint
-from train_config import ConfigError, TrainConfig, load_config
+from llama_fineweb import checkpoint
+from llama_fineweb.train_config import ConfigError, TrainConfig, load_config
+from runs import losses, metric_rows, refusal, run_here
 from train_llama import lr_at
 
 WSD = ["--lr_schedule=wsd", "--decay_steps=4"]

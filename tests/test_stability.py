@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import BASE, ROOT, SEQ, assert_close, call_main, losses, metric_rows, refusal, weights
 
-import checkpoint
 import train_llama
-from dataloader import GlobalOrder
+from llama_fineweb import checkpoint
+from llama_fineweb.dataloader import GlobalOrder
 from model import chunked_cross_entropy
+from runs import BASE, ROOT, SEQ, assert_close, call_main, losses, metric_rows, refusal, weights
 
 GLOBAL_BATCH = 8  # sequences per step in runs.BASE
 SPIKE_BATCH = 10  # the global batch (of the data order) whose tokens are random: step 11 spikes
@@ -164,7 +164,7 @@ def test_a_mixture_skips_windows_keeps_them_and_names_its_sources(small):
     resumed loader keeps skipping them, and forensics can name each sequence's source and shard."""
     from fractions import Fraction
 
-    from mixture import MixtureLoader
+    from llama_fineweb.mixture import MixtureLoader
 
     mix = [(str(small["clean"]), Fraction(1)), (str(small["spiky"]), Fraction(1))]
 
@@ -248,7 +248,7 @@ def test_float16_with_loss_scaling_resumed_equals_straight_and_fsdp(tmp_path, sm
 def test_float16_overflow_halves_the_scale_and_is_not_a_skip(tmp_path, small):
     """A huge initial scale overflows: the scale halves until it fits, and those steps do not count
     toward --max_skipped_steps (2 here)."""
-    from stability import LossScaler
+    from llama_fineweb.stability import LossScaler
 
     original = LossScaler.__init__
 

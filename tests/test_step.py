@@ -2,10 +2,10 @@
 take, and the attention backend it runs under (--sdpa_backend)."""
 
 import torch
-from conftest import make_tiny_model
-from runs import refusal
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import make_tiny_model
+from runs import refusal
 from train_llama import StepSettings, optimizer_step
 
 SEQ = 32

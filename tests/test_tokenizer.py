@@ -7,8 +7,8 @@ import pytest
 import requests
 import tiktoken.load
 
-import tokenizer
-from tokenizer import EOT, N_VOCAB, get_encoding, vocab_file
+from llama_fineweb import tokenizer
+from llama_fineweb.tokenizer import EOT, N_VOCAB, get_encoding, vocab_file
 
 
 @pytest.fixture

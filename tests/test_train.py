@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import BASE, EVAL, ROOT, SEQ, assert_close, losses, refusal, run, run_here, weights
 
-import checkpoint
-import metrics
 import train_llama
+from llama_fineweb import checkpoint, metrics
 from model import Transformer, build_model
+from runs import BASE, EVAL, ROOT, SEQ, assert_close, losses, refusal, run, run_here, weights
 
 
 def test_resume_equals_straight_run(tmp_path, data_dir, straight):

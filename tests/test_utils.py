@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import finetune
+from llama_fineweb.utils import UserError, cli_errors
 from runs import ROOT, call_main
-from utils import UserError, cli_errors
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys):

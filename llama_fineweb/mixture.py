@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from dataloader import (DataError, GlobalOrder, TokenStream, TrainLoader, ValLoader, _pinnable, data_identity,
-                        identity_differences)
+from .dataloader import (DataError, GlobalOrder, TokenStream, TrainLoader, ValLoader, _pinnable, data_identity,
+                         identity_differences)
 
 # Source i permutes epoch e with seed + e + i * SOURCE_SEED_STRIDE: source 0 has the single-directory
 # order (so a one-directory run can go on as source 0 of a mixture), and no two sources share a seed.

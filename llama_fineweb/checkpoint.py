@@ -54,18 +54,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
-import hf_io
-import lora
 from model import ModelConfig, Transformer, build_model
-from utils import UserError, fsync_dir, write_atomic
+
+from . import hf_io, lora
+from .utils import UserError, fsync_dir, write_atomic
 
 META = "meta.json"
 LATEST = "latest"

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-import checkpoint
-from doc_mask import document_mask
-from utils import Dist, UserError, write_atomic
+from . import checkpoint
+from .doc_mask import document_mask
+from .utils import Dist, UserError, write_atomic
+
 
 class Run(Protocol):
     """What these functions read and set of train_llama.Run (a library module does not import the
@@ -245,7 +246,7 @@ def judge_step(run: Run, stats: StepStats, batch_index: int | None) -> bool:
 def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
     """Each sequence of the spiking global batch scored on its own (the weights that spiked, before
     any update), written with the worst ones' sources to out_dir/spikes/ on rank 0: its path."""
-    from tokenizer import get_encoding  # noqa: PLC0415
+    from .tokenizer import get_encoding  # noqa: PLC0415
 
     d, accum = run.dist, run.accum_steps
     sequences = []

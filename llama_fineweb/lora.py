@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from hf_io import hf_name
+from .hf_io import hf_name
 
 # Our projection names, the Linear layers LoRA may target, and their Hugging Face names.
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",

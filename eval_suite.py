@@ -1,12 +1,12 @@
 """EleutherAI's lm-evaluation-harness on our checkpoints: one step, every step of a run, or a
 Hugging Face Llama directory.
 
-    python evaluate.py --checkpoint out/llama_1p7b                     # its latest step
-    python evaluate.py --checkpoint out/llama_1p7b/step_0010000 --tasks hellaswag,arc_easy
-    python evaluate.py --checkpoint out/llama_1p7b --all_steps         # every step, then a plot
-    torchrun --standalone --nproc_per_node=8 evaluate.py --checkpoint out/llama_1p7b --all_steps
-    python evaluate.py --hf path/to/DMaS-LLaMa-Lite-step-43500         # a released checkpoint
-    python evaluate.py --checkpoint out/tiny --tasks my_task --include_path my_tasks/ --device cpu
+    python eval_suite.py --checkpoint out/llama_1p7b                     # its latest step
+    python eval_suite.py --checkpoint out/llama_1p7b/step_0010000 --tasks hellaswag,arc_easy
+    python eval_suite.py --checkpoint out/llama_1p7b --all_steps         # every step, then a plot
+    torchrun --standalone --nproc_per_node=8 eval_suite.py --checkpoint out/llama_1p7b --all_steps
+    python eval_suite.py --hf path/to/DMaS-LLaMa-Lite-step-43500         # a released checkpoint
+    python eval_suite.py --checkpoint out/tiny --tasks my_task --include_path my_tasks/ --device cpu
 
 The default suite is zero-shot HellaSwag, ARC-Easy, ARC-Challenge, PIQA, WinoGrande, BoolQ,
 OpenBookQA and LAMBADA (OpenAI): the commonsense suite TinyLlama reports for its 1.1B model, plus
@@ -74,12 +74,10 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-import checkpoint
-import hf_io
-import metrics
+from llama_fineweb import checkpoint, hf_io, metrics
+from llama_fineweb.tokenizer import EOT, N_VOCAB, vocab_file
+from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 from model import Transformer
-from tokenizer import EOT, N_VOCAB, vocab_file
-from utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 
 DEFAULT_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "boolq",
                  "openbookqa", "lambada_openai")
@@ -158,7 +156,7 @@ def load_hf_dir(hf_dir: str | Path, device: torch.device):
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32)
     changed = _use_gpt2_special_tokens(hf_model)
     if changed:
-        print(f"evaluate: {hf_dir}: using GPT-2's <|endoftext|> ({EOT}) for bos/eos/pad instead of "
+        print(f"eval_suite: {hf_dir}: using GPT-2's <|endoftext|> ({EOT}) for bos/eos/pad instead of "
               f"{', '.join(changed)}", file=sys.stderr)
     return hf_model.to(device).eval()
 
@@ -367,7 +365,7 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
     # split whatever another rank has written meanwhile, with no communication.
     mine = [s for s in steps[rank::world_size] if s in pending]
     if rank == 0:
-        print(f"evaluate: {len(steps)} checkpoints in {run_dir}, {len(steps) - len(pending)} already "
+        print(f"eval_suite: {len(steps)} checkpoints in {run_dir}, {len(steps) - len(pending)} already "
               f"evaluated with these settings, {len(pending)} to evaluate on {world_size} process(es)")
     failed, t_start = 0, time.time()
     manager = manager_factory() if mine else None
@@ -375,7 +373,7 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
         try:
             hf_model, _, meta = load_checkpoint(ckpt, device, args.verify)
         except UserError as e:  # one bad checkpoint should not cost the others' results
-            print(f"evaluate: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
+            print(f"eval_suite: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
             failed += 1
             continue
         record = evaluate_model(hf_model, ckpt, meta, result_path(ckpt, key), manager, args, settings)
@@ -387,7 +385,7 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
         elapsed = time.time() - t_start
         eta = elapsed / i * (len(mine) - i)
         line = ", ".join(f"{t} {m} {v[m]:.4f}" for t, v in record["scores"].items() for m in curve_metrics(v))
-        print(f"evaluate: [rank {rank}] {i}/{len(mine)} {ckpt.name}: {line} "
+        print(f"eval_suite: [rank {rank}] {i}/{len(mine)} {ckpt.name}: {line} "
               f"({record['seconds']:.0f} s, ETA {metrics.format_duration(eta)})", flush=True)
     if world_size > 1:
         # The one collective, made only now: checkpoint loading is collective whenever a process
@@ -441,7 +439,7 @@ def write_run_summary(run_dir: Path, steps: list[Path], key: str, settings: dict
     rows = metrics.read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     metrics.plot_dynamics(curves(records), rows, out.with_suffix(".png"))
     print(table, end="")
-    print(f"evaluate: wrote {out}, {out.with_suffix('.md').name} and {out.with_suffix('.png').name}")
+    print(f"eval_suite: wrote {out}, {out.with_suffix('.md').name} and {out.with_suffix('.png').name}")
     return len(records)
 
 
@@ -507,13 +505,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             _main(args)
         except KeyboardInterrupt:
-            print("evaluate: interrupted; every checkpoint evaluated so far kept its lm_eval_KEY.json: rerun the "
+            print("eval_suite: interrupted; every checkpoint evaluated so far kept its lm_eval_KEY.json: rerun the "
                   "same command to continue", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
 
 
 def _main(args: argparse.Namespace) -> None:
-    with cli_errors("evaluate"):
+    with cli_errors("eval_suite.py"):
         rank, world_size, device = _setup_processes(args.device)
         try:
             args.device = device
@@ -530,7 +528,7 @@ def _main(args: argparse.Namespace) -> None:
                     raise UserError(problem)
             _quiet_lm_eval()
             if "hellaswag_sample" in args.tasks:
-                print("evaluate: note: hellaswag_sample is the tests' 32-row format sample, not HellaSwag: its "
+                print("eval_suite: note: hellaswag_sample is the tests' 32-row format sample, not HellaSwag: its "
                       "score means nothing (use hellaswag_local for the real validation split)", file=sys.stderr)
 
             def manager_factory():
@@ -541,7 +539,7 @@ def _main(args: argparse.Namespace) -> None:
                 return
             if world_size > 1:
                 raise UserError("under torchrun only --all_steps is split across processes (a checkpoint "
-                                "per GPU); evaluate one checkpoint with plain `python evaluate.py`")
+                                "per GPU); evaluate one checkpoint with plain `python eval_suite.py`")
             manager = manager_factory()  # before the model: a missing dataset fails in seconds
             if args.hf:
                 hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
@@ -550,7 +548,7 @@ def _main(args: argparse.Namespace) -> None:
             out = Path(args.out) if args.out else result_path(result_dir, key)
             record = evaluate_model(hf_model, result_dir, meta, out, manager, args, settings)
             print(record["table"], end="")
-            print(f"evaluate: wrote {out} and {out.with_suffix('.md').name} ({record['seconds']:.1f} s)")
+            print(f"eval_suite: wrote {out} and {out.with_suffix('.md').name} ({record['seconds']:.1f} s)")
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

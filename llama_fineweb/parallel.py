@@ -39,8 +39,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import Transformer
-from train_config import ConfigError, TrainConfig
-from utils import DTYPES, Dist
+
+from .train_config import ConfigError, TrainConfig
+from .utils import DTYPES, Dist
 
 
 def parallelize(model: Transformer, cfg: TrainConfig, d: Dist,

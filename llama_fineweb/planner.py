@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import lora
-import metrics
-import parallel
-from lora import LoraSpec
 from model import ModelConfig, Transformer
-from train_config import TrainConfig
-from utils import UserError
+
+from . import lora, metrics, parallel
+from .lora import LoraSpec
+from .train_config import TrainConfig
+from .utils import UserError
 
 GiB = 2**30
 # Left free on a CUDA card: the CUDA context and cuBLAS/NCCL workspaces (~0.5-1 GiB) and the

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from lora import LoraSpec, parse_targets
 from model import ModelConfig, model_config
-from stability import ON_SPIKE, parse_windows
-from utils import DTYPES, UserError
 
+from .lora import LoraSpec, parse_targets
+from .stability import ON_SPIKE, parse_windows
+from .utils import DTYPES, MOVED_MODULES, UserError, moved_module_line
 
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
@@ -189,7 +189,7 @@ class TrainConfig:
             raise ConfigError("--resume is empty: use auto, never or a checkpoint path")
         self._validate_schedule()
         if self.data_mix:
-            from mixture import parse_data_mix  # noqa: PLC0415 - torch and numpy only when a mixture is named
+            from .mixture import parse_data_mix  # noqa: PLC0415 - torch and numpy only when a mixture is named
 
             try:
                 parse_data_mix(self.data_mix)
@@ -410,7 +410,12 @@ def load_config_file(path: str, kind: type[TrainConfig]) -> TrainConfig:
         raise ConfigError(f"config file {path!r} not found (try --config configs/tiny.py)")
     spec = importlib.util.spec_from_file_location("run_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in MOVED_MODULES:
+            raise ConfigError(moved_module_line(e.name.split(".")[0], path)) from None
+        raise
     if not hasattr(module, "config"):
         raise ConfigError(f"{path} must define config() returning a {kind.__name__}")
     cfg = module.config()

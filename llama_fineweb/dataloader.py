@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from utils import UserError, error_line
+from .utils import UserError, error_line
 
 # build-nanogpt's names, so its shards load here and ours there: shard 0 is the validation split
 SHARD_PREFIX = "edufineweb"

@@ -1,6 +1,6 @@
 """Reading Hugging Face Llama directories and our weights directories, and the names and config
 that map our model onto `LlamaForCausalLM`: the library half of export_hf.py, which chat.py,
-evaluate.py, hellaswag.py and train_llama.py (--init_from) use too.
+eval_suite.py, hellaswag.py and train_llama.py (--init_from) use too.
 
 Import reads a Hugging Face Llama directory (single or sharded safetensors) with `safetensors`
 alone: no `transformers`, no pickle. Our RoPE uses Hugging Face's rotate-half convention, so wq/wk
@@ -24,8 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from model import ModelConfig, Transformer, build_model
-from tokenizer import EOT, N_VOCAB, vocab_file
-from utils import UserError
+
+from .tokenizer import EOT, N_VOCAB, vocab_file
+from .utils import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -329,7 +330,7 @@ def check_vocabulary(hf_dir: str | Path) -> None:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: pass a Hugging Face model directory")
     config = _read_json(config_path)
-    # Any causal LM (evaluate.py and hellaswag.py take more than Llamas); a config without a
+    # Any causal LM (eval_suite.py and hellaswag.py take more than Llamas); a config without a
     # vocab_size is left to the loader, which names what is missing.
     vocab_size = config.get("vocab_size") if isinstance(config, dict) else None
     if isinstance(vocab_size, int) and vocab_size < N_VOCAB:

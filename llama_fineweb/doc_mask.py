@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from tokenizer import EOT
+from .tokenizer import EOT
 
 
 def document_ids(idx: torch.Tensor, eot: int = EOT) -> torch.Tensor:

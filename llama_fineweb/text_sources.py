@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Iterator
 
-from utils import UserError, error_line
+from .utils import UserError, error_line
 
 DOCS_PER_TASK = 128  # per tokenizer task: amortizes the hand-off to a thread, still balances load
 

@@ -32,14 +32,14 @@ import torch.nn as nn
 
 from fineweb_edu import build_local_corpus
 from llama_fineweb import checkpoint, hellaswag, lora, parallel, planner, stability
+from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
 from llama_fineweb.dataloader import DataError, TrainLoader, ValLoader
 from llama_fineweb.doc_mask import document_mask
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
-from llama_fineweb.stability import Health, LossScaler, SpikeDetector, StepStats
+from llama_fineweb.stability import LossScaler, Stability, StepStats
 from llama_fineweb.tokenizer import get_encoding
-from llama_fineweb.train_config import (SCHEDULE_KNOBS, ConfigError, TrainConfig, check_not_finished, check_same_run,
-                                        load_config, resume_differences, usage)
+from llama_fineweb.train_config import ConfigError, TrainConfig, load_config, usage
 from llama_fineweb.utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
                                  setup_distributed, teardown_distributed)
 from model import Transformer, build_model
@@ -120,12 +120,7 @@ class Run:
     lock: checkpoint.RunLock | None = None
     hellaswag_examples: list | None = None
     synthetic: torch.Generator | None = None
-    consecutive_skips: int = 0  # steps in a row skipped or spiking (float16 overflows are not counted)
-    spikes: SpikeDetector | None = None
-    scaler: LossScaler = field(default_factory=lambda: LossScaler(enabled=False))
-    health: Health = field(default_factory=Health)
-    event: dict | None = None  # this step's spike, skip, rollback or overflow record, for log_step
-    score: float = 0.0  # this step's spike score (SpikeDetector)
+    stability: Stability | None = None  # spike detector, loss scale, checkpoint health, this step's event
     stats: StepStats | None = None  # this step's values on the host (agree_on_step)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
     adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
@@ -151,7 +146,7 @@ class Run:
         return {"model": checkpoint.ModelState(self.model, trainable_only=self.adapter is not None),
                 "optim": checkpoint.OptimizerState(self.model, self.optimizer),
                 "loader": self.loader, "rng": checkpoint.RNGState(), "progress": self.progress,
-                "spikes": self.spikes, "scaler": self.scaler}
+                **self.stability.checkpoint_parts()}
 
     def close(self) -> None:
         for part in (self.loader, self.stop, self.lock):
@@ -201,7 +196,7 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
     except torch.OutOfMemoryError:
         if run.meter.times:
             raise
-        raise ConfigError(stability.out_of_memory_message(run)) from None
+        raise ConfigError(stability.out_of_memory_message(run.cfg, run.dist.device)) from None
     finally:
         run.close()
     return summarize(run)
@@ -212,28 +207,6 @@ def set_learning_rate(run: Run) -> float:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     return lr
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to max_lr, then cfg.lr_schedule's way down to min_lr at max_steps: cosine,
-    linear, or wsd (constant, then decay_shape over the last decay_length() steps)."""
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_steps:
-        return cfg.min_lr
-    if cfg.lr_schedule == "wsd":
-        decay_start = cfg.max_steps - cfg.decay_length()
-        if step < decay_start:
-            return cfg.max_lr
-        # The stable stage's end depends on max_steps alone: a longer run keeps max_lr for longer
-        # (no jump while still in it), and a branch's decay starts at its checkpoint's step.
-        progress = (step - decay_start) / cfg.decay_length()
-        remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress)
-        return cfg.min_lr + remaining * (cfg.max_lr - cfg.min_lr)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.lr_schedule == "linear":
-        return cfg.max_lr + progress * (cfg.min_lr - cfg.max_lr)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.max_lr - cfg.min_lr)
 
 
 def train_step(run: Run) -> tuple[StepStats, bool]:
@@ -248,16 +221,13 @@ def train_step(run: Run) -> tuple[StepStats, bool]:
     _, _, applied, stopping = optimizer_step(
         run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
         agree=lambda norm, loss, z: decide_step(run, norm, loss, z, batch_index),
-        after_update=lambda: log_memory_once(run), scaler=run.scaler)
-    overflow = run.event is not None and run.event["event"] == "overflow"
-    run.scaler.update(overflow)
+        after_update=lambda: log_memory_once(run), scaler=run.stability.scaler)
+    run.stability.after_step()
     run.meter.stop()
     run.progress.step += 1
     run.progress.tokens_seen += cfg.total_batch_tokens
-    if not overflow:  # an overflow is float16 finding its scale, not a sign of trouble
-        run.consecutive_skips = 0 if run.event is None else run.consecutive_skips + 1
+    if run.stability.event is None or run.stability.event["event"] != "overflow":
         run.progress.skipped_total += not applied
-        run.health.judged(healthy=run.event is None)
     run.stopping = stopping
     return run.stats, applied
 
@@ -265,9 +235,15 @@ def train_step(run: Run) -> tuple[StepStats, bool]:
 def decide_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum: torch.Tensor,
                 batch_index: int | None) -> tuple[bool, bool]:
     """optimizer_step's `agree` in training: the step's one sync (agree_on_step), then the spike
-    verdict and its forensics (stability.judge_step). Returns (apply the update?, stop after it?)."""
+    verdict and its forensics (Stability.judge). Returns (apply the update?, stop after it?)."""
     run.stats = agree_on_step(run, grad_norm, loss_sum, z_sum)
-    applied = stability.judge_step(run, run.stats, batch_index)
+    cfg = run.cfg
+    forensics = lambda record: stability.spike_forensics(  # noqa: E731
+        record, batch_index, run.accum_steps, run.loader, run.eval_model, run.autocast, run.dist, cfg.out_dir,
+        cfg.doc_mask)
+    global_batch = 0 if run.benchmark else run.loader.order.global_batch
+    applied = run.stability.judge(run.stats, run.progress.step + 1, batch_index, global_batch, forensics,
+                                  judging=not run.benchmark)
     parallel.release_eval(run.eval_model, run.cfg)  # what a spike's forensics gathered (FSDP)
     return applied, run.stats.stop
 
@@ -394,11 +370,9 @@ def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_s
 
 def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     step, log, meter = run.progress.step, run.log, run.meter
-    if run.event is not None:
-        stability.log_event(run)
-    if run.consecutive_skips >= run.cfg.max_skipped_steps:
-        raise ConfigError(f"stopping: {run.consecutive_skips} steps in a row were skipped or spiking, the run "
-                          f"diverged; {stability.last_good_checkpoint(run)} (lower --max_lr or check the data)")
+    if run.stability.event is not None:
+        run.stability.log_event(log, step, run.progress.skipped_total)
+    run.stability.check_not_diverged()
     if not applied or (step % run.cfg.log_interval and step != run.last_step):
         return
     loss, norm, dt = stats.loss, stats.grad_norm, meter.times[-1]
@@ -412,38 +386,34 @@ def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
         log.print(f"at the measured speed, the remaining {run.last_step - step:,} steps take about "
                   f"{format_duration(eta)}")
     extra = {"z_loss": stats.z_loss} if run.cfg.z_loss else {}
-    if run.scaler.enabled:
-        extra["loss_scale"] = run.scaler.scale
+    if run.stability.scaler.enabled:
+        extra["loss_scale"] = run.stability.scaler.scale
     per_source = getattr(run.loader, "source_metrics", None)  # a mixture's tokens and epochs per source
     if per_source is not None:
         extra.update(per_source())
     log.metrics(step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=meter.tokens_per_s(dt), mfu=mfu,
-                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.score, **extra)
+                ms=dt * 1000, tokens_seen=run.progress.tokens_seen, mem_gib=mem, spike_score=run.stability.score, **extra)
 
 
 def roll_back_if_spiked(run: Run) -> bool:
     """After a step whose spike asks for a rollback: back to the last good checkpoint, in this
     process, with the data window from its position through the spiking batch skipped from now on
     (and kept in the checkpoints). True when it rolled back."""
-    e, health = run.event, run.health
-    if e is None or "skip_batches" not in e:
+    rollback = run.stability.rollback_target()
+    if rollback is None:
         return False
-    if health.rollbacks >= run.cfg.max_rollbacks:
-        raise ConfigError(f"stopping: a spike at step {e['step']} after {health.rollbacks} rollbacks "
-                          f"(--max_rollbacks={run.cfg.max_rollbacks}); {stability.last_good_checkpoint(run)}")
-    health.rollbacks += 1
-    windows = [*run.loader.order.skipped, tuple(e["skip_batches"])]
-    target = health.good
+    target, window = rollback
+    windows = [*run.loader.order.skipped, window]
     restore(run, target)
     run.loader.load_state_dict(saved_state(target, "loader"), accept_new_data=run.cfg.accept_new_data)
     run.loader.skip(windows)
-    run.consecutive_skips, health.pending, health.unhealthy = 0, None, False
+    run.stability.rolled_back()
     return True
 
 
 def save_if_due(run: Run) -> bool:
     """Save when due (interval, last step, signal); True when the run should stop now."""
-    cfg, step, health = run.cfg, run.progress.step, run.health
+    cfg, step, health = run.cfg, run.progress.step, run.stability.health
     stopping = run.stopping
     if run.benchmark:
         return stopping
@@ -454,7 +424,7 @@ def save_if_due(run: Run) -> bool:
         health.save_deferred = step != run.last_step
         run.log.print(f"step {step}: not saving a checkpoint after a skipped or spiking step"
                       + ("; saving at the next healthy step" if health.save_deferred else
-                         f"; {stability.last_good_checkpoint(run)}"))
+                         f"; {run.stability.last_good_checkpoint()}"))
     elif stopping or due or (health.save_deferred and not health.unhealthy):
         if step == cfg.max_steps:
             evaluate_if_due(run, force=True)
@@ -471,8 +441,8 @@ def save(run: Run) -> None:
             "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
             **({"lora": run.adapter} if run.adapter else {})}
     path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
-                           keep_last=run.cfg.keep_last, keep=run.health.good)
-    run.health.pending = path
+                           keep_last=run.cfg.keep_last, keep=run.stability.health.good)
+    run.stability.health.pending = path
     seconds = time.perf_counter() - t0
     run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
     run.log.metrics(run.progress.step, save_s=seconds)
@@ -682,8 +652,8 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
               val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock,
-              spikes=SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history),
-              scaler=LossScaler(enabled=cfg.dtype == "float16" and (d.device.type == "cuda" or cfg.cpu_autocast)),
+              stability=Stability(cfg, scaler_enabled=cfg.dtype == "float16" and (d.device.type == "cuda"
+                                                                                   or cfg.cpu_autocast)),
               adapter={"spec": spec.to_dict(), "base": base} if spec else None)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
@@ -695,19 +665,6 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     if cfg.hellaswag_interval and not benchmark:
         run.hellaswag_examples = load_hellaswag(cfg)
     return run
-
-
-def lora_base(cfg: TrainConfig, resume_from: Path | None) -> dict:
-    """The base model's reference a LoRA run records (checkpoint.base_reference); on resume the
-    checkpoint's, after checking that --init_from still holds those exact weights."""
-    if resume_from is None:
-        return checkpoint.base_reference(cfg.init_from)
-    saved = checkpoint.read_meta(resume_from).get("lora")
-    if not saved:
-        raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
-                          f"--lora_rank, or choose another --out_dir")
-    checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
-    return saved["base"]
 
 
 def attach_adapters(model: Transformer, spec: lora.LoraSpec, cfg: TrainConfig, d: Dist, log: Logger) -> None:
@@ -738,23 +695,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def acquire_lock(cfg: TrainConfig, d: Dist) -> checkpoint.RunLock | None:
-    """Rank 0 locks out_dir for the run's life; every rank learns whether it got the lock."""
-    lock, error = None, None
-    if d.is_main:
-        try:
-            lock = checkpoint.RunLock(cfg.out_dir)
-        except checkpoint.CheckpointError as e:
-            error = str(e)
-    if d.world_size > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise checkpoint.CheckpointError(error)
-    return lock
-
-
 def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
     per_micro_step = cfg.micro_batch * cfg.seq_len * world_size
     if cfg.total_batch_tokens % per_micro_step:
@@ -765,84 +705,6 @@ def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
             f"total_batch_tokens={cfg.total_batch_tokens:,} is not divisible by micro_batch x seq_len x "
             f"world_size = {cfg.micro_batch} x {cfg.seq_len} x {world_size} = {per_micro_step:,}{hint}")
     return cfg.total_batch_tokens // per_micro_step
-
-
-def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | None:
-    """The checkpoint to resume from, checked against this config before any heavy work."""
-    out_dir = Path(cfg.out_dir)
-    if d.is_main and out_dir.is_dir():
-        checkpoint.remove_incomplete(out_dir)  # safe: the lock says no other job writes here
-    if cfg.resume == "never":
-        existing = checkpoint.complete_checkpoints(out_dir)
-        if existing and not cfg.start_over:
-            raise ConfigError(f"--resume=never but {out_dir} holds {len(existing)} checkpoints (newest "
-                              f"{existing[-1].name}): choose a new --out_dir, or add --start_over=archive "
-                              f"(moves them aside) or --start_over=delete")
-        if existing and d.is_main:
-            log.print(checkpoint.start_over(out_dir, cfg.start_over))
-        if d.world_size > 1:
-            dist.barrier()
-        return None
-    ckpt = checkpoint.resolve(out_dir) if cfg.resume == "auto" and out_dir.is_dir() else None
-    if cfg.resume != "auto":
-        ckpt = checkpoint.resolve(cfg.resume)
-        if ckpt is None:
-            raise ConfigError(f"--resume={cfg.resume}: no checkpoint there")
-    if cfg.decay_from:
-        ckpt = decay_branch_start(cfg, ckpt, log)
-    if ckpt is not None:
-        meta = checkpoint.read_meta(ckpt)
-        check_same_run(cfg, ckpt, meta)
-        refused, allowed = resume_differences(meta.get("train_config", {}), meta.get("model_config", {}), cfg)
-        if refused:
-            raise ConfigError("cannot resume with a different model or data order: " + "; ".join(refused)
-                              + f" (use the checkpoint's values, or a new --out_dir with --init_from={ckpt} for its weights)")
-        for change in allowed:
-            log.print(f"warning: changed on resume: {change}")
-        if not cfg.decay_from:
-            warn_if_lr_jumps(meta, cfg, log)
-        check_not_finished(cfg, meta["step"], log.print)
-    return ckpt
-
-
-def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
-    """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
-    + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
-    ckpt = checkpoint.resolve(cfg.decay_from)
-    if ckpt is None:
-        raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
-    if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
-        raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
-                          f"out_dir, so that the main run goes on")
-    if own is not None:
-        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
-        return own
-    meta = checkpoint.read_meta(ckpt)
-    step = meta["step"]
-    cfg.max_steps = step + cfg.decay_steps
-    main_run = dataclasses.replace(cfg, **saved_schedule(meta))
-    if main_run.lr_schedule == "wsd" and step >= main_run.max_steps - main_run.decay_length():
-        log.print(f"warning: {ckpt} (step {step}) is already in its run's decay stage, at lr "
-                  f"{lr_at(step, main_run):.3g}: the branch decays from max_lr={cfg.max_lr:g} again")
-    log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
-              f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
-    return ckpt
-
-
-def saved_schedule(meta: dict) -> dict:
-    """The schedule knobs a checkpoint's run trained with (defaults for those it predates)."""
-    saved, defaults = meta.get("train_config", {}), TrainConfig()
-    return {k: saved.get(k, getattr(defaults, k)) for k in SCHEDULE_KNOBS}
-
-
-def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
-    """A changed schedule that moves the learning rate at the resumed step (a cosine run extended, a
-    WSD run extended from inside its decay) is allowed, but said."""
-    step, before = meta.get("step", 0), dataclasses.replace(cfg, **saved_schedule(meta))
-    old, new = lr_at(step, before), lr_at(step, cfg)
-    if not math.isclose(old, new, rel_tol=1e-9):
-        log.print(f"warning: the changed schedule moves the learning rate at step {step} from {old:.4g} to "
-                  f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
 
 
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
@@ -891,12 +753,11 @@ def restore(run: Run, ckpt: Path) -> None:
     """Model, optimizer, loader position, RNG and counters from `ckpt` (checkpoint.py's contract)."""
     state = run.checkpoint_state()
     del state["loader"]  # restored (and its data checked) before the model was built
-    saved = checkpoint.read_meta(ckpt)
-    for optional in ("spikes", "scaler"):  # older checkpoints have neither
-        if optional not in saved:
-            del state[optional]
+    for name in run.stability.checkpoint_parts():
+        del state[name]
     meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
-    run.health.good = ckpt
+    run.stability.load_state_dict(meta)
+    run.stability.health.good = ckpt
     if run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve():  # a branch's start
         run.progress.run_id = Progress().run_id
     written_by = meta.get("world_size", run.dist.world_size)

@@ -1,6 +1,9 @@
 """What keeps a long run alive: spike detection, the data windows a run skips, spike forensics,
 dynamic loss scaling for float16, and the checks of precision and memory a changed card needs.
-train_llama.py's loop calls the functions at the end; README, "Stability", says what they do.
+
+`Stability` owns all of it that lives across steps (detector history, loss scale, checkpoint
+health, the run of skipped steps, the current event) with its own state_dict(); train_llama.py's
+loop calls its methods by name.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -19,29 +22,9 @@ from torch.distributed.tensor import DTensor
 
 from . import checkpoint
 from .doc_mask import document_mask
+from .tokenizer import get_encoding
 from .utils import Dist, UserError, write_atomic
 
-
-class Run(Protocol):
-    """What these functions read and set of train_llama.Run (a library module does not import the
-    script that imports it)."""
-
-    cfg: Any  # train_config.TrainConfig (which reads this module's ON_SPIKE)
-    dist: Dist
-    log: Any  # metrics.Logger
-    progress: Any  # train_llama.Progress
-    loader: Any
-    eval_model: torch.nn.Module
-    accum_steps: int
-    benchmark: bool
-    consecutive_skips: int
-    event: dict | None
-    score: float
-    health: Health
-    spikes: SpikeDetector
-    scaler: LossScaler
-
-    def autocast(self): ...
 
 ON_SPIKE = ("off", "warn", "skip", "rollback")
 
@@ -211,48 +194,137 @@ class Health:
             self.pending = None
 
 
-# ----------------------------------------------------------------------------- what train_llama calls
+# ----------------------------------------------------------------------------- the run's guard
 
-def judge_step(run: Run, stats: StepStats, batch_index: int | None) -> bool:
-    """Whether to apply the update. Sets run.event for a non-finite step (or a float16 overflow)
-    and for a spike, which also writes its forensics; --on_spike says what a spike does."""
-    cfg, health = run.cfg, run.health
-    run.event = None
-    step = run.progress.step + 1
-    if not (stats.loss_finite and stats.norm_finite):
-        overflow = run.scaler.enabled and stats.loss_finite
-        run.event = {"event": "overflow" if overflow else "skip", "step": step, "reason": "non-finite"}
-        return False
-    run.score = run.spikes.score(stats.loss, stats.grad_norm)
-    if cfg.on_spike == "off" or run.benchmark or not run.spikes.is_spike(run.score):
-        run.spikes.record(stats.loss, stats.grad_norm)
-        return True
-    action = cfg.on_spike
-    if action == "rollback" and health.good is None:
-        action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
-    record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
-              "reason": "spike", "loss": stats.loss, "score": run.score, "grad_norm": stats.grad_norm,
-              "batch": batch_index, "position": batch_index * cfg.total_batch_tokens // cfg.seq_len}
-    if action == "rollback":
-        start = checkpoint.read_meta(health.good)["loader"]["position"] // run.loader.order.global_batch
-        record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))
-    elif cfg.on_spike == "rollback":
-        record["note"] = "no checkpoint confirmed before this spike: skipped instead of rolled back"
-    record["forensics"] = spike_forensics(run, record, batch_index)
-    run.event = record
-    return action == "warn"
+class Stability:
+    """The guard of one run: judges each step, says what to do about a bad one, and knows which
+    checkpoint is safe to fall back to. `cfg` is the run's TrainConfig (its stability knobs)."""
+
+    def __init__(self, cfg: Any, scaler_enabled: bool = False):
+        self.cfg = cfg
+        self.detector = SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history)
+        self.scaler = LossScaler(enabled=scaler_enabled)
+        self.health = Health()
+        self.consecutive_skips = 0  # steps in a row skipped or spiking (float16 overflows are not counted)
+        self.event: dict | None = None  # this step's skip, spike, rollback or overflow record
+        self.score = 0.0  # this step's spike score
+
+    # What a checkpoint holds of it, under the names checkpoints have always used.
+    def checkpoint_parts(self) -> dict[str, Any]:
+        return {"spikes": self.detector, "scaler": self.scaler}
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.checkpoint_parts().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Parts a checkpoint lacks (older ones have neither) keep their fresh state."""
+        for name, part in self.checkpoint_parts().items():
+            if name in state:
+                part.load_state_dict(state[name])
+
+    def judge(self, stats: StepStats, step: int, batch_index: int | None, global_batch: int,
+              forensics: Callable[[dict], str | None], judging: bool = True) -> bool:
+        """Whether to apply step `step`'s update. Sets self.event for a non-finite step (or a float16
+        overflow) and for a spike, whose `forensics(record)` is written; --on_spike says what a spike
+        does. `judging`: False in benchmark mode (non-finite steps are still skipped)."""
+        cfg, health = self.cfg, self.health
+        self.event = None
+        if not (stats.loss_finite and stats.norm_finite):
+            overflow = self.scaler.enabled and stats.loss_finite
+            self.event = {"event": "overflow" if overflow else "skip", "step": step, "reason": "non-finite"}
+            return False
+        self.score = self.detector.score(stats.loss, stats.grad_norm)
+        if cfg.on_spike == "off" or not judging or not self.detector.is_spike(self.score):
+            self.detector.record(stats.loss, stats.grad_norm)
+            return True
+        action = cfg.on_spike
+        if action == "rollback" and health.good is None:
+            action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
+        record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
+                  "reason": "spike", "loss": stats.loss, "score": self.score, "grad_norm": stats.grad_norm,
+                  "batch": batch_index, "position": batch_index * global_batch}
+        if action == "rollback":
+            start = checkpoint.read_meta(health.good)["loader"]["position"] // global_batch
+            record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))
+        elif cfg.on_spike == "rollback":
+            record["note"] = "no checkpoint confirmed before this spike: skipped instead of rolled back"
+        record["forensics"] = forensics(record)
+        self.event = record
+        return action == "warn"
+
+    def after_step(self) -> None:
+        """Once the step is taken: the loss scale, the run of skipped steps and the checkpoint
+        health follow its verdict."""
+        overflow = self.event is not None and self.event["event"] == "overflow"
+        self.scaler.update(overflow)
+        if not overflow:  # an overflow is float16 finding its scale, not a sign of trouble
+            self.consecutive_skips = 0 if self.event is None else self.consecutive_skips + 1
+            self.health.judged(healthy=self.event is None)
+
+    def check_not_diverged(self) -> None:
+        """UserError (the run stops) after max_skipped_steps skipped or spiking steps in a row."""
+        if self.consecutive_skips >= self.cfg.max_skipped_steps:
+            raise UserError(f"stopping: {self.consecutive_skips} steps in a row were skipped or spiking, the run "
+                            f"diverged; {self.last_good_checkpoint()} (lower --max_lr or check the data)")
+
+    def rollback_target(self) -> tuple[Path, tuple[int, int]] | None:
+        """After a step whose spike asks for a rollback: (the checkpoint to restore, the window of
+        global batches to skip from now on); None otherwise. UserError past max_rollbacks."""
+        e, health = self.event, self.health
+        if e is None or "skip_batches" not in e:
+            return None
+        if health.rollbacks >= self.cfg.max_rollbacks:
+            raise UserError(f"stopping: a spike at step {e['step']} after {health.rollbacks} rollbacks "
+                            f"(--max_rollbacks={self.cfg.max_rollbacks}); {self.last_good_checkpoint()}")
+        health.rollbacks += 1
+        return health.good, tuple(e["skip_batches"])
+
+    def rolled_back(self) -> None:
+        """The run is back on the good checkpoint's weights: nothing pending, nothing unhealthy."""
+        self.consecutive_skips, self.health.pending, self.health.unhealthy = 0, None, False
+
+    def log_event(self, log: Any, step: int, skipped_total: int) -> None:
+        """One readable line and one metrics.jsonl record for this step's skip, spike, rollback or
+        overflow (log: metrics.Logger)."""
+        e = self.event
+        if e["event"] == "overflow":
+            log.print(f"step {step}: float16 overflow, update skipped; loss scale now {self.scaler.scale:g}")
+            log.metrics(step, event="overflow", loss_scale=self.scaler.scale)
+            return
+        if e["reason"] == "non-finite":
+            what = "non-finite loss or gradient norm"
+        else:
+            what = (f"loss spike: loss {e['loss']:.4f}, gradient norm {e['grad_norm']:.3f}, score {e['score']:.1f} "
+                    f"> {self.cfg.spike_threshold:g} (global batch {e['batch']}; forensics {e['forensics']})")
+        action = {"spike": "update applied (--on_spike=warn)",
+                  "skip": f"update skipped ({self.consecutive_skips} in a row, {skipped_total} in total)",
+                  "rollback": (f"rolling back to {e.get('to')} and skipping global batches "
+                               f"[{e['skip_batches'][0]}, {e['skip_batches'][1]})" if "skip_batches" in e else "")}
+        log.print(f"step {step}: {what}; {action[e['event']]}" + (f" ({e['note']})" if "note" in e else ""))
+        record = {k: v for k, v in e.items() if k != "step"}
+        if e["event"] == "skip":
+            record.update(skipped=True, skipped_total=skipped_total)
+        log.metrics(step, **record)
+
+    def last_good_checkpoint(self) -> str:
+        """The end of a stop line: the checkpoint to resume from, which exists, or that there is none."""
+        good = self.health.good
+        if good is not None and (good / checkpoint.META).is_file():
+            return f"the last good checkpoint is {good} (resume from it with --resume={good})"
+        return (f"no checkpoint in {self.cfg.out_dir} was confirmed good before it (start again, e.g. with a "
+                f"lower --max_lr)")
 
 
-def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
-    """Each sequence of the spiking global batch scored on its own (the weights that spiked, before
-    any update), written with the worst ones' sources to out_dir/spikes/ on rank 0: its path."""
-    from .tokenizer import get_encoding  # noqa: PLC0415
-
-    d, accum = run.dist, run.accum_steps
+@torch.no_grad()
+def spike_forensics(record: dict, batch_index: int, accum_steps: int, loader: Any, model: torch.nn.Module,
+                    autocast: Callable, d: Dist, out_dir: str, doc_mask: bool) -> str | None:
+    """Each sequence of the spiking global batch (`loader.batch_at` of its micro-steps) scored on its
+    own by `model` (the weights that spiked, before any update), written with the worst ones'
+    sources to out_dir/spikes/ on rank 0: its path."""
     sequences = []
-    for step in range(batch_index * accum, (batch_index + 1) * accum):
-        x, y, sources = run.loader.batch_at(step)
-        losses = sequence_losses(run.eval_model, x.to(d.device), y.to(d.device), run.autocast, run.cfg.doc_mask)
+    for step in range(batch_index * accum_steps, (batch_index + 1) * accum_steps):
+        x, y, sources = loader.batch_at(step)
+        losses = sequence_losses(model, x.to(d.device), y.to(d.device), autocast, doc_mask)
         sequences += [{**source, "loss": loss, "tokens": row.tolist()} for source, loss, row in zip(sources, losses, x)]
     if d.world_size > 1:
         everyone = [None] * d.world_size
@@ -260,38 +332,7 @@ def spike_forensics(run: Run, record: dict, batch_index: int) -> str | None:
         sequences = [s for part in everyone for s in part]
     if not d.is_main:
         return None
-    return str(write_forensics(run.cfg.out_dir, dict(record), sequences, get_encoding().decode))
-
-
-def log_event(run: Run) -> None:
-    """One readable line and one metrics.jsonl record for a skip, spike, rollback or overflow."""
-    e, step = run.event, run.progress.step
-    if e["event"] == "overflow":
-        run.log.print(f"step {step}: float16 overflow, update skipped; loss scale now {run.scaler.scale:g}")
-        run.log.metrics(step, event="overflow", loss_scale=run.scaler.scale)
-        return
-    if e["reason"] == "non-finite":
-        what = "non-finite loss or gradient norm"
-    else:
-        what = (f"loss spike: loss {e['loss']:.4f}, gradient norm {e['grad_norm']:.3f}, score {e['score']:.1f} "
-                f"> {run.cfg.spike_threshold:g} (global batch {e['batch']}; forensics {e['forensics']})")
-    action = {"spike": "update applied (--on_spike=warn)",
-              "skip": f"update skipped ({run.consecutive_skips} in a row, {run.progress.skipped_total} in total)",
-              "rollback": (f"rolling back to {e.get('to')} and skipping global batches "
-                           f"[{e['skip_batches'][0]}, {e['skip_batches'][1]})" if "skip_batches" in e else "")}
-    run.log.print(f"step {step}: {what}; {action[e['event']]}" + (f" ({e['note']})" if "note" in e else ""))
-    record = {k: v for k, v in e.items() if k != "step"}
-    if e["event"] == "skip":
-        record.update(skipped=True, skipped_total=run.progress.skipped_total)
-    run.log.metrics(step, **record)
-
-
-def last_good_checkpoint(run: Run) -> str:
-    """The end of a stop line: the checkpoint to resume from, which exists, or that there is none."""
-    good = run.health.good
-    if good is not None and (good / checkpoint.META).is_file():
-        return f"the last good checkpoint is {good} (resume from it with --resume={good})"
-    return f"no checkpoint in {run.cfg.out_dir} was confirmed good before it (start again, e.g. with a lower --max_lr)"
+    return str(write_forensics(out_dir, dict(record), sequences, get_encoding().decode))
 
 
 def check_precision(cfg: Any, d: Dist) -> None:
@@ -306,9 +347,8 @@ def check_precision(cfg: Any, d: Dist) -> None:
                         f"scaling) or --dtype=float32")
 
 
-def out_of_memory_message(run: Run) -> str:
+def out_of_memory_message(cfg: Any, device: torch.device) -> str:
     """The one line for a CUDA out-of-memory error before the first step completed."""
-    cfg, device = run.cfg, run.dist.device
     memory = ""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30

@@ -1,7 +1,8 @@
 """TrainConfig: every knob of a run, its validation, and the `--config FILE --key=value` parser.
 
-Config files import it (`from train_config import TrainConfig`) and define `config()` returning
-one; the command line overrides fields as `--key=value`, type-checked, unknown keys refused.
+Config files import it (`from llama_fineweb.train_config import TrainConfig`) and define
+`config()` returning one; the command line overrides fields as `--key=value`, type-checked,
+unknown keys refused.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import difflib
 import importlib.util
 import inspect
 import io
-import os
 import re
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from model import ModelConfig, model_config
 
@@ -231,97 +231,6 @@ class TrainConfig:
     def decay_length(self) -> int:
         """wsd: the steps of the final decay (decay_steps, else decay_fraction of max_steps)."""
         return self.decay_steps or max(1, round(self.decay_fraction * self.max_steps))
-
-
-# Knobs whose change would alter the data order or the model: a resume must not change them.
-FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
-# Knobs that define the run's length and schedule: changing them on resume is allowed, with a warning.
-SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "lr_schedule", "decay_steps",
-                  "decay_fraction", "decay_shape", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
-# Knobs that change the arithmetic: allowed on resume (a smaller card may need float16), with a warning
-# that the losses will no longer match a straight run's exactly.
-ARITHMETIC_KNOBS = ("dtype", "cpu_autocast", "z_loss")
-
-
-def resume_differences(saved_train: dict, saved_model: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """(refused, allowed): what differs between a checkpoint's configs and `cfg`, as
-    'knob: checkpoint X vs now Y'. Refused ones change the model or the data order."""
-    def describe(k, old, new):
-        return f"{k}: checkpoint {old!r} vs now {new!r}"
-
-    # A knob a checkpoint does not record predates it: that run had its default.
-    model_defaults = ModelConfig().to_dict()
-    train_defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                      for f in dataclasses.fields(type(cfg))}
-    saved_model = {**model_defaults, **saved_model} if saved_model else {}
-    saved_train = {**train_defaults, **saved_train}
-    refused = [describe(k, saved_model.get(k), v) for k, v in cfg.model_config().to_dict().items()
-               if saved_model and saved_model.get(k) != v]
-    refused += [describe(k, saved_train[k], getattr(cfg, k)) for k in FIXED_ON_RESUME + cfg.ALSO_FIXED_ON_RESUME
-                if saved_train[k] != getattr(cfg, k)]
-    allowed = [describe(k, saved_train[k], getattr(cfg, k)) for k in SCHEDULE_KNOBS
-               if saved_train[k] != getattr(cfg, k)]
-    allowed += [describe(k, saved_train[k], getattr(cfg, k))
-                + " (the arithmetic differs: losses will not match a straight run exactly)"
-                for k in ARITHMETIC_KNOBS if saved_train[k] != getattr(cfg, k)]
-    return refused, allowed
-
-
-def same_init_from(saved: str, now: str) -> bool:
-    """Whether two --init_from values name the same base model (the same text, or the same path)."""
-    if os.path.normpath(saved or ".") == os.path.normpath(now or "."):
-        return True
-    try:
-        return bool(saved and now) and os.path.samefile(saved, now)
-    except OSError:
-        return False
-
-
-def run_kind(meta: dict) -> str | None:
-    """The kind of run that wrote a checkpoint: recorded since run kinds were, else told by its
-    loader's data identity (shards: pretraining; instruction examples: fine-tuning)."""
-    if meta.get("run_kind"):
-        return meta["run_kind"]
-    data = (meta.get("loader") or {}).get("data") or {}
-    return "pretraining" if "shards" in data else "fine-tuning" if "examples" in data else None
-
-
-def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
-    """ConfigError unless `ckpt` was written by a run of cfg's kind that started from the same
-    --init_from: a resume continues that run, so anything else would be silently ignored."""
-    kind, scripts = run_kind(meta), {"pretraining": "train_llama.py", "fine-tuning": "finetune.py"}
-    if kind is not None and kind != cfg.RUN_KIND:
-        raise ConfigError(f"{ckpt} was written by a {kind} run ({scripts.get(kind, kind)}) and this is a "
-                          f"{cfg.RUN_KIND} run ({cfg.SCRIPT}): continue it with {scripts.get(kind, kind)}, or "
-                          f"choose another --out_dir (--init_from={ckpt} there starts from its weights)")
-    if "train_config" not in meta:
-        raise ConfigError(f"{ckpt} records no train_config: it was not written by a training run, so there is "
-                          f"no run to resume; start from its weights with --init_from={ckpt} in another --out_dir")
-    saved = meta["train_config"].get("init_from", "")
-    if not same_init_from(saved, cfg.init_from):
-        was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
-        keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"
-        raise ConfigError(f"--init_from={cfg.init_from or repr('')} but the run in {ckpt.parent} started from {was} "
-                          f"and a resume continues it from {ckpt.name}, never from a new base: {keep} to resume "
-                          f"it, or choose another --out_dir to start from the new one")
-
-
-def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None]) -> None:
-    """ConfigError (exit 2) for a resume with no step left to train, unless the command line asked
-    for exactly that step (--max_steps=N or --stop_step=N with N the checkpoint's step): a rerun
-    that trains nothing must not look like a run that trained."""
-    asked = getattr(cfg, "command_line", {})
-    for knob, limit in (("max_steps", cfg.max_steps), ("stop_step", cfg.stop_step)):
-        if not limit or step < limit:
-            continue
-        if asked.get(knob) == step:
-            note(f"already at step {step}, as --{knob}={step} asks: nothing to do")
-            return
-        if knob == "max_steps" and step == limit:
-            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; "
-                              f"raise --max_steps to continue")
-        raise ConfigError(f"already at step {step}, {'at' if step == limit else 'past'} {knob} {limit}: nothing to "
-                          f"do; raise --{knob} above {step} to continue (or pass --{knob}={step} to accept that)")
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -75,7 +75,8 @@ def test_ddp_compiled_on_two_gloo_processes_matches_eager(tmp_path, data_dir):
 def test_configure_compiler_in_a_fresh_interpreter():
     """parallel.configure_compiler sets torch._functorch.config and torch._dynamo.config options in
     a fresh interpreter that imported nothing else of torch's (it imports those modules itself)."""
-    code = ("import parallel, torch; from train_config import TrainConfig; "
+    code = ("import torch; from llama_fineweb import parallel; "
+            "from llama_fineweb.train_config import TrainConfig; "
             "parallel.configure_compiler(TrainConfig(seq_len=2048)); "
             "print(torch._functorch.config.backward_pass_autocast, torch._dynamo.config.recompile_limit)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

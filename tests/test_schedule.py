@@ -7,7 +7,7 @@ import pytest
 from llama_fineweb import checkpoint
 from llama_fineweb.train_config import ConfigError, TrainConfig, load_config
 from runs import losses, metric_rows, refusal, run_here
-from train_llama import lr_at
+from llama_fineweb.continuation import lr_at
 
 WSD = ["--lr_schedule=wsd", "--decay_steps=4"]
 

@@ -27,7 +27,7 @@ LEARN = ["--shuffle=false", "--max_lr=3e-2", "--warmup_steps=1", "--max_steps=14
 
 def small_vocab_config(directory: Path) -> Path:
     path = directory / "small_vocab.py"
-    path.write_text("from train_config import TrainConfig\n\n\ndef config():\n"
+    path.write_text("from llama_fineweb.train_config import TrainConfig\n\n\ndef config():\n"
                     "    return TrainConfig(model='tiny', model_overrides={'vocab_size': 256})\n")
     return path
 

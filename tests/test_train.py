@@ -15,6 +15,7 @@ import torch
 
 import train_llama
 from llama_fineweb import checkpoint, metrics
+from llama_fineweb.continuation import lr_at
 from model import Transformer, build_model
 from runs import BASE, EVAL, ROOT, SEQ, assert_close, losses, refusal, run, run_here, weights
 
@@ -206,7 +207,7 @@ def test_extending_a_finished_run_with_new_schedule_knobs(tmp_path, data_dir):
     assert "warning: changed on resume: max_lr" in proc.stdout
     assert sorted(losses(tmp_path)) == list(range(1, 9))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows if r["step"] == 5 and "lr" in r] == [pytest.approx(train_llama.lr_at(
+    assert [r["lr"] for r in rows if r["step"] == 5 and "lr" in r] == [pytest.approx(lr_at(
         4, train_llama.load_config([*BASE, "--max_steps=8", "--max_lr=1e-3"])))]
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["step"] == 8
 
@@ -330,7 +331,7 @@ def test_init_from_errors_are_one_line(tmp_path, data_dir, source):
     """--init_from a missing path or a checkpoint of another shape: one line, exit 2."""
     if source == "other_model":
         config = tmp_path / "two_layers.py"
-        config.write_text("from train_config import TrainConfig\n\n\ndef config():\n"
+        config.write_text("from llama_fineweb.train_config import TrainConfig\n\n\ndef config():\n"
                           "    return TrainConfig(model='tiny', model_overrides={'n_layers': 2})\n")
         argv = [str(config) if a.endswith("tiny.py") else a for a in BASE]
         subprocess.run([sys.executable, str(ROOT / "train_llama.py"), *argv, f"--data_dir={data_dir}",

@@ -26,9 +26,6 @@ from .tokenizer import get_encoding
 from .utils import Dist, UserError, write_atomic
 
 
-ON_SPIKE = ("off", "warn", "skip", "rollback")
-
-
 def parse_windows(text: str) -> list[tuple[int, int]]:
     """'A:B,C:D' -> [(A, B), (C, D)]: half-open ranges of global batch indices; UserError if malformed."""
     windows = []

@@ -18,15 +18,13 @@ import textwrap
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from model import ModelConfig, model_config
 
 from .lora import LoraSpec, parse_targets
-from .stability import ON_SPIKE, parse_windows
-from .utils import DTYPES, MOVED_MODULES, UserError, moved_module_line
-
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+from .stability import parse_windows
+from .utils import MOVED_MODULES, UserError, moved_module_line
 
 
 class ConfigError(UserError):
@@ -61,10 +59,10 @@ class TrainConfig:
     warmup_steps: int = 715  # steps of linear warmup to max_lr
     max_lr: float = 6e-4  # learning rate after warmup
     min_lr: float = 6e-5  # learning rate reached at max_steps
-    lr_schedule: str = "cosine"  # cosine (the paper's), linear (the DMaS model cards) or wsd (warmup-stable-decay)
+    lr_schedule: Literal["cosine", "linear", "wsd"] = "cosine"  # cosine (the paper's), linear (the DMaS model cards) or wsd (warmup-stable-decay)
     decay_steps: int = 0  # wsd: steps of the final decay; 0 = decay_fraction of max_steps
     decay_fraction: float = 0.2  # wsd: the decay's share of max_steps when decay_steps is 0
-    decay_shape: str = "linear"  # wsd: "linear" or "1-sqrt" (faster at first, slower near min_lr)
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: "linear" or "1-sqrt" (faster at first, slower near min_lr)
     decay_from: str = ""  # wsd: branch from this stable-stage checkpoint, decay over decay_steps in a new out_dir
     # AdamW
     weight_decay: float = 0.1  # on 2-D weights only
@@ -74,7 +72,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     max_skipped_steps: int = 5  # stop after this many consecutive skipped steps (non-finite or spiking)
     # stability (README, "Stability"): what a loss or gradient-norm spike does
-    on_spike: str = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
+    on_spike: Literal["off", "warn", "skip", "rollback"] = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
     spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
     spike_window: int = 200  # the healthy steps a step is compared with
     spike_min_history: int = 50  # no step is judged before this many healthy steps
@@ -97,25 +95,25 @@ class TrainConfig:
     save_interval: int = 1000  # steps between checkpoints (the last step is always saved)
     keep_last: int = 3  # keep the newest N checkpoints; 0 = keep every one
     resume: str = "auto"  # "auto": out_dir's latest checkpoint if any; "never"; or a path
-    start_over: str = ""  # with resume=never in a used out_dir: "archive" or "delete" its checkpoints
+    start_over: Literal["", "archive", "delete"] = ""  # with resume=never in a used out_dir: "archive" or "delete" its checkpoints
     init_from: str = ""  # weights only (our checkpoint or a Hugging Face directory)
     stop_step: int = 0  # save and stop after this step (e.g. to fit a job's time limit)
-    verify: str = "full"  # on load: "full" checks every file's sha256, "size" only the sizes
+    verify: Literal["full", "size"] = "full"  # on load: "full" checks every file's sha256, "size" only the sizes
     # system
     device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: str = "bfloat16"  # autocast dtype on CUDA (float16: with dynamic loss scaling); CPU runs in float32
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # autocast dtype on CUDA (float16: with dynamic loss scaling); CPU runs in float32
     cpu_autocast: bool = False  # CPU steps under the dtype's autocast too (tests the fp16/bf16 path)
     compile: bool = True  # torch.compile on CUDA (on CPU only when compile_cpu is set)
     compile_cpu: bool = False  # torch.compile on CPU too (slow to start, for tests)
-    compile_mode: str = "model"  # "model": one graph; "blocks": each block (half the compile time)
+    compile_mode: Literal["blocks", "model"] = "model"  # "model": one graph; "blocks": each block (half the compile time)
     # parallelism and memory (parallel.py)
-    parallel: str = "ddp"  # "ddp": each rank holds the whole model; "fsdp": params, grads, AdamW sharded
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # "ddp": each rank holds the whole model; "fsdp": params, grads, AdamW sharded
     fsdp_shard_size: int = 0  # fsdp: ranks that share one copy; 0 = all; GPUs per node = HSDP across nodes
     reshard_after_forward: bool = True  # fsdp: free each block's gathered params after its forward
     fsdp_reduce_every_micro_step: bool = False  # fsdp: least memory, but accumulation x the reduce traffic
-    activation_checkpointing: str = "none"  # "none", "full" (every block) or "selective" (every ac_every-th)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"  # "none", "full" (every block) or "selective" (every ac_every-th)
     ac_every: int = 2  # selective activation checkpointing: every N-th block
-    sdpa_backend: str = "auto"  # attention kernel: auto (SDPA picks), flash, cudnn, efficient or math
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # attention kernel: auto (SDPA picks), flash, cudnn, efficient or math
     ddp_bucket_mb: int = 25  # DDP all-reduce bucket size; larger buckets, fewer messages across nodes
     ddp_bf16_compress: bool = False  # DDP: all-reduce gradients in bfloat16 (half the traffic)
     # seed, logs and benchmark mode
@@ -169,20 +167,16 @@ class TrainConfig:
             raise ConfigError(f"bad model config: {e}") from None
 
     def _validate_choices(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype={self.dtype!r}: choose one of {sorted(DTYPES)}")
+        for name, allowed in choices(type(self)).items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a for a in allowed if a)  # "" (unset) is not a choice to offer
+                raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {shown}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"--device={self.device!r}: choose auto, cpu or cuda")
-        if self.on_spike not in ON_SPIKE:
-            raise ConfigError(f"--on_spike={self.on_spike!r}: choose one of {', '.join(ON_SPIKE)}")
         if self.spike_min_history > self.spike_window:
             raise ConfigError(f"--spike_min_history={self.spike_min_history} is more than --spike_window="
                               f"{self.spike_window} healthy steps kept: no step would ever be judged")
         parse_windows(self.skip_batches)
-        if self.verify not in ("full", "size"):
-            raise ConfigError(f"--verify={self.verify!r}: choose full (sha256 of every file) or size")
-        if self.start_over not in ("", "archive", "delete"):
-            raise ConfigError(f"--start_over={self.start_over!r}: choose archive or delete")
         if self.start_over and self.resume != "never":
             raise ConfigError("--start_over only applies with --resume=never")
         if not self.resume:
@@ -195,11 +189,6 @@ class TrainConfig:
                 parse_data_mix(self.data_mix)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        choices = {"parallel": ("ddp", "fsdp"), "compile_mode": ("blocks", "model"),
-                   "activation_checkpointing": ("none", "full", "selective"), "sdpa_backend": SDPA_BACKENDS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name in ("ac_every", "ddp_bucket_mb"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
@@ -208,10 +197,6 @@ class TrainConfig:
                               f"divisor of the process count")
 
     def _validate_schedule(self) -> None:
-        choices = {"lr_schedule": ("cosine", "linear", "wsd"), "decay_shape": ("linear", "1-sqrt")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.decay_steps < 0:
             raise ConfigError(f"--decay_steps={self.decay_steps} must be 0 (use decay_fraction) or more")
         if not 0 < self.decay_fraction <= 1:
@@ -231,6 +216,11 @@ class TrainConfig:
     def decay_length(self) -> int:
         """wsd: the steps of the final decay (decay_steps, else decay_fraction of max_steps)."""
         return self.decay_steps or max(1, round(self.decay_fraction * self.max_steps))
+
+
+def choices(kind: type[TrainConfig]) -> dict[str, tuple]:
+    """{knob: its allowed values} for every knob typed Literal[...]: the one place a choice is listed."""
+    return {name: get_args(hint) for name, hint in get_type_hints(kind).items() if get_origin(hint) is Literal}
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -376,8 +366,11 @@ def usage(doc: str, argv: list[str] = (), kind: type[TrainConfig] = TrainConfig)
     intro = "\n\n".join(doc.strip().split("\n\n")[:2])
     lines = [intro, "", f"Knobs ({kind.__name__}), with {values}; override any as --key=value:"]
     by_group: dict[str, list[str]] = {}
+    allowed = choices(kind)
     for name, (group, sentence) in knob_help(kind).items():
         value = _shown(getattr(cfg, name))
+        if name in allowed:
+            sentence += " [one of: " + ", ".join(a or "''" for a in allowed[name]) + "]"
         by_group.setdefault(group, []).append(f"  --{name}={value}".ljust(36) + f" {sentence}".rstrip())
     for group, knobs in by_group.items():
         lines += ["", group if ":" in group else f"{group}:", *knobs]
@@ -406,7 +399,7 @@ class SFTConfig(TrainConfig):
     data: str = "yahma/alpaca-cleaned"  # .json/.jsonl file (alpaca or chat rows) or a hub dataset
     template: str = "vicuna"  # a name in chat_template.TEMPLATES or a .json file of Template's fields
     val_fraction: float = 0.02  # rows held out for validation (fixed split seed)
-    overlong: str = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
+    overlong: Literal["drop", "truncate"] = "drop"  # examples over seq_len + 1 tokens: "drop" or "truncate"
     pad_multiple: int = 64  # pad batches to a multiple of this: few shapes for torch.compile
     epochs: float = 0.0  # > 0: max_steps = ceil(epochs x train examples / examples per step)
     # LoRA (lora.py, through PEFT)
@@ -442,8 +435,6 @@ class SFTConfig(TrainConfig):
             raise ConfigError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
         if self.eval_interval and not self.val_fraction:
             raise ConfigError("--val_fraction=0 leaves no validation examples: set it, or --eval_interval=0")
-        if self.overlong not in ("drop", "truncate"):
-            raise ConfigError(f"--overlong={self.overlong!r}: choose drop or truncate")
         if self.pad_multiple <= 0:
             raise ConfigError(f"--pad_multiple={self.pad_multiple} must be positive")
         if self.epochs < 0:

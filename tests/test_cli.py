@@ -14,7 +14,7 @@ import pytest
 
 import finetune
 import train_llama
-from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig, knob_help, load_config
+from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig, choices, knob_help, load_config
 from runs import BASE, EVAL, ROOT, call_main, losses, metric_rows, refusal, run_here
 
 # `tee` in Python: copies stdin and dies at once on SIGINT, as a terminal's pipeline does
@@ -95,6 +95,25 @@ def test_help_shows_the_config_values_by_group():
     text = call_main(finetune.main, ["--config", str(ROOT / "configs" / "sft_tiny.py"), "--help"]).stdout
     assert text.index("fine-tuning data:") < text.index("\nmodel:")
     assert "--data=tests/data/alpaca_tiny.json" in text and "--init_from=out/tiny " in text
+
+
+def test_every_choice_knob_is_typed_refused_in_one_line_and_listed_in_help():
+    """The knobs with a fixed set of values are Literal[...] on the config; a value outside the set is
+    refused by one check, in one line naming the choices, and --help lists them."""
+    listed = choices(SFTConfig)
+    assert {"on_spike", "lr_schedule", "decay_shape", "parallel", "compile_mode", "activation_checkpointing",
+            "dtype", "sdpa_backend", "verify", "start_over", "overlong"} <= set(listed)
+    text = call_main(finetune.main, ["--help"]).stdout
+    for name, allowed in listed.items():
+        line = next(row for row in text.splitlines() if row.lstrip().startswith(f"--{name}="))
+        assert all(a in line for a in allowed if a), line
+        cfg = SFTConfig(init_from="base")
+        setattr(cfg, name, "no-such-value")
+        with pytest.raises(ConfigError) as error:
+            cfg.validate()
+        message = str(error.value)
+        assert "\n" not in message and f"--{name}='no-such-value'" in message
+        assert all(a in message for a in allowed if a), message
 
 
 def test_help_into_a_closed_pipe_is_quiet(monkeypatch, capfd):

@@ -55,7 +55,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -69,8 +68,7 @@ from llama_fineweb import checkpoint
 from llama_fineweb.chat_template import EOT_TEXT, TEMPLATES, Template, checkpoint_template, encode, load_template  # noqa: F401
 from llama_fineweb.dataloader import DataError, FollowsOrder, GlobalOrder
 from llama_fineweb.tokenizer import EOT
-from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig, load_config, load_config_file, usage
-from llama_fineweb.utils import cli_errors, closed_output_survives, teardown_distributed
+from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig, load_config_file, training_cli
 from train_llama import train
 
 SPLIT_SEED = 0  # the validation split's permutation: fixed, so every run holds out the same rows
@@ -369,27 +367,18 @@ class SFTValData:
 # ----------------------------------------------------------------------------- config and entry point
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    with closed_output_survives():
-        if "-h" in argv or "--help" in argv:
-            with cli_errors("finetune.py"):
-                print(usage(__doc__, argv, SFTConfig))
-            return {}
-        try:
-            with cli_errors("finetune.py", expected=(DataError,)):
-                try:
-                    cfg = load_config(argv, kind=SFTConfig)
-                    data = SFTData(cfg)
-                    check_base_model(cfg)
-                    if cfg.epochs:
-                        per_step = cfg.total_batch_tokens // cfg.seq_len
-                        cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(per_step))
-                    return train(cfg, make_data=data.loaders)
-                finally:
-                    teardown_distributed()
-        except KeyboardInterrupt:
-            print("interrupted before training started; nothing was lost", file=sys.stderr)
-            raise SystemExit(130) from None
+    return training_cli("finetune.py", __doc__, argv, SFTConfig, fine_tune)
+
+
+def fine_tune(cfg: SFTConfig) -> dict:
+    """The data first (a bad file is named before anything else), then the base model, then
+    train_llama's loop on the instruction examples."""
+    data = SFTData(cfg)
+    check_base_model(cfg)
+    if cfg.epochs:
+        per_step = cfg.total_batch_tokens // cfg.seq_len
+        cfg.max_steps = math.ceil(cfg.epochs * data.steps_per_epoch(per_step))
+    return train(cfg, make_data=data.loaders)
 
 
 def check_base_model(cfg: SFTConfig) -> None:

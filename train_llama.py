@@ -17,7 +17,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 import uuid
 from contextlib import nullcontext
@@ -33,15 +32,14 @@ import torch.nn as nn
 from fineweb_edu import build_local_corpus
 from llama_fineweb import checkpoint, hellaswag, lora, parallel, planner, stability
 from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
-from llama_fineweb.dataloader import DataError, TrainLoader, ValLoader
+from llama_fineweb.dataloader import TrainLoader, ValLoader
 from llama_fineweb.doc_mask import document_mask
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
 from llama_fineweb.stability import LossScaler, Stability, StepStats
 from llama_fineweb.tokenizer import get_encoding
-from llama_fineweb.train_config import ConfigError, TrainConfig, load_config, usage
-from llama_fineweb.utils import (DTYPES, Dist, cli_errors, closed_output_survives, paths_to_create, remove_created,
-                                 setup_distributed, teardown_distributed)
+from llama_fineweb.train_config import ConfigError, TrainConfig, training_cli
+from llama_fineweb.utils import DTYPES, Dist, paths_to_create, remove_created, setup_distributed
 from model import Transformer, build_model
 
 __all__ = ["TrainConfig", "main", "train"]  # TrainConfig re-exported for older config files
@@ -158,21 +156,7 @@ class Run:
 # ----------------------------------------------------------------------------- the loop
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
-    with closed_output_survives():
-        if "-h" in argv or "--help" in argv:
-            with cli_errors("train_llama.py"):
-                print(usage(__doc__, argv))
-            return {}
-        try:
-            with cli_errors("train_llama.py", expected=(DataError,)):
-                try:
-                    return train(load_config(argv))
-                finally:
-                    teardown_distributed()
-        except KeyboardInterrupt:
-            print("interrupted before training started; nothing was lost", file=sys.stderr)
-            raise SystemExit(130) from None
+    return training_cli("train_llama.py", __doc__, argv, TrainConfig, train)
 
 
 def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:

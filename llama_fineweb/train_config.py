@@ -14,17 +14,21 @@ import importlib.util
 import inspect
 import io
 import re
+import sys
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from typing import ClassVar, Literal, get_args, get_origin, get_type_hints
 
 from model import ModelConfig, model_config
 
+from .dataloader import DataError
 from .lora import LoraSpec, parse_targets
 from .stability import parse_windows
-from .utils import MOVED_MODULES, UserError, moved_module_line
+from .utils import (MOVED_MODULES, UserError, cli_errors, closed_output_survives, moved_module_line,
+                    teardown_distributed)
 
 
 class ConfigError(UserError):
@@ -293,6 +297,28 @@ def _parse_config(argv: list[str], kind: type[TrainConfig]) -> TrainConfig:
     # when it names the step it is at (check_not_finished).
     cfg.command_line = {key: getattr(cfg, key) for key in given}
     return cfg
+
+
+def training_cli(program: str, doc: str, argv: list[str] | None, kind: type[TrainConfig],
+                 start: Callable[[TrainConfig], dict]) -> dict:
+    """The entry point train_llama.py and finetune.py share: --help, the config from `argv`, then
+    `start(cfg)`; a user's error is one line (exit 2), a closed stdout is quiet, Ctrl-C before the
+    first step loses nothing, and the process group is torn down whatever happens."""
+    argv = sys.argv[1:] if argv is None else argv
+    with closed_output_survives():
+        if "-h" in argv or "--help" in argv:
+            with cli_errors(program):
+                print(usage(doc, argv, kind))
+            return {}
+        try:
+            with cli_errors(program, expected=(DataError,)):
+                try:
+                    return start(load_config(argv, kind))
+                finally:
+                    teardown_distributed()
+        except KeyboardInterrupt:
+            print("interrupted before training started; nothing was lost", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 def _local_data_elsewhere(data_dir: str, named_data_dir: str) -> None:

@@ -24,6 +24,7 @@ from export_hf import save_weights
 from finetune import TEMPLATES, SFTConfig, SFTData, SFTLoader, collate, encode, to_messages
 from llama_fineweb import checkpoint
 from llama_fineweb.tokenizer import EOT, get_encoding
+from llama_fineweb.train_config import load_config
 from runs import call_main, one_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def metrics(out_dir: Path, key: str) -> dict[int, float]:
 
 
 def config(*extra: str) -> SFTConfig:
-    return finetune.load_config([*BASE, "--init_from=unused", *extra], kind=SFTConfig)
+    return load_config([*BASE, "--init_from=unused", *extra], kind=SFTConfig)
 
 
 # ----------------------------------------------------------------------------- template and loss

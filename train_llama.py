@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
@@ -22,7 +21,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,10 +32,10 @@ from fineweb_edu import build_local_corpus
 from llama_fineweb import checkpoint, hellaswag, lora, parallel, planner, stability
 from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
 from llama_fineweb.dataloader import TrainLoader, ValLoader
-from llama_fineweb.doc_mask import document_mask
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
-from llama_fineweb.stability import LossScaler, Stability, StepStats
+from llama_fineweb.stability import Stability, StepStats
+from llama_fineweb.step import StepSettings, build_optimizer, gradient_accumulation, optimizer_step
 from llama_fineweb.tokenizer import get_encoding
 from llama_fineweb.train_config import ConfigError, TrainConfig, training_cli
 from llama_fineweb.utils import DTYPES, Dist, paths_to_create, remove_created, setup_distributed
@@ -232,82 +231,12 @@ def decide_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum
     return applied, run.stats.stop
 
 
-@dataclass(frozen=True)
-class StepSettings:
-    """How optimizer_step runs, besides the model, the optimizer and the data."""
-
-    accum_steps: int
-    grad_clip: float = 1.0  # 0 = no clipping
-    autocast_dtype: torch.dtype | None = None  # None: float32, no autocast
-    sdpa_backend: str = "auto"  # parallel.attention_backend's names
-    reduce_every_micro_step: bool = False  # FSDP: reduce-scatter after every micro-step
-    world_size: int = 1
-    z_loss: float = 0.0  # PaLM's z-loss coefficient (model.ChunkedCrossEntropy)
-    device_type: str = "cuda"  # where autocast applies ("cpu" with --cpu_autocast)
-    doc_mask: bool = False  # attention within each packed document only (doc_mask.py)
-
-    def autocast(self):
-        return (nullcontext() if self.autocast_dtype is None
-                else torch.autocast(self.device_type, dtype=self.autocast_dtype))
-
-
 def step_settings(run: Run) -> StepSettings:
     cfg = run.cfg
     return StepSettings(accum_steps=run.accum_steps, grad_clip=cfg.grad_clip, autocast_dtype=run.autocast_dtype,
                         sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
                         world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type,
                         doc_mask=cfg.doc_mask)
-
-
-def optimizer_step(model: Transformer, train_model: nn.Module, optimizer: torch.optim.Optimizer,
-                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], settings: StepSettings,
-                   step_targets: int | None = None,
-                   agree: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[bool, bool]] | None = None,
-                   after_update: Callable[[], None] | None = None,
-                   scaler: LossScaler | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-    """One optimizer step, the one training and benchmarks/gpu_check.py both take: micro-steps over
-    `batches` (accum_steps of them), gradients reduced on the last only -> clip -> AdamW (skipped
-    if `agree` says so) -> gradients freed. `model` is the unwrapped module, `train_model` what
-    parallel.parallelize made of it; `step_targets`: see step_target_count. `agree(grad_norm,
-    loss_sum, z_loss_sum)` -> (apply the update?, stop after it?), by default this process's own
-    finiteness check; `after_update` runs after the update, before the gradients are freed.
-    `scaler` (float16): the loss is scaled for backward and the gradients unscaled before clipping;
-    its update is the caller's, who knows whether a skip was an overflow.
-    Returns (mean loss on this rank, gradient norm, applied, stop)."""
-    s = settings
-    loss_sum = z_sum = None
-    with parallel.attention_backend(s.sdpa_backend):
-        for micro_step, (x, y) in enumerate(batches):
-            if loss_sum is None:
-                loss_sum, z_sum = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
-            last = micro_step == s.accum_steps - 1
-            parallel.set_gradient_sync(model, train_model, last or s.reduce_every_micro_step)
-            # flex_attention's sparse BlockMask on CUDA; on the CPU it has no backward: a dense mask
-            mask = document_mask(x, flex=x.device.type == "cuda") if s.doc_mask else None
-            with s.autocast():
-                loss, z = (train_model(x, y, z_loss=s.z_loss, mask=mask) if s.z_loss
-                           else (train_model(x, y, mask=mask), None))
-            # The micro-batch's mean loss times its share of the step's targets: the step's loss is
-            # the mean over all its target tokens, whatever the micro-batch (DDP/FSDP average over ranks).
-            share = 1 / s.accum_steps if step_targets is None else (y >= 0).sum() * s.world_size / step_targets
-            loss = loss / s.accum_steps if step_targets is None else loss * share
-            loss_sum += loss.detach()
-            if z is not None:
-                z_sum += z * share
-            (loss if scaler is None else scaler.scaled(loss)).backward()
-    if scaler is not None:
-        scaler.unscale_(model.parameters())
-    grad_norm = parallel.clip_grad_norm(model.parameters(), s.grad_clip or math.inf)
-    if agree is None:
-        applied, stopping = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum)), False
-    else:
-        applied, stopping = agree(grad_norm, loss_sum, z_sum)
-    if applied:
-        optimizer.step()
-        if after_update is not None:
-            after_update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, applied, stopping
 
 
 def log_memory_once(run: Run) -> None:
@@ -679,18 +608,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
-    per_micro_step = cfg.micro_batch * cfg.seq_len * world_size
-    if cfg.total_batch_tokens % per_micro_step:
-        options = [b for b in range(1, 4 * cfg.micro_batch + 1)
-                   if cfg.total_batch_tokens % (b * cfg.seq_len * world_size) == 0]
-        hint = f"; micro_batch values that divide: {options[-4:]}" if options else ""
-        raise ConfigError(
-            f"total_batch_tokens={cfg.total_batch_tokens:,} is not divisible by micro_batch x seq_len x "
-            f"world_size = {cfg.micro_batch} x {cfg.seq_len} x {world_size} = {per_micro_step:,}{hint}")
-    return cfg.total_batch_tokens // per_micro_step
-
-
 def make_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[TrainLoader, ValLoader | None]:
     if cfg.data_mix:  # prepare_local_data builds data_dir, which a mixture does not read
         return make_mixture_loaders(cfg, d, log)
@@ -719,18 +636,6 @@ def make_mixture_loaders(cfg: TrainConfig, d: Dist, log: Logger) -> tuple[Mixtur
     val = (MixtureVal(loader, cfg.seq_len, cfg.micro_batch, d.rank, d.world_size, max_sequences=cfg.val_sequences,
                       vocab_size=vocab_size, pin_memory=cuda) if cfg.eval_interval else None)
     return loader, val
-
-
-def build_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not on norms), over the parameters that train
-    (all of them, or a LoRA run's adapters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
 
 
 def restore(run: Run, ckpt: Path) -> None:

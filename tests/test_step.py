@@ -1,4 +1,4 @@
-"""train_llama.optimizer_step, the one training step that training and benchmarks/gpu_check.py
+"""llama_fineweb.step.optimizer_step, the one training step that training and benchmarks/gpu_check.py
 take, and the attention backend it runs under (--sdpa_backend)."""
 
 import torch
@@ -6,7 +6,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import make_tiny_model
 from runs import refusal
-from train_llama import StepSettings, optimizer_step
+from llama_fineweb.step import StepSettings, optimizer_step
 
 SEQ = 32
 

@@ -112,7 +112,7 @@ def test_acc_equals_hellaswag_py(mc_run):
 def test_to_llama_shares_our_tensors_and_logits(tiny_model):
     """The model handed to lm-eval holds our tensors (no copy) and computes our logits."""
     ours = tiny_model()
-    hf_model = evaluate.to_llama(ours)
+    hf_model = eval_suite.to_llama(ours)
     assert hf_model.lm_head.weight.data_ptr() == ours.output.weight.data_ptr()
     assert hf_model.model.layers[1].mlp.up_proj.weight.data_ptr() == ours.layers[1].feed_forward.w3.weight.data_ptr()
     idx = torch.randint(0, N_VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -221,8 +221,8 @@ def test_generation_ends_at_endoftext_not_token_2(tmp_path, hf_llama):
         hf_model.lm_head.weight.zero_()
         hf_model.lm_head.weight[2, 0] = 100.0
     save_released_style(hf_model, hf_dir)
-    model = evaluate.load_hf_dir(hf_dir, torch.device("cpu"))
-    tokenizer = evaluate.gpt2_tokenizer()
+    model = eval_suite.load_hf_dir(hf_dir, torch.device("cpu"))
+    tokenizer = eval_suite.gpt2_tokenizer()
     out = model.generate(torch.tensor([tokenizer.encode("The cat")]), max_new_tokens=4, do_sample=False)
     assert tokenizer.decode(out[0, 2:]) == "####"
     assert (tokenizer.eos_token_id, model.generation_config.eos_token_id) == (EOT, EOT)

@@ -67,6 +67,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
@@ -348,11 +349,28 @@ def run_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The run, the CLI options and this process's place among the ranks that share the checkpoints.
-def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, settings: dict, key: str,
-                 rank: int, world_size: int, device: torch.device) -> Path | None:
+@dataclass
+class Evaluation:
+    """What every checkpoint of one eval_suite.py command shares: its options, the settings that
+    decide scores and their key, and this process's place among the ranks that share the work."""
+
+    args: argparse.Namespace
+    settings: dict
+    key: str
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def task_manager(self):
+        """lm-eval's task manager for the tasks asked for, built only where there is work to do."""
+        return task_manager(self.args.tasks, self.args.include_path)
+
+
+def evaluate_run(run_dir: Path, evaluation: Evaluation) -> Path | None:
     """Evaluate every step_* of run_dir not yet evaluated with these settings (this process's share
     of them under torchrun); rank 0 then writes the run's summary, table and plot."""
+    args, settings, key = evaluation.args, evaluation.settings, evaluation.key
+    rank, world_size = evaluation.rank, evaluation.world_size
     if (run_dir / checkpoint.META).is_file() or not run_dir.is_dir():
         raise UserError(f"--all_steps needs a run directory (holding step_* checkpoints), got {run_dir}")
     steps = checkpoint.complete_checkpoints(run_dir)
@@ -368,10 +386,10 @@ def evaluate_run(run_dir: Path, manager_factory, args: argparse.Namespace, setti
         print(f"eval_suite: {len(steps)} checkpoints in {run_dir}, {len(steps) - len(pending)} already "
               f"evaluated with these settings, {len(pending)} to evaluate on {world_size} process(es)")
     failed, t_start = 0, time.time()
-    manager = manager_factory() if mine else None
+    manager = evaluation.task_manager() if mine else None
     for i, ckpt in enumerate(mine, 1):
         try:
-            hf_model, _, meta = load_checkpoint(ckpt, device, args.verify)
+            hf_model, _, meta = load_checkpoint(ckpt, evaluation.device, args.verify)
         except UserError as e:  # one bad checkpoint should not cost the others' results
             print(f"eval_suite: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -531,16 +549,15 @@ def _main(args: argparse.Namespace) -> None:
                 print("eval_suite: note: hellaswag_sample is the tests' 32-row format sample, not HellaSwag: its "
                       "score means nothing (use hellaswag_local for the real validation split)", file=sys.stderr)
 
-            def manager_factory():
-                return task_manager(args.tasks, args.include_path)
-
+            evaluation = Evaluation(args, settings, key, rank, world_size, device)
             if args.all_steps:
-                evaluate_run(Path(args.checkpoint), manager_factory, args, settings, key, rank, world_size, device)
+                evaluate_run(Path(args.checkpoint), evaluation)
                 return
             if world_size > 1:
                 raise UserError("under torchrun only --all_steps is split across processes (a checkpoint "
                                 "per GPU); evaluate one checkpoint with plain `python eval_suite.py`")
-            manager = manager_factory()  # before the model: a missing dataset fails in seconds
+            # before the model: a missing dataset fails in seconds
+            manager = evaluation.task_manager()
             if args.hf:
                 hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
             else:

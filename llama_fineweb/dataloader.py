@@ -26,8 +26,8 @@ real ones) or one index twice is refused too: every file there would be read as 
 This module owns the shard names (shard_name, SHARD_RE) and the data's identity: data_identity()
 records each train shard's name, size and hashes (the manifest's sha256 where it lists the shard,
 and always a fingerprint sampled from the file itself), TrainLoader saves it with its position, and
-load_state_dict refuses to continue on other data unless asked to (identity_differences says what
-changed).
+load_state_dict refuses to continue on other data unless asked to (check_same_data, which
+mixture.py's sources go through too; identity_differences says what changed).
 """
 
 from __future__ import annotations
@@ -207,6 +207,38 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
             listed = ", ".join(names) if len(names) <= 3 else f"{len(names)} files, {names[0]} ... {names[-1]}"
             differences.append(f"{what}: {listed}")
     return differences
+
+
+def check_same_data(saved: dict | None, current: dict, where: str, accept_new_data: bool,
+                    log: Callable[[str], None], source: tuple[int, str] | None = None) -> None:
+    """Refuse to resume on data other than the checkpoint's, unless accept_new_data (then log it).
+
+    `saved` and `current` are data_identity() results, `where` the directory `current` was read
+    from. `source` is (its place, the checkpoint's directory there) for a mixture source, so the
+    refusal says which one. A checkpoint that records no identity (older than them) is let through
+    with a note.
+    """
+    if saved is None:
+        log(f"train data: the checkpoint records no data identity (it predates them), so it could "
+            f"not be checked that {where} holds the data it was trained on" if source is None else
+            f"train data: the checkpoint records no data identity for {where}; it was not checked")
+        return
+    differences = identity_differences(saved, current)
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if not accept_new_data and source is None:
+        raise DataError(f"the data in {where} differs from the checkpoint's ({listed}): "
+                        f"rebuild or restore the original shards, or pass --accept_new_data=true "
+                        f"to continue on this data (from this position on, the order is the new "
+                        f"data's permutation)")
+    if not accept_new_data:
+        index, saved_dir = source
+        raise DataError(f"the data in {where} (mixture source {index}) differs from the "
+                        f"checkpoint's {saved_dir} ({listed}): restore it, keep the sources in "
+                        f"their order, or pass --accept_new_data=true to continue on this data")
+    log(f"train data: the data in {where} differs from the checkpoint's ({listed}); continuing on "
+        f"it as accept_new_data asks, from the same position in its own order")
 
 
 def _same_content(a: dict, b: dict) -> bool:
@@ -600,25 +632,9 @@ class TrainLoader(FollowsOrder):
         if "mixture" in state:  # mixture.MixtureLoader's: each source has its own position
             sources = ",".join(f"{s['data_dir']}:{s['weight']}" for s in state["mixture"])
             raise DataError(f"the checkpoint trained on a data mixture: resume with --data_mix={sources}")
-        self._check_same_data(state.get("data"), accept_new_data)
+        check_same_data(state.get("data"), self.identity, self.data_dir, accept_new_data, self.log)
         self.close()
         self.seek_order(state)
-
-    def _check_same_data(self, saved: dict | None, accept_new_data: bool) -> None:
-        if saved is None:
-            self.log(f"train data: the checkpoint records no data identity (it predates them), so it could "
-                     f"not be checked that {self.data_dir} holds the data it was trained on")
-            return
-        differences = identity_differences(saved, self.identity)
-        if not differences:
-            return
-        listed = "; ".join(differences)
-        if not accept_new_data:
-            raise DataError(f"the data in {self.data_dir} differs from the checkpoint's ({listed}): rebuild or "
-                            f"restore the original shards, or pass --accept_new_data=true to continue on this "
-                            f"data (from this position on, the order is the new data's permutation)")
-        self.log(f"train data: the data in {self.data_dir} differs from the checkpoint's ({listed}); "
-                 f"continuing on it as accept_new_data asks, from the same position in its own order")
 
 
 class ValLoader:

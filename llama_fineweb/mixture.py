@@ -27,8 +27,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .dataloader import (DataError, GlobalOrder, TokenStream, TrainLoader, ValLoader, _pinnable, data_identity,
-                         identity_differences)
+from .dataloader import (DataError, GlobalOrder, TokenStream, TrainLoader, ValLoader, _pinnable,
+                         check_same_data, data_identity)
 
 # Source i permutes epoch e with seed + e + i * SOURCE_SEED_STRIDE: source 0 has the single-directory
 # order (so a one-directory run can go on as source 0 of a mixture), and no two sources share a seed.
@@ -227,7 +227,8 @@ class MixtureLoader(TrainLoader):
             raise DataError(f"the checkpoint's mixture has {len(saved)} sources ({', '.join(s['data_dir'] for s in saved)}) "
                             f"but --data_mix names {len(self.dirs)}: keep them, in their order (weight 0 pauses one)")
         for i, entry in enumerate(saved):
-            self._check_same_data(i, entry, accept_new_data)
+            check_same_data(entry["data"], self.identities[i], self.dirs[i], accept_new_data,
+                            self.log, source=(i, entry["data_dir"]))
         given = [entry["given"] for entry in saved] + [0] * (len(self.dirs) - len(saved))
         same_weights = (len(saved) == len(self.dirs) and state.get("mixture") is not None
                         and all(Fraction(e["weight"]) == w for e, w in zip(saved, self.weights)))
@@ -242,22 +243,6 @@ class MixtureLoader(TrainLoader):
         # The saved counts are those at the saved position, even where a skipped window moved past it.
         batch = int(state["position"]) // self.order.global_batch
         self.order.plan = MixturePlan(self.order.plan.units, self.order.global_batch, batch, given, credit)
-
-    def _check_same_data(self, i: int, entry: dict, accept_new_data: bool) -> None:
-        where = self.dirs[i]
-        if entry["data"] is None:
-            self.log(f"train data: the checkpoint records no data identity for {where}; it was not checked")
-            return
-        differences = identity_differences(entry["data"], self.identities[i])
-        if not differences:
-            return
-        listed = "; ".join(differences)
-        if not accept_new_data:
-            raise DataError(f"the data in {where} (mixture source {i}) differs from the checkpoint's "
-                            f"{entry['data_dir']} ({listed}): restore it, keep the sources in their order, or "
-                            f"pass --accept_new_data=true to continue on this data")
-        self.log(f"train data: the data in {where} differs from the checkpoint's ({listed}); continuing on "
-                 f"it as accept_new_data asks, from the same position in its own order")
 
 
 class MixtureVal:

@@ -13,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_rows  # noqa: E402
 
 
 def test_cpu_battery_runs_both_calls(tmp_path):
@@ -31,7 +32,7 @@ def test_cpu_battery_runs_both_calls(tmp_path):
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
         lines = [json.loads(line) for line in (tmp_path / f"call{call}" / "results.jsonl").read_text().splitlines()]
-        assert [r["row"] for r in lines] == gpu_check.CALLS[call] + (["activations"] if call == 1 else [])
+        assert [r["row"] for r in lines] == gpu_rows.CALLS[call] + (["activations"] if call == 1 else [])
         table = stdout.rstrip().splitlines()[-len(lines) - 1:]
         assert table[0].split()[:2] == ["row", "config"]
         assert [line.split()[0] for line in table[1:]] == [r["row"] for r in lines]
@@ -40,7 +41,7 @@ def test_cpu_battery_runs_both_calls(tmp_path):
     for r in rows.values():
         expected = "skipped: needs CUDA" if r["row"] == "activations" else "ok"
         assert r["verdict"].startswith(expected), (r["row"], r["verdict"], r.get("stderr_tail"))
-    headline = rows[gpu_check.HEADLINE]
+    headline = rows[gpu_rows.HEADLINE]
     assert headline["compile_mode"] == "blocks" and headline["graphs"] == 1 and headline["frames_skipped"] == 0
     assert headline["top_kernels"] and headline["flops_per_token"] > 0
     for name in ("train_llama", "loss", "blocks_mb8", "eager_mb8", "seq2048_mb8", "fsdp_mb16", "ac_full_mb32",
@@ -63,15 +64,15 @@ def test_first_call_returns_the_headline_on_a_slow_cold_gpu(tmp_path):
     twice its cold-GPU estimate: the environment and the headline still finish inside the budget,
     and the rows after them are stopped or skipped for it, not the headline."""
     scale, slowdown = 0.02, 2.0
-    names = gpu_check.CALLS[1]
-    assert names[:2] == ["env", gpu_check.HEADLINE]
+    names = gpu_rows.CALLS[1]
+    assert names[:2] == ["env", gpu_rows.HEADLINE]
     done = tmp_path / "rows"
-    commands = {n: [sys.executable, "-c", f"import time; time.sleep({gpu_check.ROWS[n].cold_s * scale * slowdown}); "
+    commands = {n: [sys.executable, "-c", f"import time; time.sleep({gpu_rows.ROWS[n].cold_s * scale * slowdown}); "
                                           f"open({str(done / (n + '.json'))!r}, 'w').write('{{\"verdict\": \"ok\"}}')"]
                 for n in names}
     results = gpu_check.run_rows(names, commands, tmp_path, dict(os.environ), gpu_check.BUDGET_S[1] * scale,
                                  cuda=True, jobs=4, time_scale=scale, log=lambda msg: None)
-    assert results["env"]["verdict"] == results[gpu_check.HEADLINE]["verdict"] == "ok"
+    assert results["env"]["verdict"] == results[gpu_rows.HEADLINE]["verdict"] == "ok"
     # The budget, not the headline, gave way: the last rows were stopped or never started.
     assert results[names[-1]]["verdict"].startswith("skipped"), results
 
@@ -80,9 +81,9 @@ def test_a_skipped_frame_is_a_mismatch():
     """A compiled row whose dynamo skipped a frame (it ran eagerly) is a mismatch, even with no graph break."""
     stats = {"graphs": 3, "graph_breaks": 0, "recompiles": 0, "frames_skipped": 1,
              "skipped_frames": ["forward (model.py:338)"]}
-    assert gpu_check.compile_verdict(stats) == ("mismatch: 3 graphs, 0 graph breaks, 0 recompiles, 1 frames skipped: "
-                                                "forward (model.py:338)")
-    assert gpu_check.compile_verdict({**stats, "frames_skipped": 0}).startswith("ok")
+    assert gpu_rows.compile_verdict(stats) == ("mismatch: 3 graphs, 0 graph breaks, 0 recompiles, 1 frames skipped: "
+                                               "forward (model.py:338)")
+    assert gpu_rows.compile_verdict({**stats, "frames_skipped": 0}).startswith("ok")
 
 
 def test_a_crashing_or_hanging_row_does_not_stop_the_others(tmp_path):
@@ -127,22 +128,22 @@ def test_train_llama_benchmark_is_read_in_both_formats():
     new = ("benchmark: 1,234 tokens/s | MFU - | 5.0 ms/step | peak memory -\n"
            'benchmark_json: {"steps": 3, "ms_per_step": 5.0, "tokens_per_s": 1234.5, "mfu": null, '
            '"peak_mem_gib": null, "first_step_s": 2.5, "elapsed_s": 2.6}\n')
-    assert gpu_check.parse_benchmark(new)["first_step_s"] == 2.5
+    assert gpu_rows.parse_benchmark(new)["first_step_s"] == 2.5
     old = ("benchmark: 441,337 tokens/s | MFU 48.3% | 1188.0 ms/step | peak memory 61.2 GiB "
            "(median of the last 20 of 30 steps)\n")
-    assert gpu_check.parse_benchmark(old) == {"tokens_per_s": 441337.0, "mfu": 0.483, "ms_per_step": 1188.0,
-                                              "peak_mem_gib": 61.2}
+    assert gpu_rows.parse_benchmark(old) == {"tokens_per_s": 441337.0, "mfu": 0.483, "ms_per_step": 1188.0,
+                                             "peak_mem_gib": 61.2}
     cpu = "benchmark: 2,843 tokens/s | MFU - (no known peak for this device) | 90.0 ms/step | peak memory - (x)"
-    assert gpu_check.parse_benchmark(cpu)["mfu"] is None
+    assert gpu_rows.parse_benchmark(cpu)["mfu"] is None
 
 
 def test_activation_memory_is_the_slope_of_two_peaks(tmp_path):
     """Peaks of 40 and 60 GiB at micro-batches 8 and 16: 2.5 GiB per sample, so 24 needs 80 GiB
     (over an 80 GB card's 79) and 32 needs 100."""
     args = gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path)])
-    plan = dataclasses.replace(gpu_check.make_plan(args), device="cuda", other_micro_batch=8, micro_batch=16,
+    plan = dataclasses.replace(gpu_rows.make_plan(args), device="cuda", other_micro_batch=8, micro_batch=16,
                                mem_cap_gib=79)
-    row = gpu_check.activations_row({"blocks_mb8": {"peak_gib": 40.0}, "blocks_mb16": {"peak_gib": 60.0}}, plan)
+    row = gpu_rows.activations_row({"blocks_mb8": {"peak_gib": 40.0}, "blocks_mb16": {"peak_gib": 60.0}}, plan)
     assert row["activation_bytes_per_sample"] == 2.5 * 2**30
     assert row["projected_gib"] == {24: 80.0, 32: 100.0}
     assert row["verdict"] == "ok: 2.50 GiB/sample; mb24 80.0 GiB (over the cap), mb32 100.0 GiB (over the cap)"

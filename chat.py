@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         device = model.output.weight.device
         generator = torch.Generator(device=device).manual_seed(args.seed) if args.temperature else None
         print(f"loaded {model.num_params():,} parameters on {device}; {note}", file=sys.stderr, flush=True)
-        # On the CPU the compile costs a minute or more for ~10% at 124m (README, benchmarks/bench_generate.py).
+        # On the CPU the compile costs a minute or more for ~10% at 124m (BENCHMARKS.md:
+        # "Generation speed").
         args.compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         if args.prompt is None:
             return interactive(model, template, args, generator)

@@ -236,7 +236,8 @@ def task_manager(tasks: list[str], include_path: str | None):
             f"could not load task(s) {','.join(tasks)} ({offline}{type(e).__name__}: {reason[:200]}): lm-eval's "
             f"tasks read their datasets from the Hugging Face hub, or its cache once downloaded; offline, "
             f"pass --include_path DIR with a task YAML whose data files are local, e.g. --tasks "
-            f"hellaswag_local --include_path tasks (README: Offline evaluation)") from None
+            f"hellaswag_local --include_path tasks (docs/evaluation.md: Offline evaluation)"
+        ) from None
     return manager
 
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
             )
             if args.data and Path(args.data).resolve() == FORMAT_SAMPLE:
                 print(f"hellaswag: note: {args.data} is the tests' 32-example format sample, not HellaSwag: "
-                      f"its score means nothing (README: HellaSwag, Data)")
+                      f"its score means nothing (docs/evaluation.md, HellaSwag: Data)")
     finally:
         teardown_distributed()
 

@@ -3,7 +3,7 @@
     python plan.py --config configs/llama_1p7b.py --gpu "RTX A6000" --gpus 2
     python plan.py --config configs/llama_1p7b.py --gpu H100 --gpus 8 --nodes 2 --tokens 2e10
     python plan.py --config configs/llama_124m.py --gpu_mem 24 --peak_tflops 165 --seq_len=512
-    python plan.py --config configs/llama_1p7b.py --gpu H100 --measured out/gpu_check/results.jsonl
+    python plan.py --config configs/llama_1p7b.py --measured out/gpu_check/call1/results.jsonl
 
 One table of candidate settings (DDP, FSDP, FSDP reducing every micro-step x activation
 checkpointing none / selective / full x micro-batches that keep the global batch exact): projected
@@ -50,7 +50,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                 "powers of two up to 32 that divide the batch)")
     parser.add_argument("--price", type=float, help="cost of one GPU-hour (any currency): adds a cost column")
     parser.add_argument("--json", action="store_true", help="print the same as JSON")
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (the README's)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the table as markdown (docs/parallelism.md's)")
     return parser.parse_known_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""DDP vs FSDP on the CPU, and the measurements behind the README's memory table.
+"""DDP vs FSDP on the CPU, and the measurements behind the memory model of docs/parallelism.md.
 
     python benchmarks/bench_parallel.py                    # tiny, 2 gloo processes: DDP vs FSDP x checkpointing
     python benchmarks/bench_parallel.py --model=124m --seq_len=64 --micro_batch=2 --steps=5 --repeats=2

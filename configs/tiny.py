@@ -1,4 +1,4 @@
-"""A few-minute CPU run on text from the Python standard library: the whole pipeline, offline."""
+"""A 300-step CPU run on text from the Python standard library: the whole pipeline, offline."""
 
 from llama_fineweb.train_config import TrainConfig
 

@@ -98,8 +98,8 @@ def checkpoint_blocks(model: Transformer, mode: str, every: int) -> None:
     """Wrap blocks so that backward recomputes their forward: all (`full`) or every `every`-th
     (`selective`). Whole blocks rather than op-level selective checkpointing: the saving is
     exactly the checkpointed blocks' share of the activations (what benchmarks/bench_parallel.py
-    measures and the README's memory table projects), it composes unchanged with per-block
-    compile and FSDP, and it is one knob."""
+    measures and the memory table of docs/parallelism.md projects), it composes unchanged with
+    per-block compile and FSDP, and it is one knob."""
     if mode == "none":
         return
     for i, block in enumerate(model.layers):

@@ -1,4 +1,4 @@
-"""The memory and time model behind plan.py, `--micro_batch=auto` and the README's memory table.
+"""The memory and time model behind plan.py, `--micro_batch=auto` and docs/parallelism.md's table.
 
 Peak memory per rank is counted from the code, term by term (what each op keeps for backward),
 and checked against torch's MemTracker on the CPU (benchmarks/bench_plan.py, tests/test_plan.py):

@@ -150,7 +150,7 @@ def test_projected_peak_memory_is_within_15_percent_of_measured():
     tiny under DDP and FSDP with each activation-checkpointing mode at two micro-batches (there
     the activations and the loss's buffers are half the peak), and 124m under DDP and FSDP (its
     190M parameters' static and sharded terms). benchmarks/bench_plan.py's default runs 124m at
-    two micro-batches and every mode too (the README's table); here one keeps the test short."""
+    two micro-batches and every mode too (BENCHMARKS.md's table); here one keeps the test short."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "benchmarks" / "bench_plan.py"), "--cases", "tiny:128:4", "tiny:128:8", "124m:16:2:none"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -163,12 +163,16 @@ def test_projected_peak_memory_is_within_15_percent_of_measured():
     assert abs(worst["error"]) <= 0.15, worst
 
 
-def test_readme_table_is_plan_output():
-    """The README's memory table is plan.py's markdown output, row for row."""
+def test_docs_table_is_plan_output():
+    """The memory table of docs/parallelism.md is plan.py's markdown output, row for row, under the
+    header lines plan.py prints above it (the card, the assumed MFU, the link between the cards)."""
     out = call_main(plan.main, ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--gpu", "RTX A6000",
                                 "--gpus", "2", "--micro_batches", "4,8,16", "--markdown"]).stdout
-    rows = [line for line in out.splitlines() if line.startswith("|")]
-    assert len(rows) == 2 + 27 and "\n".join(rows) in (ROOT / "README.md").read_text()
+    lines = out.replace(f"{ROOT}/", "").splitlines()  # as run from the repository root
+    rows = [line for line in lines if line.startswith("|")]
+    header = lines[:lines.index(rows[0])]
+    page = (ROOT / "docs" / "parallelism.md").read_text()
+    assert len(rows) == 2 + 27 and "\n".join(header + rows) in page
 
 
 def test_gpu_check_rows_get_the_projection():

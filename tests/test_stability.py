@@ -1,5 +1,5 @@
 """Stability: spikes found and skipped or rolled back, skipped data windows, divergence, forensics,
-z-loss, float16 loss scaling and hardware changes on resume (README, "Stability")."""
+z-loss, float16 loss scaling and hardware changes on resume (docs/stability.md)."""
 
 import json
 import os
@@ -315,4 +315,3 @@ def test_out_of_memory_at_the_first_step_is_one_line(tmp_path, data_dir, monkeyp
 def test_stability_knobs_are_checked(tmp_path, data_dir, knob, message):
     """Bad stability knobs: one line naming the value, exit 2."""
     assert message in refusal(tmp_path, data_dir, knob)
-

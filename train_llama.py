@@ -4,9 +4,9 @@
     torchrun --standalone --nproc_per_node=8 train_llama.py --config configs/llama_1p7b.py
     python train_llama.py --config configs/llama_1p7b.py --benchmark=20  # synthetic tokens
 
-Any TrainConfig field (train_config.py) can be overridden as --key=value. A run resumes from the
-latest checkpoint in its out_dir by default; SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint and
-exit cleanly (a second Ctrl-C exits at once).
+Any TrainConfig field (llama_fineweb/train_config.py) can be overridden as --key=value. A run
+resumes from the latest checkpoint in its out_dir by default; SIGTERM, SIGUSR1 and Ctrl-C save a
+checkpoint and exit cleanly (a second Ctrl-C exits at once).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     max_skipped_steps: int = 5  # stop after this many consecutive skipped steps (non-finite or spiking)
-    # stability (README, "Stability"): what a loss or gradient-norm spike does
+    # stability (docs/stability.md): what a loss or gradient-norm spike does
     on_spike: Literal["off", "warn", "skip", "rollback"] = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
     spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
     spike_window: int = 200  # the healthy steps a step is compared with

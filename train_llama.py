@@ -205,7 +205,7 @@ def train_step(run: Run) -> tuple[StepStats, bool]:
         run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
         agree=lambda norm, loss, z: decide_step(run, norm, loss, z, batch_index),
         after_update=lambda: log_memory_once(run), scaler=run.stability.scaler)
-    run.stability.after_step()
+    run.stability.after_step(applied)
     run.meter.stop()
     run.progress.step += 1
     run.progress.tokens_seen += cfg.total_batch_tokens
@@ -285,7 +285,7 @@ def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
     step, log, meter = run.progress.step, run.log, run.meter
     if run.stability.event is not None:
         run.stability.log_event(log, step, run.progress.skipped_total)
-    run.stability.check_not_diverged()
+    run.stability.check_stop()
     if not applied or (step % run.cfg.log_interval and step != run.last_step):
         return
     loss, norm, dt = stats.loss, stats.grad_norm, meter.times[-1]
@@ -310,17 +310,26 @@ def log_step(run: Run, stats: StepStats, lr: float, applied: bool) -> None:
 
 def roll_back_if_spiked(run: Run) -> bool:
     """After a step whose spike asks for a rollback: back to the last good checkpoint, in this
-    process, with the data window from its position through the spiking batch skipped from now on
-    (and kept in the checkpoints). True when it rolled back."""
+    process, with the data window from its position through the spiking batch skipped from now on.
+    Made durable at once: the checkpoints written after the good one move to out_dir/rejected/ and
+    the restored state is saved again with the window, so a crash now resumes past the bad data.
+    True when it rolled back."""
     rollback = run.stability.rollback_target()
     if rollback is None:
         return False
     target, window = rollback
-    windows = [*run.loader.order.skipped, window]
+    windows, run_id = [*run.loader.order.skipped, window], run.progress.run_id
     restore(run, target)
+    run.progress.run_id = run_id  # the same run goes on, even from a branch's start in its parent's directory
     run.loader.load_state_dict(saved_state(target, "loader"), accept_new_data=run.cfg.accept_new_data)
     run.loader.skip(windows)
-    run.stability.rolled_back()
+    if run.dist.is_main:
+        moved = checkpoint.set_aside(run.cfg.out_dir, after_step=run.progress.step)
+        if moved:
+            run.log.print(f"moved {len(moved)} checkpoints written after {target.name} to {moved[0].parent}: "
+                          f"the rollback found their weights bad")
+    save(run)
+    run.stability.rolled_back(checkpoint.step_dir(run.cfg.out_dir, run.progress.step))
     return True
 
 

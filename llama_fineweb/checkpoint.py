@@ -331,10 +331,15 @@ def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | 
             if isinstance(getattr(getattr(model, "model", None), "config", None), ModelConfig):
                 meta.setdefault("model_config", model.model.config.to_dict())
             write_atomic(tmp / META, json.dumps(meta, indent=1))
-            if final.exists():  # a step saved again, e.g. after resuming from an older checkpoint
-                shutil.rmtree(final)
+            # A step saved again (after a rollback, or a resume from an older checkpoint): the old
+            # copy steps aside until the new one is in place, so a crash leaves one of them whole.
+            replaced = out_dir / f".replaced_{final.name}"
+            if final.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
+                os.replace(final, replaced)
             os.replace(tmp, final)
             fsync_dir(out_dir)
+            shutil.rmtree(replaced, ignore_errors=True)
             write_atomic(out_dir / LATEST, final.name + "\n")
             prune(out_dir, keep_last, newest=final, keep=keep)
     except (OSError, RuntimeError, CheckpointException) as e:
@@ -401,9 +406,40 @@ def _run_id(ckpt: Path) -> str | None:
 
 
 def remove_incomplete(out_dir: str | Path) -> None:
-    """Delete the partial checkpoints a killed run left behind (rank 0 only)."""
+    """Delete the partial checkpoints a killed run left behind (rank 0 only); a checkpoint that a
+    kill caught while it was being replaced by a new save of its step comes back."""
     for tmp in Path(out_dir).glob(".tmp_step_*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for old in Path(out_dir).glob(".replaced_step_*"):
+        final = old.parent / old.name[len(".replaced_"):]
+        if (final / META).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+
+
+REJECTED = "rejected"  # where a rollback moves the checkpoints written after its target
+
+
+def set_aside(out_dir: str | Path, after_step: int) -> list[Path]:
+    """Move the complete checkpoints of out_dir past `after_step` into out_dir/rejected/ (a rollback
+    found their weights bad: kept for a look, never resumed or pruned); their new paths."""
+    out_dir = Path(out_dir)
+    later = [p for p in complete_checkpoints(out_dir) if int(p.name[5:]) > after_step] if out_dir.is_dir() else []
+    moved = []
+    for ckpt in later:
+        (out_dir / REJECTED).mkdir(exist_ok=True)
+        target = out_dir / REJECTED / ckpt.name
+        n = 1
+        while target.exists():
+            n += 1
+            target = out_dir / REJECTED / f"{ckpt.name}_{n}"
+        os.replace(ckpt, target)
+        moved.append(target)
+    if moved:
+        fsync_dir(out_dir)
+    return moved
 
 
 def start_over(out_dir: str | Path, how: str) -> str:

@@ -65,37 +65,64 @@ def robust_z(value: float, history: list[float]) -> float:
 
 
 class SpikeDetector:
-    """Scores a step's loss and gradient norm against the last `window` healthy steps: the larger of
-    their robust z-scores (upward only). Below `min_history` healthy steps the score is 0, so the
-    first steps' fast-moving values cannot trip it. Its history is part of the checkpoint, so a
-    resumed run judges its first steps as the straight run would."""
+    """Judges a step's loss and gradient norm against the last `window` healthy steps.
 
-    def __init__(self, threshold: float, window: int, min_history: int):
-        self.threshold, self.min_history = threshold, min_history
+    - z-scores (robust, upward only) of the loss and of the norm, once `min_history` steps are kept;
+      below that they are 0, so the first steps' fast-moving values cannot trip them.
+    - A history-free divergence limit from the first step on: the best recent loss plus `jump` of
+      the way back to chance (ln(vocab)), and at least `jump` nats: a loss above it has lost half
+      of what training learned, whatever the history's length.
+    - A run of spiking steps below that limit is a change of level, not a divergence: after
+      `adopt_after` of them in a row their values become the new history (adopt).
+    Its history is part of the checkpoint, so a resumed run judges as the straight run would."""
+
+    def __init__(self, threshold: float, window: int, min_history: int, chance: float, jump: float = 0.5,
+                 adopt_after: int = 3):
+        self.threshold, self.min_history, self.chance, self.jump = threshold, min_history, chance, jump
+        self.adopt_after = adopt_after
         self.losses: deque[float] = deque(maxlen=window)
         self.norms: deque[float] = deque(maxlen=window)
+        self.pending: list[tuple[float, float]] = []  # the current run of spikes below the limit
 
-    def score(self, loss: float, grad_norm: float) -> float:
+    def z_scores(self, loss: float, grad_norm: float) -> tuple[float, float]:
         if len(self.losses) < self.min_history:
-            return 0.0
-        return max(robust_z(loss, list(self.losses)), robust_z(grad_norm, list(self.norms)))
+            return 0.0, 0.0
+        return robust_z(loss, list(self.losses)), robust_z(grad_norm, list(self.norms))
 
-    def is_spike(self, score: float) -> bool:
-        return score > self.threshold
+    def divergence_limit(self) -> float | None:
+        """The loss above which a step diverges; None before any healthy step is known."""
+        if not self.losses:
+            return None
+        best = min(self.losses)
+        return best + self.jump * max(self.chance - best, 1.0)
 
     def record(self, loss: float, grad_norm: float) -> None:
-        """A healthy, applied step joins the history."""
+        """An applied step joins the history; a run of spikes ends."""
         self.losses.append(loss)
         self.norms.append(grad_norm)
+        self.pending.clear()
+
+    def shift(self, loss: float, grad_norm: float) -> bool:
+        """A spike below the divergence limit: True once `adopt_after` in a row make it a new level,
+        which then replaces the history."""
+        self.pending.append((loss, grad_norm))
+        if len(self.pending) < self.adopt_after:
+            return False
+        self.losses.clear()
+        self.norms.clear()
+        for old_loss, old_norm in self.pending:
+            self.record(old_loss, old_norm)
+        return True
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "norms": list(self.norms)}
+        return {"losses": list(self.losses), "norms": list(self.norms), "pending": [list(p) for p in self.pending]}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses.clear()
         self.norms.clear()
         self.losses.extend(state.get("losses", []))
         self.norms.extend(state.get("norms", []))
+        self.pending = [tuple(p) for p in state.get("pending", [])]
 
 
 class LossScaler:
@@ -120,12 +147,14 @@ class LossScaler:
                  for p in parameters if p.grad is not None]
         torch._foreach_mul_(grads, 1.0 / self.scale)
 
-    def update(self, overflow: bool) -> None:
-        """Halve the scale after an overflow; double it after growth_interval steps without one."""
+    def update(self, found_inf: bool) -> None:
+        """GradScaler's rule: halve the scale after a step with a non-finite loss or gradient (no
+        floor: below 1 the values themselves overflow, which Stability stops on); double it after
+        growth_interval finite steps in a row."""
         if not self.enabled:
             return
-        if overflow:
-            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        if found_inf:
+            self.scale, self.good_steps = self.scale / 2, 0
             return
         self.good_steps += 1
         if self.good_steps == self.growth_interval:
@@ -152,8 +181,9 @@ def sequence_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, au
 
 
 def write_forensics(out_dir: str, record: dict, sequences: list[dict], decode, worst: int = 8) -> Path:
-    """out_dir/spikes/step_NNNNNNN.json: the spike's record and its `worst` highest-loss sequences,
-    each with where it comes from (shard and token offset, or example index) and a decoded snippet."""
+    """out_dir/spikes/step_NNNNNNN.json (then _2, _3, ...): the spike's record and its `worst`
+    highest-loss sequences, each with where it comes from (shard and token offset, or example
+    index) and a decoded snippet."""
     sequences = sorted(sequences, key=lambda s: -s["loss"] if math.isfinite(s["loss"]) else -math.inf)
     top = []
     for s in sequences[:worst]:
@@ -164,8 +194,14 @@ def write_forensics(out_dir: str, record: dict, sequences: list[dict], decode, w
             snippet = f"<not decodable ({type(e).__name__}): ids {tokens[:16]}>"
         top.append({**s, "snippet": snippet})
     losses = [s["loss"] for s in sequences]
+    # One file per event: a rollback runs through its step numbers again, and a second spike at a
+    # step must not overwrite the first one's record.
     path = Path(out_dir) / "spikes" / f"step_{record['step']:07d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"step_{record['step']:07d}_{n}.json")
     summary = {"sequences": len(losses), "median_loss": statistics.median(losses) if losses else None}
     write_atomic(path, json.dumps({**record, "batch_losses": summary, "worst": top}, indent=1))
     return path
@@ -182,29 +218,46 @@ class Health:
     save_deferred: bool = False  # a save fell due while unhealthy: made at the next healthy step
     rollbacks: int = 0  # rollbacks in this process
 
-    def judged(self, healthy: bool) -> None:
-        """After a step that judged the current weights: a pending checkpoint becomes the good one
-        if the step was healthy, and is never trusted if it was not."""
+    def judged(self, healthy: bool, judged: bool = True) -> None:
+        """After a step on the current weights: a pending checkpoint becomes the good one once a
+        judged step finds them healthy, and is never trusted if a step finds them unhealthy; a step
+        no check could judge leaves it pending."""
         self.unhealthy = not healthy
-        if self.pending is not None:
-            self.good = self.pending if healthy else self.good
+        if self.pending is None:
+            return
+        if not healthy:
             self.pending = None
+        elif judged:
+            self.good, self.pending = self.pending, None
 
 
 # ----------------------------------------------------------------------------- the run's guard
 
 class Stability:
     """The guard of one run: judges each step, says what to do about a bad one, and knows which
-    checkpoint is safe to fall back to. `cfg` is the run's TrainConfig (its stability knobs)."""
+    checkpoint is safe to fall back to. `cfg` is the run's TrainConfig (its stability knobs).
+
+    - A non-finite loss or gradient, or a loss spike, is skipped or rolled back (--on_spike).
+    - A gradient-norm excursion with a normal loss never stops a run: with clipping on its update
+      is bounded, so it is applied, logged and joins the history (a lasting level is adopted).
+    - A run of loss spikes below the divergence limit is a new level, adopted after
+      spike_adopt_after steps; a run stops only after max_skipped_steps skipped steps in a row that
+      are non-finite or above the limit (the loss far above its level before them).
+    - --on_spike=warn never stops a run. A checkpoint is "good" once a judged healthy step follows it."""
 
     def __init__(self, cfg: Any, scaler_enabled: bool = False):
         self.cfg = cfg
-        self.detector = SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history)
+        chance = math.log(cfg.model_config().vocab_size)
+        self.detector = SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history, chance,
+                                      cfg.spike_jump, cfg.spike_adopt_after)
         self.scaler = LossScaler(enabled=scaler_enabled)
         self.health = Health()
-        self.consecutive_skips = 0  # steps in a row skipped or spiking (float16 overflows are not counted)
-        self.event: dict | None = None  # this step's skip, spike, rollback or overflow record
-        self.score = 0.0  # this step's spike score
+        self.consecutive_skips = 0  # skipped steps in a row that are non-finite or above the divergence limit
+        self.event: dict | None = None  # this step's record: skip, spike, norm, adopt, rollback, stop, overflow
+        self.score = 0.0  # this step's spike score: the larger z-score of loss and norm
+        self.diverging = False  # this step is non-finite, or its loss is above the divergence limit
+        self.judged = False  # some check could judge this step (not the first of a fresh run)
+        self.windows: list[tuple[int, int]] = []  # data windows this process's rollbacks skipped
 
     # What a checkpoint holds of it, under the names checkpoints have always used.
     def checkpoint_parts(self) -> dict[str, Any]:
@@ -221,68 +274,112 @@ class Stability:
 
     def judge(self, stats: StepStats, step: int, batch_index: int | None, global_batch: int,
               forensics: Callable[[dict], str | None], judging: bool = True) -> bool:
-        """Whether to apply step `step`'s update. Sets self.event for a non-finite step (or a float16
-        overflow) and for a spike, whose `forensics(record)` is written; --on_spike says what a spike
-        does. `judging`: False in benchmark mode (non-finite steps are still skipped)."""
-        cfg, health = self.cfg, self.health
-        self.event = None
+        """Whether to apply step `step`'s update. Sets self.event for anything but a plain healthy
+        step; a loss spike's `forensics(record)` is written. `judging`: False in benchmark mode
+        (non-finite steps are still skipped)."""
+        cfg, detector = self.cfg, self.detector
+        self.event, self.diverging, self.judged = None, False, judging
         if not (stats.loss_finite and stats.norm_finite):
             overflow = self.scaler.enabled and stats.loss_finite
+            # float16 at a scale of 1 or less: the values themselves overflow, not the scaled loss
+            self.diverging = not overflow or self.scaler.scale <= 1
             self.event = {"event": "overflow" if overflow else "skip", "step": step, "reason": "non-finite"}
             return False
-        self.score = self.detector.score(stats.loss, stats.grad_norm)
-        if cfg.on_spike == "off" or not judging or not self.detector.is_spike(self.score):
-            self.detector.record(stats.loss, stats.grad_norm)
+        loss_z, norm_z = detector.z_scores(stats.loss, stats.grad_norm)
+        limit = detector.divergence_limit()
+        self.score, self.judged = max(loss_z, norm_z), judging and limit is not None
+        self.diverging = limit is not None and stats.loss > limit
+        loss_spike = self.diverging or loss_z > cfg.spike_threshold
+        if cfg.on_spike == "off" or not judging or not (loss_spike or norm_z > cfg.spike_threshold):
+            detector.record(stats.loss, stats.grad_norm)
             return True
-        action = cfg.on_spike
-        if action == "rollback" and health.good is None:
-            action = "skip"  # nothing to go back to: a spike before the first confirmed checkpoint
-        record = {"event": {"warn": "spike", "skip": "skip", "rollback": "rollback"}[action], "step": step,
-                  "reason": "spike", "loss": stats.loss, "score": self.score, "grad_norm": stats.grad_norm,
-                  "batch": batch_index, "position": batch_index * global_batch}
-        if action == "rollback":
-            start = checkpoint.read_meta(health.good)["loader"]["position"] // global_batch
-            record.update(skip_batches=[start, batch_index + 1 + cfg.rollback_margin], to=str(health.good))
-        elif cfg.on_spike == "rollback":
-            record["note"] = "no checkpoint confirmed before this spike: skipped instead of rolled back"
-        record["forensics"] = forensics(record)
-        self.event = record
-        return action == "warn"
+        record = {"step": step, "loss": stats.loss, "score": self.score, "grad_norm": stats.grad_norm,
+                  "batch": batch_index, "position": batch_index * global_batch,
+                  **({"limit": limit} if limit is not None else {})}
+        if not loss_spike and cfg.grad_clip:
+            detector.record(stats.loss, stats.grad_norm)
+            self.event = {"event": "norm", "reason": "gradient norm", **record}
+            return True
+        if cfg.on_spike != "warn" and not self.diverging and detector.shift(stats.loss, stats.grad_norm):
+            self.event = {"event": "adopt", "reason": "new level", **record}
+            return True
+        self.event = {**self._action(step, batch_index, global_batch), "reason": "spike", **record}
+        self.event["forensics"] = forensics(dict(self.event))
+        if self.event["event"] == "spike":  # warn: applied, and a lasting level joins the history
+            detector.record(stats.loss, stats.grad_norm)
+        return self.event["event"] == "spike"
 
-    def after_step(self) -> None:
+    def _action(self, step: int, batch_index: int, global_batch: int) -> dict:
+        """What --on_spike does with this spike: {"event": spike|skip|rollback|stop, ...}."""
+        cfg, good = self.cfg, self.health.good
+        if cfg.on_spike == "warn":
+            return {"event": "spike"}
+        if cfg.on_spike == "skip":
+            return {"event": "skip"}
+        if good is None:
+            return {"event": "skip", "note": "no checkpoint confirmed before this spike: skipped instead of rolled back"}
+        if not (good / checkpoint.META).is_file():
+            raise UserError(f"stopping: the spike at step {step} asks for a rollback to {good}, which is missing "
+                            f"(removed since it was confirmed, e.g. pruned by the run that wrote it): resume from "
+                            f"a checkpoint that exists with --resume=PATH, or rerun with --on_spike=skip")
+        start = checkpoint.read_meta(good)["loader"]["position"] // global_batch
+        window = [start, batch_index + 1 + cfg.rollback_margin]
+        if self.health.rollbacks >= cfg.max_rollbacks:
+            return {"event": "stop", "skip_batches": window}
+        return {"event": "rollback", "skip_batches": window, "to": str(good)}
+
+    def after_step(self, applied: bool) -> None:
         """Once the step is taken: the loss scale, the run of skipped steps and the checkpoint
         health follow its verdict."""
-        overflow = self.event is not None and self.event["event"] == "overflow"
-        self.scaler.update(overflow)
-        if not overflow:  # an overflow is float16 finding its scale, not a sign of trouble
-            self.consecutive_skips = 0 if self.event is None else self.consecutive_skips + 1
-            self.health.judged(healthy=self.event is None)
+        e = self.event
+        self.scaler.update(found_inf=e is not None and e["reason"] == "non-finite")
+        if e is not None and e["event"] == "overflow" and not self.diverging:
+            return  # float16 finding its scale, not a sign of trouble
+        if applied:
+            self.consecutive_skips = 0
+        elif self.diverging:
+            self.consecutive_skips += 1
+        self.health.judged(healthy=applied and (e is None or e["event"] in ("norm", "adopt")), judged=self.judged)
 
-    def check_not_diverged(self) -> None:
-        """UserError (the run stops) after max_skipped_steps skipped or spiking steps in a row."""
-        if self.consecutive_skips >= self.cfg.max_skipped_steps:
-            raise UserError(f"stopping: {self.consecutive_skips} steps in a row were skipped or spiking, the run "
-                            f"diverged; {self.last_good_checkpoint()} (lower --max_lr or check the data)")
+    def check_stop(self) -> None:
+        """UserError (the run stops, one line) after a spike past --max_rollbacks, or after
+        max_skipped_steps skipped steps in a row that were non-finite or above the divergence limit."""
+        e, cfg = self.event, self.cfg
+        if e is not None and e["event"] == "stop":
+            good = self.health.good
+            windows = ",".join(f"{a}:{b}" for a, b in [*self.windows, tuple(e["skip_batches"])])
+            raise UserError(f"stopping: a spike at step {e['step']} after {self.health.rollbacks} rollbacks "
+                            f"(--max_rollbacks={cfg.max_rollbacks}); the last good checkpoint is {good}: to "
+                            f"train past the bad data, resume with --resume={good} --skip_batches={windows}")
+        if self.consecutive_skips < cfg.max_skipped_steps:
+            return
+        if e is not None and e["event"] == "overflow":
+            raise UserError(f"stopping: float16 overflowed on {self.consecutive_skips} steps in a row with the loss "
+                            f"scale down to {self.scaler.scale:g}: the values exceed float16's range, which no "
+                            f"scale fixes; continue with --dtype=bfloat16 (or float32); {self.last_good_checkpoint()}")
+        raise UserError(f"stopping: {self.consecutive_skips} steps in a row were skipped with a non-finite loss or "
+                        f"one far above its level before them: the run diverged; {self.last_good_checkpoint()} "
+                        f"(lower --max_lr or check the data)")
 
     def rollback_target(self) -> tuple[Path, tuple[int, int]] | None:
         """After a step whose spike asks for a rollback: (the checkpoint to restore, the window of
-        global batches to skip from now on); None otherwise. UserError past max_rollbacks."""
-        e, health = self.event, self.health
-        if e is None or "skip_batches" not in e:
+        global batches to skip from now on); None otherwise."""
+        e = self.event
+        if e is None or e["event"] != "rollback":
             return None
-        if health.rollbacks >= self.cfg.max_rollbacks:
-            raise UserError(f"stopping: a spike at step {e['step']} after {health.rollbacks} rollbacks "
-                            f"(--max_rollbacks={self.cfg.max_rollbacks}); {self.last_good_checkpoint()}")
-        health.rollbacks += 1
-        return health.good, tuple(e["skip_batches"])
+        self.health.rollbacks += 1
+        window = tuple(e["skip_batches"])
+        self.windows.append(window)
+        return self.health.good, window
 
-    def rolled_back(self) -> None:
-        """The run is back on the good checkpoint's weights: nothing pending, nothing unhealthy."""
-        self.consecutive_skips, self.health.pending, self.health.unhealthy = 0, None, False
+    def rolled_back(self, saved: Path) -> None:
+        """The run is back on the good weights, saved again (with the skipped window) as `saved`."""
+        self.consecutive_skips, self.health.unhealthy = 0, False
+        self.health.good, self.health.pending = saved, None
+        self.detector.pending.clear()
 
     def log_event(self, log: Any, step: int, skipped_total: int) -> None:
-        """One readable line and one metrics.jsonl record for this step's skip, spike, rollback or
-        overflow (log: metrics.Logger)."""
+        """One readable line and one metrics.jsonl record for this step's event (log: metrics.Logger)."""
         e = self.event
         if e["event"] == "overflow":
             log.print(f"step {step}: float16 overflow, update skipped; loss scale now {self.scaler.scale:g}")
@@ -290,11 +387,20 @@ class Stability:
             return
         if e["reason"] == "non-finite":
             what = "non-finite loss or gradient norm"
+        elif e["event"] == "norm":
+            what = (f"gradient norm {e['grad_norm']:.3f} (score {e['score']:.1f}) with a normal loss {e['loss']:.4f}")
         else:
-            what = (f"loss spike: loss {e['loss']:.4f}, gradient norm {e['grad_norm']:.3f}, score {e['score']:.1f} "
-                    f"> {self.cfg.spike_threshold:g} (global batch {e['batch']}; forensics {e['forensics']})")
+            above = (f" > the divergence limit {e['limit']:.3f}" if "limit" in e and e["loss"] > e["limit"]
+                     else "")
+            what = (f"loss spike: loss {e['loss']:.4f}{above}, gradient norm {e['grad_norm']:.3f}, score "
+                    f"{e['score']:.1f} (threshold {self.cfg.spike_threshold:g}; global batch {e['batch']}"
+                    + (f"; forensics {e['forensics']})" if e.get("forensics") else ")"))
         action = {"spike": "update applied (--on_spike=warn)",
+                  "norm": f"update applied, clipped to norm {self.cfg.grad_clip:g}",
+                  "adopt": (f"{self.detector.adopt_after} such steps in a row: their level is the new baseline, "
+                            f"update applied"),
                   "skip": f"update skipped ({self.consecutive_skips} in a row, {skipped_total} in total)",
+                  "stop": "no rollbacks left (--max_rollbacks)",
                   "rollback": (f"rolling back to {e.get('to')} and skipping global batches "
                                f"[{e['skip_batches'][0]}, {e['skip_batches'][1]})" if "skip_batches" in e else "")}
         log.print(f"step {step}: {what}; {action[e['event']]}" + (f" ({e['note']})" if "note" in e else ""))

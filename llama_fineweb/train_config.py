@@ -74,12 +74,14 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW's second-moment decay
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    max_skipped_steps: int = 5  # stop after this many consecutive skipped steps (non-finite or spiking)
+    max_skipped_steps: int = 5  # stop after this many skipped steps in a row, non-finite or above the divergence limit
     # stability (docs/stability.md): what a loss or gradient-norm spike does
     on_spike: Literal["off", "warn", "skip", "rollback"] = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
     spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
     spike_window: int = 200  # the healthy steps a step is compared with
-    spike_min_history: int = 50  # no step is judged before this many healthy steps
+    spike_min_history: int = 50  # healthy steps kept before z-scores judge (the divergence limit judges from the start)
+    spike_jump: float = 0.5  # divergence limit: a loss this share of the way from the best recent one back to ln(vocab)
+    spike_adopt_after: int = 3  # loss spikes in a row below the divergence limit that become the new level
     max_rollbacks: int = 3  # rollbacks in one process before the run stops
     rollback_margin: int = 0  # global batches skipped past the spiking one on a rollback
     skip_batches: str = ""  # "A:B,C:D": global batches [A, B) of the data order never trained on
@@ -140,7 +142,7 @@ class TrainConfig:
         """ConfigError naming the first knob whose value cannot work, and what would."""
         positive = ("seq_len", "total_batch_tokens", "max_steps", "max_lr", "eps",
                     "log_interval", "max_skipped_steps", "spike_threshold", "spike_window",
-                    "spike_min_history")
+                    "spike_min_history", "spike_jump", "spike_adopt_after")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
                          "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops",

@@ -274,9 +274,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             w = weight.to(h.dtype)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         n_valid = (targets >= 0).sum().clamp(min=1)
+        # float16's range ends near 6e-8: entries of softmax / n_valid (1e-10 at 16k targets) would
+        # flush to zero before the loss scale reaches them in backward. Under float16 the 1/n_valid
+        # is applied after the matmuls, in float32, and grad_h stays float32 until backward.
+        late_mean = w.dtype == torch.float16
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         z_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty(h.shape, dtype=input_dtype, device=h.device) if needs_grad else None
+        grad_dtype = torch.float32 if late_mean else input_dtype
+        grad_h = torch.empty(h.shape, dtype=grad_dtype, device=h.device) if needs_grad else None
         # A frozen output layer (LoRA) needs no weight gradient: 4 bytes per weight and a matmul per chunk saved.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         for start in range(0, h.size(0), chunk):
@@ -301,12 +306,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 if z_loss:
                     g.mul_((1 + 2 * z_loss * lse)[:, None])
                 g.scatter_add_(1, safe_t[:, None], -torch.ones_like(g[:, :1]))
+                if late_mean:
+                    g = g.mul_(valid[:, None]).to(w.dtype)
+                    grad_h[start : start + chunk] = (g @ w).float().div_(n_valid)
+                    if grad_w is not None:
+                        grad_w += (g.t() @ h_c).float().div_(n_valid)
+                    continue
                 g = g.mul_(valid[:, None] / n_valid).to(w.dtype)
                 grad_h[start : start + chunk] = g @ w
                 if grad_w is not None:
                     grad_w += (g.t() @ h_c).float()
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
+            ctx.input_dtype = input_dtype
         z_mean = z_sum / n_valid
         ctx.mark_non_differentiable(z_mean)
         return (loss + z_loss * z_sum) / n_valid, z_mean
@@ -315,7 +327,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, grad_z: torch.Tensor | None):
         grad_h, grad_w = ctx.saved_tensors
         grad_w = grad_w * grad_loss if grad_w is not None else None
-        grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        grad_h = (grad_h * grad_loss.to(grad_h.dtype)).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
         return grad_h, grad_w, None, None, None
 
 

@@ -250,7 +250,7 @@ class Stability:
         chance = math.log(cfg.model_config().vocab_size)
         self.detector = SpikeDetector(cfg.spike_threshold, cfg.spike_window, cfg.spike_min_history, chance,
                                       cfg.spike_jump, cfg.spike_adopt_after)
-        self.scaler = LossScaler(enabled=scaler_enabled)
+        self.scaler = LossScaler(enabled=scaler_enabled, growth_interval=cfg.loss_scale_growth_interval)
         self.health = Health()
         self.consecutive_skips = 0  # skipped steps in a row that are non-finite or above the divergence limit
         self.event: dict | None = None  # this step's record: skip, spike, norm, adopt, rollback, stop, overflow

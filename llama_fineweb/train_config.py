@@ -85,6 +85,7 @@ class TrainConfig:
     max_rollbacks: int = 3  # rollbacks in one process before the run stops
     rollback_margin: int = 0  # global batches skipped past the spiking one on a rollback
     skip_batches: str = ""  # "A:B,C:D": global batches [A, B) of the data order never trained on
+    loss_scale_growth_interval: int = 2000  # float16: steps without an overflow before the loss scale doubles
     z_loss: float = 0.0  # PaLM's auxiliary loss, z_loss x mean(log(sum(exp(logits)))^2); 1e-4 in PaLM
     # evaluation and sampling (0 = never)
     eval_interval: int = 250  # steps between validation losses
@@ -142,7 +143,7 @@ class TrainConfig:
         """ConfigError naming the first knob whose value cannot work, and what would."""
         positive = ("seq_len", "total_batch_tokens", "max_steps", "max_lr", "eps",
                     "log_interval", "max_skipped_steps", "spike_threshold", "spike_window",
-                    "spike_min_history", "spike_jump", "spike_adopt_after")
+                    "spike_min_history", "spike_jump", "spike_adopt_after", "loss_scale_growth_interval")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
                          "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops",

@@ -2,6 +2,7 @@
 z-loss, float16 loss scaling and hardware changes on resume (docs/stability.md)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,9 @@ import torch
 import train_llama
 from llama_fineweb import checkpoint
 from llama_fineweb.dataloader import GlobalOrder
+from llama_fineweb.stability import Stability, StepStats
+from llama_fineweb.train_config import TrainConfig
+from llama_fineweb.utils import UserError
 from model import chunked_cross_entropy
 from runs import BASE, ROOT, SEQ, assert_close, call_main, losses, metric_rows, refusal, weights
 
@@ -315,3 +319,244 @@ def test_out_of_memory_at_the_first_step_is_one_line(tmp_path, data_dir, monkeyp
 def test_stability_knobs_are_checked(tmp_path, data_dir, knob, message):
     """Bad stability knobs: one line naming the value, exit 2."""
     assert message in refusal(tmp_path, data_dir, knob)
+
+
+# ----------------------------------------------------------------------------- the guard, second pass
+
+def stats(loss: float, norm: float, finite: bool = True) -> StepStats:
+    return StepStats(loss=loss, grad_norm=norm, z_loss=0.0, loss_finite=finite, norm_finite=finite, stop=False)
+
+
+def guard(**knobs) -> Stability:
+    cfg = TrainConfig(model="tiny", **{"spike_min_history": 10, "spike_window": 50, **knobs})
+    return Stability(cfg, scaler_enabled=cfg.dtype == "float16")
+
+
+def step_through(stability: Stability, series: list[tuple[float, float]]) -> list[str | None]:
+    """Judge each (loss, norm) as training does; the event kinds, None for a plain step."""
+    kinds = []
+    for step, (loss, norm) in enumerate(series, start=1):
+        applied = stability.judge(stats(loss, norm), step, step - 1, 8, forensics=lambda record: None)
+        stability.after_step(applied)
+        stability.check_stop()
+        kinds.append(None if stability.event is None else stability.event["event"])
+    return kinds
+
+
+def test_heavy_tailed_gradient_norms_with_a_flat_loss_never_stop_a_run():
+    """The LoRA trap: a flat loss and gradient norms that jump 30-100x for many steps in a row are
+    applied (clipping bounds them), logged as "norm" events, and never stop the run."""
+    rng = np.random.default_rng(0)
+    quiet = [(9.85 + 0.01 * rng.standard_normal(), 0.4 + 0.1 * rng.random()) for _ in range(60)]
+    heavy = [(9.85 + 0.01 * rng.standard_normal(), float(rng.uniform(5, 16))) for _ in range(12)]
+    stability = guard()
+    kinds = step_through(stability, quiet + heavy + quiet)
+    assert "norm" in kinds and set(kinds) <= {None, "norm"}
+    assert stability.consecutive_skips == 0
+
+
+def test_a_level_shift_of_the_loss_is_adopted_and_a_divergence_is_not():
+    """A loss that settles at a new level a little above the old one (a noisier data source) is
+    skipped spike_adopt_after times, then becomes the baseline; a loss far above its level (past
+    the divergence limit) is skipped until the run stops."""
+    steady = [(3.0 + 0.001 * (i % 3), 0.5) for i in range(30)]
+    stability = guard()
+    kinds = step_through(stability, steady + [(3.3, 0.5)] * 10)
+    assert kinds[30:33] == ["skip", "skip", "adopt"] and kinds[33:] == [None] * 7
+    stability = guard()
+    with pytest.raises(UserError, match="diverged"):
+        step_through(stability, steady + [(9.0, 0.5)] * 10)
+    assert stability.consecutive_skips == stability.cfg.max_skipped_steps
+
+
+def test_warn_never_stops_a_run():
+    """--on_spike=warn: every spike is applied and logged, however many in a row."""
+    stability = guard(on_spike="warn")
+    kinds = step_through(stability, [(3.0, 0.5)] * 30 + [(9.0, 0.5)] * 12)
+    assert kinds[30:] == ["spike"] * 12
+
+
+def test_the_divergence_limit_judges_before_the_history_is_long_enough():
+    """Below spike_min_history the z-scores are blind, but a loss that climbs most of the way back
+    to ln(vocab) is still a spike, and the first step of a fresh run is the only unjudged one."""
+    stability = guard(spike_min_history=50)
+    kinds = step_through(stability, [(6.0, 1.0), (5.5, 1.0), (5.4, 1.0), (10.8, 1.0)])
+    assert kinds == [None, None, None, "skip"]
+    assert stability.event["limit"] == pytest.approx(5.4 + 0.5 * (np.log(50304) - 5.4))
+
+
+def test_float16_overflowing_at_a_scale_below_one_stops_naming_the_dtype():
+    """GradScaler's rules (no floor, halve on overflow) until the scale is below 1: float16 cannot
+    hold the values then, and after max_skipped_steps such overflows the run stops in one line
+    naming --dtype=bfloat16."""
+    stability = guard(dtype="float16")
+    steps = 0
+    with pytest.raises(UserError, match="--dtype=bfloat16"):
+        while steps < 40:
+            steps += 1
+            stability.judge(StepStats(2.0, math.inf, 0.0, True, False, False), steps, steps, 8, lambda r: None)
+            stability.after_step(False)
+            stability.check_stop()
+    assert steps == 17 + stability.cfg.max_skipped_steps - 1 and stability.scaler.scale < 1
+
+
+def test_a_non_finite_loss_backs_off_the_loss_scale():
+    """A non-finite loss under float16 halves the scale, as GradScaler does, and never grows it."""
+    stability = guard(dtype="float16", loss_scale_growth_interval=1)
+    stability.judge(stats(float("nan"), 1.0, finite=False), 1, 0, 8, lambda r: None)
+    stability.after_step(False)
+    assert stability.scaler.scale == 2.0 ** 15
+
+
+def test_a_rollback_target_that_is_gone_is_named_in_one_line(tmp_path):
+    """--on_spike=rollback whose good checkpoint was pruned since: a one-line stop saying it is missing."""
+    stability = guard(on_spike="rollback")
+    step_through(stability, [(3.0, 0.5)] * 20)
+    stability.health.good = tmp_path / "step_0000008"
+    with pytest.raises(UserError, match="missing") as error:
+        step_through(stability, [(9.0, 0.5)])
+    assert "\n" not in str(error.value) and "corrupt" not in str(error.value)
+
+
+def test_float16_loss_head_gradients_match_float32():
+    """16k targets under float16 autocast, the loss scaled as training scales it: the loss head's
+    gradients equal the float32 ones to 0.2% (softmax / n_valid flushed to zero in float16 before
+    the scale reached it, 1% off on the output weights)."""
+    torch.manual_seed(0)
+    n, dim, vocab = 16 * 1024, 64, 4096
+    h, w = torch.randn(n, dim), torch.randn(vocab, dim) * 0.5  # logits of std ~4: a peaked softmax
+    targets = torch.randint(vocab, (n,))
+
+    def grads(dtype):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        scale = 2.0 ** 16 if dtype == torch.float16 else 1.0
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = chunked_cross_entropy(hh, ww, targets)
+        (loss * scale).backward()
+        return hh.grad / scale, ww.grad / scale
+
+    reference, half = grads(torch.float32), grads(torch.float16)
+    for ref, got in zip(reference, half):
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-3
+
+
+def test_divergence_in_the_first_steps_after_a_resume_keeps_and_names_the_last_good_checkpoint(tmp_path, small):
+    """An 8-step run saved every 4, resumed with --max_lr=1e3 and the default spike_min_history (50,
+    more than the 8 steps of history the checkpoint carries): the divergence limit still judges, no
+    diverged checkpoint counts as good, pruning keeps step 8, and the stop names it."""
+    train_small(small, tmp_path, "clean", "--max_steps=8", "--save_interval=4", "--spike_min_history=50")
+    line = refusal_small(small, tmp_path, "clean", "--max_steps=30", "--max_lr=1e3", "--min_lr=1e2",
+                         "--save_interval=2", "--keep_last=3", "--spike_min_history=50")
+    good = tmp_path / "step_0000008"
+    assert "diverged" in line and f"the last good checkpoint is {good} " in line
+    assert (good / "meta.json").is_file()
+    assert all(losses(tmp_path)[int(p.name[5:])] < 6 for p in checkpoint.complete_checkpoints(tmp_path))
+
+
+def test_a_norm_level_shift_with_a_normal_loss_is_adopted_not_stopped(tmp_path, small):
+    """Resumed with a z-loss (it adds to the gradient, not to the logged loss) and a learning rate
+    too small to move the loss: every step's gradient norm is far above its history while the loss
+    stays where it was. The run applies the clipped updates and finishes."""
+    train_small(small, tmp_path, "clean", "--max_steps=10", "--save_interval=10")
+    proc = train_small(small, tmp_path, "clean", "--max_steps=18", "--z_loss=1.0", "--max_lr=1e-7", "--min_lr=0",
+                       "--warmup_steps=0", check=False)
+    assert proc.returncode == 0, proc.stderr
+    kinds = [r["event"] for r in events(tmp_path)]
+    assert kinds and set(kinds) == {"norm"}
+    assert sorted(losses(tmp_path)) == list(range(1, 19))
+
+
+def test_fp16_scale_moves_before_the_save_and_resumes_exactly(tmp_path, small):
+    """--loss_scale_growth_interval=1: the scale doubles every step (and halves on an overflow), so
+    it differs at the save; the resumed run's losses, gradient norms and scales equal the straight
+    run's."""
+    fp16 = ["--dtype=float16", "--cpu_autocast=true", "--max_steps=6", "--save_interval=3", "--max_lr=1e-3",
+            "--loss_scale_growth_interval=1"]
+    train_small(small, tmp_path / "straight", "clean", *fp16)
+    train_small(small, tmp_path / "resumed", "clean", *fp16, "--stop_step=3")
+    saved = checkpoint.read_meta(tmp_path / "resumed" / "step_0000003")["scaler"]["scale"]
+    assert saved != 2.0 ** 16
+    train_small(small, tmp_path / "resumed", "clean", *fp16)
+
+    def trace(run: Path) -> dict:
+        return {r["step"]: (r["loss"], r["grad_norm"], r["loss_scale"]) for r in metric_rows(run)
+                if "loss" in r and "event" not in r}
+
+    assert trace(tmp_path / "resumed") == trace(tmp_path / "straight")
+
+
+def write_two_window_shards(directory: Path) -> Path:
+    """The learnable stream with random tokens at global batches 10 and 13."""
+    directory.mkdir()
+    tokens = np.tile(np.arange(64, dtype=np.uint16), 400)
+    span = GLOBAL_BATCH * (SEQ + 1)
+    rng = np.random.default_rng(0)
+    for batch in (SPIKE_BATCH, SPIKE_BATCH + 3):
+        tokens[batch * span:(batch + 1) * span] = rng.integers(0, 256, span)
+    np.save(directory / "edufineweb_train_000001.npy", tokens)
+    np.save(directory / "edufineweb_val_000000.npy", np.tile(np.arange(64, dtype=np.uint16), 20))
+    return directory
+
+
+def test_two_spikes_at_one_step_keep_their_own_forensics(tmp_path, small):
+    """A rollback runs through step 11 again and meets a second random batch there: each event
+    keeps its own forensics file, naming its own batch."""
+    small = {**small, "twice": write_two_window_shards(tmp_path / "twice")}
+    train_small(small, tmp_path / "run", "twice", "--on_spike=rollback", "--save_interval=4", "--max_steps=12")
+    at_11 = [e for e in events(tmp_path / "run") if e["step"] == 11 and "forensics" in e]
+    assert len(at_11) == 2 and at_11[0]["forensics"] != at_11[1]["forensics"]
+    assert [json.loads(Path(e["forensics"]).read_text())["batch"] for e in at_11] == [SPIKE_BATCH, SPIKE_BATCH + 3]
+
+
+def test_max_rollbacks_0_records_no_rollback_and_its_advice_gets_past(tmp_path, small):
+    """--max_rollbacks=0: the spike is logged as a stop, never as a rollback, and the command the
+    line gives (resume from the good checkpoint, skipping the window) trains past the bad batch."""
+    line = refusal_small(small, tmp_path, "spiky", "--on_spike=rollback", "--save_interval=4", "--max_rollbacks=0")
+    assert [e["event"] for e in events(tmp_path)] == ["stop"]
+    assert "rolling back" not in (tmp_path / "log.txt").read_text()
+    advice = line.split("resume with ")[1].split()
+    assert advice == [f"--resume={tmp_path / 'step_0000008'}", "--skip_batches=8:11"]
+    train_small(small, tmp_path, "spiky", "--on_spike=rollback", "--save_interval=4", "--max_rollbacks=0", *advice)
+    assert max(losses(tmp_path)) == 14
+
+
+class Crash(BaseException):
+    """A process killed at once: nothing after it runs, no save."""
+
+
+def test_a_rollback_survives_a_crash_before_the_next_save(tmp_path, small, monkeypatch):
+    """Saved every 2 steps: the spike at step 11 rejects step 10's checkpoint and rolls back to step 8.
+    Killed right after the rollback and resumed with the plain command, the run continues from the
+    good weights with the window skipped: it equals the uninterrupted rolled-back run bitwise."""
+    args = ["--on_spike=rollback", "--save_interval=2"]
+    train_small(small, tmp_path / "straight", "spiky", *args)
+    original = train_llama.roll_back_if_spiked
+
+    def crash_after(run):
+        if original(run):
+            raise Crash
+        return False
+
+    monkeypatch.setattr(train_llama, "roll_back_if_spiked", crash_after)
+    with pytest.raises(Crash):
+        train_small(small, tmp_path / "crashed", "spiky", *args)
+    monkeypatch.undo()
+    assert (tmp_path / "crashed" / "rejected" / "step_0000010").is_dir()
+    train_small(small, tmp_path / "crashed", "spiky", *args)
+    assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")
+    for k, v in weights(tmp_path / "straight").items():
+        assert torch.equal(v, weights(tmp_path / "crashed")[k]), k
+
+
+def test_a_branch_rolling_back_to_its_start_keeps_one_run_id(tmp_path, small):
+    """A WSD decay branch from step 8 of its parent meets the spike at step 11 and rolls back to its
+    start in the parent's directory: every checkpoint the branch writes carries one run id."""
+    wsd = ["--lr_schedule=wsd", "--max_steps=20", "--decay_steps=4"]
+    train_small(small, tmp_path / "main", "spiky", *wsd, "--save_interval=4", "--stop_step=8")
+    branch = tmp_path / "branch"
+    train_small(small, branch, "spiky", "--lr_schedule=wsd", "--decay_steps=6",
+                f"--decay_from={tmp_path / 'main' / 'step_0000008'}", "--on_spike=rollback", "--save_interval=2",
+                "--keep_last=0")
+    assert any(e["event"] == "rollback" for e in events(branch))
+    ids = {checkpoint.read_meta(p)["run_id"] for p in checkpoint.complete_checkpoints(branch)}
+    assert len(ids) == 1

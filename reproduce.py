@@ -211,7 +211,7 @@ def _main(args: argparse.Namespace) -> None:
     run_dir = Path(args.run) if args.run else None
     out_dir = Path(args.out) if args.out else (run_dir / "reproduction" if run_dir else Path("reproduction"))
     if rank == 0:
-        problem = unwritable(out_dir)
+        problem = unwritable(out_dir / "reproduction.json")
         if problem:
             raise UserError(problem)
     references = rp.parse_references(args.reference) if args.reference else rp.paper_references()

@@ -2,6 +2,7 @@
 tokenizer's chat template against our prompt tokens."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,35 @@ def test_exported_chat_template_gives_our_prompt_tokens(tmp_path, name):
         assert tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == ours
         answered = [*messages, {"role": "assistant", "content": "Fine."}]
         assert tokenizer.apply_chat_template(answered)["input_ids"] == encode(template.segments(answered))[0]
+
+
+def always_says(token: int) -> torch.nn.Module:
+    """A tiny model whose greedy next token is `token` after any input: every position carries the
+    same embedding through blocks whose outputs are zero, and only `token`'s output row is set."""
+    model = make_tiny_model(max_seq_len=CONTEXT)
+    with torch.no_grad():
+        model.tok_embeddings.weight.copy_(torch.randn(model.config.dim))
+        for layer in model.layers:
+            layer.attention.wo.weight.zero_()
+            layer.feed_forward.w2.weight.zero_()
+        model.output.weight.zero_()
+        model.output.weight[token] = model.norm(model.tok_embeddings.weight[0])
+    return model
+
+
+@pytest.mark.parametrize("token, reply", [(2, "#" * 6), (EOT, "")])
+def test_hf_model_declaring_eos_2_answers_in_vicuna_and_stops_at_end_of_text(tmp_path, monkeypatch, token, reply):
+    """chat.py --hf on a directory whose configs say bos 1 / eos 2 (as the released instruct model's do):
+    the prompt is Vicuna 1.1's, token 2 ('#') does not end the answer, <|endoftext|> does."""
+    save_hf(always_says(token), tmp_path / "hf", vocab_size=N_VOCAB)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((tmp_path / "hf" / name).read_text())
+        (tmp_path / "hf" / name).write_text(json.dumps({**config, "bos_token_id": 1, "eos_token_id": 2}))
+    prompts = []
+    real_stream = chat.stream_tokens
+    monkeypatch.setattr(chat, "stream_tokens", lambda model, ids, *a, **k: prompts.append(ids) or real_stream(model, ids, *a, **k))
+    proc = call_main(chat.main, ["--hf", str(tmp_path / "hf"), "--prompt", "Hi", "--max_new_tokens", "6",
+                                 "--temperature", "0", "--device", "cpu"])
+    vicuna, _ = encode(TEMPLATES["vicuna"].segments([{"role": "user", "content": "Hi"}], add_generation_prompt=True))
+    assert prompts == [vicuna]
+    assert proc.stdout == reply + "\n"

@@ -5,7 +5,7 @@ our run's checkpoints at the same token counts beside it, each difference with a
     python reproduce.py --run out/llama_1p7b                           # against the paper's ten
     python reproduce.py                                                # the reference series alone
     python reproduce.py --run out/tiny --reference=ref/a@2700,ref/b@3300 --reference_tokens_per_step=256
-    torchrun --standalone --nproc_per_node=8 reproduce.py --run out/llama_1p7b
+    torchrun --standalone --nproc_per_node=8 reproduce.py --run_dir out/llama_1p7b  # --run_dir: torchrun reads --run as its own
 
 Both models do the same work: validation loss on the run's own validation shard (the same
 sequences), HellaSwag completion-style (build-nanogpt's score, the paper's in-loop number:
@@ -45,8 +45,9 @@ from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_sur
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="compare a run with the paper's released checkpoints")
-    parser.add_argument("--run", default=None, help="our run directory (its step_* checkpoints); without it, "
-                                                    "the reference series alone")
+    # --run_dir as well: torchrun reads a bare --run as an abbreviation of its own --run_path.
+    parser.add_argument("--run", "--run_dir", dest="run", default=None,
+                        help="our run directory (its step_* checkpoints); without it, the reference series alone")
     parser.add_argument("--reference", default=None,
                         help="ID_OR_DIR@STEP,... (hub ids or local Hugging Face directories); default: the "
                              "paper's ten released checkpoints from the hub")

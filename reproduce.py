@@ -284,7 +284,8 @@ def _main(args: argparse.Namespace) -> None:
         report["metrics"][metric.name] = {
             "title": metric.title, "note": note, "tolerance": metric.tolerance,
             "higher_is_better": metric.higher_is_better,
-            "rows": rp.compare(metric, reference_points, ours_points, args.n_resamples, args.seed),
+            "rows": rp.compare(metric, reference_points, ours_points, args.n_resamples, args.seed,
+                               unmatched="no match" if run_dir else "-"),
             "reference_steps": rp.reference_steps(metric, reference_points, args.n_resamples, args.seed)}
     paths = rp.write_report(out_dir, report)
     print((out_dir / "REPRODUCTION.md").read_text(), end="")

@@ -192,9 +192,10 @@ class Metric:
 
 
 def compare(metric: Metric, reference_points: list[dict], ours_points: list[dict | None],
-            n_resamples: int, seed: int) -> list[dict]:
+            n_resamples: int, seed: int, unmatched: str = "no match") -> list[dict]:
     """One row per reference checkpoint: its value, ours at the matched tokens, the difference with
-    its interval and the verdict (the `ours` fields None where nothing matched)."""
+    its interval and the verdict (the `ours` fields None where nothing matched, the verdict
+    `unmatched`)."""
     rows = []
     for ref, ours in zip(reference_points, ours_points):
         ref_values = ref["results"].get(metric.name)
@@ -202,7 +203,7 @@ def compare(metric: Metric, reference_points: list[dict], ours_points: list[dict
             continue
         row = {"step": ref["step"], "tokens": ref["tokens"], "source": ref["source"],
                "reference": float(np.mean(ref_values)), "ours": None, "our_step": None, "our_tokens": None,
-               "difference": None, "low": None, "high": None, "verdict": "no match", "n": len(ref_values)}
+               "difference": None, "low": None, "high": None, "verdict": unmatched, "n": len(ref_values)}
         if ours is not None and ours["results"].get(metric.name) is not None:
             difference, low, high = paired_bootstrap(ours["results"][metric.name], ref_values, n_resamples, seed)
             row.update(ours=float(np.mean(ours["results"][metric.name])), our_step=ours["step"],

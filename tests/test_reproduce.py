@@ -3,6 +3,7 @@ directories written by our export, their configs naming bos/eos 1/2 as the relea
 number checked against transformers' own forward on the same data."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,34 @@ def test_our_scores_equal_transformers_forward(made, straight, data_dir, tmp_pat
     """Our checkpoint's scores equal transformers' forward of its export on the same data."""
     save_hf(checkpoint.load_model(straight / "step_0000010"), tmp_path / "hf")
     assert_same_scores(stored(made["out"], "ours_10"), transformers_scores(tmp_path / "hf", data_dir))
+
+
+def test_reference_import_has_logit_parity_with_transformers(made):
+    """A stand-in as reproduce.py imports it gives transformers' own logits, over its 50,257 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    path = made["refs"][5]
+    ids = torch.randint(0, 50257, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = reproduce.load_reference(path, torch.device("cpu"))(ids)
+        expected = theirs(ids).logits
+    assert ours.shape == expected.shape == (2, SEQ, 50257)
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+def test_without_a_run_the_reference_series_alone(made, data_dir, tmp_path):
+    """No --run: the references are reported (here from a copy of the cache), with no verdicts."""
+    shutil.copytree(made["out"] / "cache", tmp_path / "cache")
+    refs = ",".join(f"{p}@{s}" for s, p in made["refs"].items())
+    argv = [a for a in command(Path("unused"), refs, tmp_path) if not a.startswith("--run=")]
+    # the run's validation settings, given by hand: the same cache keys
+    proc = call_main(reproduce.main, [*argv, f"--val_data={data_dir}", f"--val_sequences={VAL_SEQUENCES}"])
+    report = json.loads((tmp_path / "reproduction.json").read_text())
+    assert "reproduce: 3 checkpoints, 3 cached" in proc.stdout
+    assert report["run"] is None
+    assert [(r["step"], r["ours"], r["verdict"]) for r in report["metrics"]["val_loss"]["rows"]] == [
+        (s, None, "-") for s in STEPS]
 
 
 def plain_bootstrap(a: list[float], b: list[float], seed: int) -> tuple[float, float]:

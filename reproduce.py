@@ -5,7 +5,7 @@ our run's checkpoints at the same token counts beside it, each difference with a
     python reproduce.py --run out/llama_1p7b                           # against the paper's ten
     python reproduce.py                                                # the reference series alone
     python reproduce.py --run out/tiny --reference=ref/a@2700,ref/b@3300 --reference_tokens_per_step=256
-    torchrun --standalone --nproc_per_node=8 reproduce.py --run_dir out/llama_1p7b  # --run_dir: torchrun reads --run as its own
+    torchrun --standalone --nproc_per_node=8 reproduce.py --run_dir out/llama_1p7b  # not --run: torchrun's
 
 Both models do the same work: validation loss on the run's own validation shard (the same
 sequences), HellaSwag completion-style (build-nanogpt's score, the paper's in-loop number:
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -40,7 +39,14 @@ import torch.distributed as dist
 import eval_suite
 from llama_fineweb import checkpoint, dataloader, hellaswag, hf_io
 from llama_fineweb import reproduction as rp
-from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
+from llama_fineweb.utils import (
+    DTYPES,
+    UserError,
+    cli_errors,
+    closed_output_survives,
+    unwritable,
+    write_atomic,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,8 +110,9 @@ def resolve_references(references: list[rp.Reference]) -> list[tuple[rp.Referenc
                             f"OWNER/NAME)")
         offline = eval_suite.hub_offline()
         if offline:
-            raise UserError(f"reference {ref.source} is on the Hugging Face hub, which is out of reach "
-                            f"({offline}): download the checkpoints where there is a connection and pass "
+            raise UserError(f"reference {ref.source} is no local directory, so it is read from the Hugging Face "
+                            f"hub, which is out of reach ({offline}): download the checkpoints where there is "
+                            f"a connection and pass "
                             f"local directories with --reference=DIR@STEP,... (e.g. --reference=step-2.7k@2700)")
         from huggingface_hub import snapshot_download  # noqa: PLC0415 - the real command only
 
@@ -244,10 +251,11 @@ def _main(args: argparse.Namespace) -> None:
                      lambda c=ckpt: checkpoint.load_model(c, device, verify_files="size")))
 
     keys = {job[0]: rp.cache_key(settings, job[1]) for job in jobs}
-    pending = [j for j in jobs[rank::world_size] if not cache_path(out_dir, j[0], keys[j[0]]).is_file()]
+    cached = {j[0] for j in jobs if cache_path(out_dir, j[0], keys[j[0]]).is_file()}
+    pending = [j for j in jobs[rank::world_size] if j[0] not in cached]
     if rank == 0:
-        print(f"reproduce: {len(jobs)} checkpoints, {len(jobs) - sum(1 for j in jobs if not cache_path(out_dir, j[0], keys[j[0]]).is_file())} "
-              f"cached, evaluating the rest on {world_size} process(es)", flush=True)
+        print(f"reproduce: {len(jobs)} checkpoints, {len(cached)} cached, evaluating the rest on {world_size} "
+              f"process(es)", flush=True)
     if pending:
         examples = hellaswag.load_examples(args.hellaswag_data, limit=args.limit)
         manager = eval_suite.task_manager(args.tasks, args.include_path) if args.tasks else None
@@ -278,7 +286,8 @@ def _main(args: argparse.Namespace) -> None:
     report = {"run": str(run_dir) if run_dir else None, "reference_label": label,
               "reference_tokens_per_step": args.reference_tokens_per_step, "max_token_gap": args.max_token_gap,
               "n_resamples": args.n_resamples, "seed": args.seed, "settings": settings, "command": args.command,
-              "references": [{"step": ref.step, "source": ref.source, "declared": declared[ref]} for ref, _ in resolved],
+              "references": [{"step": ref.step, "source": ref.source, "declared": declared[ref]}
+                             for ref, _ in resolved],
               "metrics": {}}
     for metric, note in metrics_of(reference_points[0]["results"]):
         report["metrics"][metric.name] = {

@@ -9,6 +9,7 @@ are resampled for both, which removes the spread between examples from the compa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -218,7 +219,7 @@ def reference_steps(metric: Metric, reference_points: list[dict], n_resamples: i
     which shows how large a difference the evaluation can tell from noise."""
     points = [p for p in reference_points if p["results"].get(metric.name) is not None]
     rows = []
-    for earlier, later in zip(points, points[1:]):
+    for earlier, later in itertools.pairwise(points):
         difference, low, high = paired_bootstrap(later["results"][metric.name], earlier["results"][metric.name],
                                                  n_resamples, seed)
         rows.append({"from_step": earlier["step"], "to_step": later["step"], "difference": difference,

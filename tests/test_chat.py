@@ -161,7 +161,8 @@ def test_hf_model_declaring_eos_2_answers_in_vicuna_and_stops_at_end_of_text(tmp
         (tmp_path / "hf" / name).write_text(json.dumps({**config, "bos_token_id": 1, "eos_token_id": 2}))
     prompts = []
     real_stream = chat.stream_tokens
-    monkeypatch.setattr(chat, "stream_tokens", lambda model, ids, *a, **k: prompts.append(ids) or real_stream(model, ids, *a, **k))
+    monkeypatch.setattr(chat, "stream_tokens",
+                        lambda model, ids, *a, **k: prompts.append(ids) or real_stream(model, ids, *a, **k))
     proc = call_main(chat.main, ["--hf", str(tmp_path / "hf"), "--prompt", "Hi", "--max_new_tokens", "6",
                                  "--temperature", "0", "--device", "cpu"])
     vicuna, _ = encode(TEMPLATES["vicuna"].segments([{"role": "user", "content": "Hi"}], add_generation_prompt=True))

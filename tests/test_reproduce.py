@@ -83,7 +83,8 @@ def transformers_scores(hf_dir: Path, data_dir: Path) -> dict[str, list[float]]:
 
     with torch.no_grad():
         logits = model(windows[:, :-1]).logits
-    val_loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none").view(VAL_SEQUENCES, SEQ)
+    val_loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none")
+    val_loss = val_loss.view(VAL_SEQUENCES, SEQ)
     completion, acc_norm = [], []
     for ex in load_examples(str(SAMPLE), limit=LIMIT):
         ctx, endings = tok.encode(ex["ctx"]), [tok.encode(" " + e) for e in ex["endings"]]
@@ -158,7 +159,8 @@ def test_intervals_equal_a_plain_bootstrap_of_the_stored_results(made):
     """Every interval in reproduction.json is a plain bootstrap of the cached per-example results."""
     for name, entry in made["report"]["metrics"].items():
         for row in entry["rows"]:
-            ours, ref = stored(made["out"], f"ours_{row['our_step']}")[name], stored(made["out"], f"reference_{row['step']}")[name]
+            ours = stored(made["out"], f"ours_{row['our_step']}")[name]
+            ref = stored(made["out"], f"reference_{row['step']}")[name]
             assert row["difference"] == pytest.approx(np.mean(ours) - np.mean(ref))
             assert (row["low"], row["high"]) == pytest.approx(plain_bootstrap(ours, ref, 0))
 
@@ -186,7 +188,7 @@ def test_hub_references_offline_fail_in_one_line(straight, tmp_path):
     """The paper's hub checkpoints with the hub out of reach: one line saying to pass directories."""
     line = one_line(call_main(reproduce.main, [f"--run={straight}", f"--out={tmp_path}",
                                                f"--hellaswag_data={SAMPLE}"], check=False))
-    assert "McGill-DMaS/DMaS-LLaMa-Lite-step-2.7k is on the Hugging Face hub" in line
+    assert "McGill-DMaS/DMaS-LLaMa-Lite-step-2.7k is no local directory, so it is read from the Hugging Face hub" in line
     assert "--reference=DIR@STEP" in line
 
 

@@ -81,6 +81,7 @@ class Index:
     grams: dict[tuple[str, ...], list[tuple[str, str]]] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # task -> its example ids, in order
     lengths: set[int] = field(default_factory=set)  # n, and those of examples shorter than n
+    keys: set[tuple[str, ...]] = field(default_factory=set)  # grams' keys as a set: `&` walks the smaller side
 
     def add(self, task: str, items: list[tuple[str, str]]) -> None:
         self.examples[task] = [i for i, _ in items]
@@ -88,13 +89,14 @@ class Index:
             for gram in example_grams(text, self.n):
                 self.grams.setdefault(gram, []).append((task, example_id))
                 self.lengths.add(len(gram))
+        self.keys = set(self.grams)
 
     def found_in(self, ws: list[str]) -> set[tuple[str, ...]]:
         """The indexed n-grams among the words' n-grams."""
         hits = set()
         for n in self.lengths:
             if len(ws) >= n:
-                hits.update(self.grams.keys() & set(ngrams(ws, n)))
+                hits.update(set(ngrams(ws, n)) & self.keys)
         return hits
 
 

@@ -1,6 +1,7 @@
 """The forecast of a run's final validation loss (llama_fineweb/forecast.py)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -98,3 +99,19 @@ def test_backtest_table_has_a_row_per_fraction(tiny_run):
     """metrics.py --backtest: forecasts at 25/50/75% against the final validation loss."""
     rows = forecast.backtest(tiny_run)
     assert [r["step"] for r in rows] == [6, 12, 18] and all(r["final"] == val_losses(tiny_run)[24] for r in rows)
+
+
+def test_decay_branch_is_fit_on_its_main_runs_points_up_to_the_branch_then_its_own(tmp_path):
+    """A branch's points: its main run's validation losses up to the branch step, then the branch's
+    own (the main run's later ones, under another schedule, are left out)."""
+    main_run, branch = tmp_path / "main", tmp_path / "branch"
+    (main_run / "step_0000040").mkdir(parents=True)
+    (main_run / "step_0000040" / "meta.json").write_text(json.dumps({"step": 40}))
+    (main_run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": 5.0}) + "\n"
+                                                    for s in range(0, 80, 10)))
+    branch.mkdir()
+    (branch / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": 4.0}) + "\n"
+                                                  for s in range(40, 70, 10)))
+    cfg = cosine(lr_schedule="wsd", decay_steps=30, decay_from=str(main_run / "step_0000040"))
+    assert forecast.run_points(branch, cfg) == [(0, 5.0), (10, 5.0), (20, 5.0), (30, 5.0), (40, 4.0),
+                                                (50, 4.0), (60, 4.0)]

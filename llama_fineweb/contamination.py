@@ -17,16 +17,18 @@ web may quote. The three wrong endings are machine-written, not quoted from anyw
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from .dataloader import open_shard, shard_paths
+from .hellaswag import load_examples
 from .tokenizer import EOT, get_encoding
 from .utils import UserError
 
@@ -62,8 +64,6 @@ def example_grams(text: str, n: int = N) -> set[tuple[str, ...]]:
 
 def hellaswag_items(path: str | None) -> list[tuple[str, str]]:
     """(id, text) of each HellaSwag example: its own `ind` and its context with the correct ending."""
-    from .hellaswag import load_examples  # noqa: PLC0415 - torch and the scoring code, only for this task
-
     return [(str(ex.get("ind", i)), f"{ex['ctx']} {ex['endings'][ex['label']]}")
             for i, ex in enumerate(load_examples(path))]
 
@@ -138,7 +138,7 @@ def documents(paths: list[str]) -> Iterator[Document]:
         name = Path(path).name
         starts = np.flatnonzero(tokens == EOT).tolist()
         bounds = [0, *starts, len(tokens)] if not starts or starts[0] != 0 else [*starts, len(tokens)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b <= a:
                 continue
             if tokens[a] == EOT or current is None:

@@ -175,9 +175,9 @@ def val_points(metrics_file: Path, up_to: int | None = None) -> dict[int, float]
             row = json.loads(line)
         except ValueError:
             continue  # a torn record
-        if isinstance(row, dict) and isinstance(row.get("val_loss"), (int, float)) and isinstance(row.get("step"), int):
-            if up_to is None or row["step"] <= up_to:
-                found[row["step"]] = float(row["val_loss"])
+        if (isinstance(row, dict) and isinstance(row.get("val_loss"), (int, float))
+                and isinstance(row.get("step"), int) and (up_to is None or row["step"] <= up_to)):
+            found[row["step"]] = float(row["val_loss"])
     return found
 
 

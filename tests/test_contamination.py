@@ -6,13 +6,13 @@ import random
 
 import numpy as np
 import pytest
+from conftest import make_tiny_model
 from runs import call_main
 from test_evaluate import make_examples, run_main, write_task
 from test_fineweb_edu import build, read_shards
 
 import contamination as contamination_script
 import hellaswag as hellaswag_cli
-from conftest import make_tiny_model
 from llama_fineweb import checkpoint, contamination, hellaswag
 from llama_fineweb.hellaswag import FORMAT_SAMPLE
 from llama_fineweb.tokenizer import EOT, get_encoding

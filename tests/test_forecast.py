@@ -32,7 +32,7 @@ def test_fit_recovers_the_parameters_of_a_noisy_synthetic_curve():
     points, _ = synthetic(cfg)
     s1, s2 = forecast.schedule_terms(cfg)
     steps = np.array([s for s, _ in points])
-    l0, a, alpha, c = forecast.fit(s1[steps], s2[steps], np.array([v for _, v in points]))
+    l0, _, alpha, c = forecast.fit(s1[steps], s2[steps], np.array([v for _, v in points]))
     assert l0 == pytest.approx(TRUE[0], abs=0.1)
     assert alpha == pytest.approx(TRUE[2], rel=0.15)
     assert c == pytest.approx(TRUE[3], rel=0.15)

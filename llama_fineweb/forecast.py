@@ -17,8 +17,8 @@ max_steps and decay start are its own) are each forecast by their own schedule.
 
 The fit: for each alpha of a grid the law is linear in (L0, A, C), solved by least squares (with C
 and without it, keeping A and C >= 0); the alpha and form with the smallest squared error win.
-Points before the end of warmup are
-left out (the law describes the decay of the loss under a settled rate). The interval: the fit
+Points before the end of warmup are left out (the law describes the decay of the loss under a
+settled rate). The interval: the fit
 repeated on points resampled with replacement, each refit's final loss plus a resampled residual
 (the noise of the one final measurement), its 5th and 95th percentiles: a 90% interval.
 

@@ -75,7 +75,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from llama_fineweb import checkpoint, hf_io, metrics
+from llama_fineweb import checkpoint, contamination, hf_io, metrics
 from llama_fineweb.tokenizer import EOT, N_VOCAB, vocab_file
 from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 from model import Transformer
@@ -272,6 +272,23 @@ def scores_of(results: dict) -> dict[str, dict[str, float]]:
     return scores
 
 
+def clean_scores(results: dict, report: dict) -> dict[str, dict]:
+    """Per task a contamination report covers (an lm-eval task named after a report's task, e.g.
+    hellaswag_local for hellaswag): acc and acc_norm over the examples it does not flag, matched by
+    the document's own id (HellaSwag's `ind`), from lm-eval's per-sample scores."""
+    scores = {}
+    for task, samples in results.get("samples", {}).items():
+        covered = [name for name in report["tasks"] if task.startswith(name)]
+        if not covered or not samples:
+            continue
+        flagged = contamination.contaminated_ids(report, covered[0])
+        kept = [s for s in samples if str(s["doc"].get("ind", s["doc_id"])) not in flagged]
+        metrics = [m for m in ("acc", "acc_norm") if all(m in s for s in samples)]
+        scores[task] = {"n": len(kept), "contaminated": len(samples) - len(kept),
+                        **{m: (sum(s[m] for s in kept) / len(kept) if kept else None) for m in metrics}}
+    return scores
+
+
 def run_tasks(hf_model, manager, args: argparse.Namespace) -> dict:
     """lm-eval's results dict for one model."""
     from lm_eval import simple_evaluate
@@ -284,7 +301,7 @@ def run_tasks(hf_model, manager, args: argparse.Namespace) -> dict:
               # log-probabilities in float32 even when the logits come out of bf16 autocast
               softmax_dtype=torch.float32)
     return simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                           task_manager=manager, log_samples=False)
+                           task_manager=manager, log_samples=bool(args.contamination))
 
 
 # ----------------------------------------------------------------------------- one checkpoint
@@ -305,6 +322,8 @@ def evaluate_model(hf_model, source: Path, meta: dict, out: Path, manager, args:
         # older checkpoints keep tokens_seen at the top of meta.json, newer ones under "progress"
         "tokens_seen": meta.get("progress", {}).get("tokens_seen", meta.get("tokens_seen")),
         "settings": settings, "scores": scores_of(results),
+        **({"clean_scores": clean_scores(results, args.contamination), "contamination": args.contamination_path}
+           if args.contamination else {}),
         "n_samples": {t: n.get("effective") for t, n in results.get("n-samples", {}).items()},
         "lm_eval_version": lm_eval.__version__, "device": str(args.device),
         "batch_size": args.batch_size, "seconds": round(seconds, 2),
@@ -483,6 +502,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    "checkpoint; with --all_steps, in the run directory)")
     parser.add_argument("--verify", choices=("full", "size"), default="full",
                         help="check each checkpoint's files against their recorded sha256 (full) or sizes only")
+    parser.add_argument("--contamination", metavar="REPORT", default=None,
+                        help="a contamination.py report: also score each task it covers on the examples it "
+                             "does not flag (clean_scores in the result)")
     parser.add_argument("--all_steps", action="store_true",
                         help="evaluate every step_* of a run directory not evaluated yet, then plot")
     args = parser.parse_args(argv)
@@ -495,6 +517,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limit = int(args.limit) if args.limit >= 1 else args.limit
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
         parser.error(f"--batch_size must be a positive integer or 'auto', got {args.batch_size!r}")
+    args.contamination_path = args.contamination
+    if args.contamination:
+        try:
+            args.contamination = contamination.read_report(args.contamination)
+        except UserError as e:
+            parser.error(str(e))
     if args.all_steps and args.hf:
         parser.error("--all_steps needs --checkpoint RUN_DIR")
     return args
@@ -540,6 +568,9 @@ def _main(args: argparse.Namespace) -> None:
             settings = {"tasks": sorted(args.tasks), "num_fewshot": args.num_fewshot, "limit": args.limit,
                         "dtype": args.dtype, "lm_eval": lm_eval.__version__,
                         "task_files": task_files_digest(args.include_path)}
+            if args.contamination:  # a cached result without the clean scores must not stand in
+                settings["contamination"] = hashlib.sha256(json.dumps(args.contamination, sort_keys=True)
+                                                           .encode()).hexdigest()[:16]
             key = settings_key(settings)
             if args.out and rank == 0:  # before hours of evaluation, not after
                 problem = unwritable(Path(args.out))

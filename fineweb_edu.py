@@ -43,6 +43,7 @@ from tqdm import tqdm
 from llama_fineweb import utils
 from llama_fineweb.dataloader import MANIFEST, SHARD_PATTERN, fingerprint, shard_name
 from llama_fineweb.text_sources import BuildError, describe_source, open_documents, resolve_local_files
+from llama_fineweb import contamination
 from llama_fineweb.tokenizer import EOT, get_encoding
 
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -103,6 +104,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--truncate", action="store_true",
                         help="with a --max_tokens below what --out's complete shards hold: delete the "
                         "shards beyond it and end the build at --max_tokens (without it nothing is deleted)")
+    parser.add_argument("--decontaminate", metavar="REPORT_OR_TASKS",
+                        help="drop every document holding a 13-gram of these benchmarks' examples: a "
+                        "contamination.py report (its tasks and evaluation data) or tasks, e.g. hellaswag; "
+                        "the manifest counts the documents dropped")
+    parser.add_argument("--hellaswag_data", help="with --decontaminate: a local HellaSwag jsonl (default: "
+                        "the report's, else hellaswag.py's cached validation split)")
     parser.add_argument("--workers", type=int, default=_cpu_count(),
                         help="tokenizer threads (default: all cores); the shards do not depend on it")
     return parser
@@ -142,14 +149,20 @@ def encode_ordinary(text: str) -> np.ndarray:
         return enc.encode_to_numpy(text, disallowed_special=())
 
 
-def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """[EOT] + encode_ordinary(text) for each text, concatenated as uint16, and each one's length."""
+def encode_documents(texts: list[str], leave_out: contamination.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[EOT] + encode_ordinary(text) for each text, concatenated as uint16, and each one's length;
+    a text holding one of `leave_out`'s n-grams is left out with length 0 (so that the source's document
+    count, which a resumed build skips by, still counts it)."""
     parts = [_EOT]
-    lengths = np.empty(len(texts), dtype=np.int64)
+    lengths = np.zeros(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
+        if leave_out is not None and contamination.contaminated_text(leave_out, text):
+            continue
         ids = encode_ordinary(text)
         lengths[i] = 1 + len(ids)
         parts += [ids, _EOT]
+    if len(parts) == 1:
+        return np.empty(0, dtype=np.uint16), lengths
     return np.concatenate(parts[:-1]).astype(np.uint16), lengths
 
 
@@ -367,6 +380,9 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
         "source": describe_source(args, files), "text_column": args.text_column,
         "shard_size": args.shard_size,
     }
+    leave_out = None
+    if args.decontaminate:  # part of the identity: a resumed build must drop what the first part dropped
+        leave_out, identity["decontaminate"] = contamination.index_for(args.decontaminate, args.hellaswag_data)
     manifest = resume_state(args.out, identity, args.max_tokens, log, args.truncate)
     if manifest["complete"]:
         log(f"{args.out} is already complete: {_summary(manifest, args.out)}")
@@ -379,7 +395,7 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
     batches = _tasks(open_documents(args, files, manifest["next_document"]))
     tokenizing_since = time.perf_counter()  # imports and opening the source are not throughput
     first_tokens, first_documents = manifest["tokens"], manifest["documents"]
-    _tokenize(args, batches, manifest)
+    _tokenize(args, batches, manifest, leave_out)
     now = time.perf_counter()
     seconds, tokenizing = now - started, now - tokenizing_since
     tokens, documents = manifest["tokens"] - first_tokens, manifest["documents"] - first_documents
@@ -389,9 +405,11 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
     return manifest
 
 
-def _tokenize(args: argparse.Namespace, batches: Iterator[list[str]], manifest: dict) -> None:
+def _tokenize(args: argparse.Namespace, batches: Iterator[list[str]], manifest: dict,
+              leave_out: contamination.Index | None = None) -> None:
     """Encode the batches on args.workers threads and write the tokens, in source order, into
-    shards after the ones `manifest` lists, up to --max_tokens."""
+    shards after the ones `manifest` lists, up to --max_tokens; documents holding one of `leave_out`'s
+    n-grams are left out and counted in the manifest's decontaminated_documents."""
     writer = ShardWriter(args.out, args.shard_size, manifest)
     tokens_left = None if args.max_tokens is None else args.max_tokens - manifest["tokens"]
     drop = manifest["next_document_offset"]  # tokens of the first document already in a kept shard
@@ -406,6 +424,9 @@ def _tokenize(args: argparse.Namespace, batches: Iterator[list[str]], manifest: 
         if tokens_left is not None:
             tokens = tokens[:tokens_left]
             tokens_left -= len(tokens)
+        if leave_out is not None:
+            manifest["decontaminated_documents"] = (manifest.get("decontaminated_documents", 0)
+                                                    + int(np.count_nonzero(lengths == 0)))
         writer.add(tokens, lengths)
         documents_seen += len(lengths)
         bar.update(len(tokens))
@@ -415,7 +436,7 @@ def _tokenize(args: argparse.Namespace, batches: Iterator[list[str]], manifest: 
     pending: deque[Future] = deque()
     try:
         for texts in batches:
-            pending.append(pool.submit(encode_documents, texts))
+            pending.append(pool.submit(encode_documents, texts, leave_out))
             # keep every thread busy; take results in submission order, so shards do not depend on
             # which thread finished first
             while pending and (len(pending) > 2 * args.workers or pending[0].done()):
@@ -451,7 +472,9 @@ def _summary(manifest: dict, out_dir: str) -> str:
     size = sum(s["bytes"] for s in manifest["shards"])
     size_text = f"{size / 1e9:,.1f} GB" if size >= 1e9 else f"{size / 1e6:,.1f} MB"
     return (f"{manifest['documents']:,} documents, {manifest['tokens']:,} tokens in {shards} shards "
-            f"(1 val + {max(shards - 1, 0)} train, {size_text}) in {out_dir}")
+            f"(1 val + {max(shards - 1, 0)} train, {size_text}) in {out_dir}"
+            + (f"; {manifest['decontaminated_documents']:,} documents dropped by --decontaminate"
+               if "decontaminated_documents" in manifest else ""))
 
 
 def build_local_corpus(out_dir: str, max_tokens: int = 1_000_000, log: Log = print) -> str:

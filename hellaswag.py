@@ -5,7 +5,9 @@ llama_fineweb/hellaswag.py, which training calls too).
     python hellaswag.py --hf out/llama_1p7b_hf --limit 500    # a transformers model, quick estimate
     torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint out/llama_1p7b
 
-The CLI prints acc and acc_norm and writes them as JSON (atomically) to `--out`, by default
+With --contamination REPORT (contamination.py's JSON) the examples it flags are left out of a
+second score, "clean", printed and written beside the full one. The CLI prints acc and acc_norm
+and writes them as JSON (atomically) to `--out`, by default
 `hellaswag.json` in the checkpoint's step directory or the `--hf` directory. Where the result
 cannot be written (`--out` is a directory, or its place is not writable) it says so before the
 evaluation, not after it. Errors a user can fix (missing or malformed data, a checkpoint or model
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from llama_fineweb import checkpoint
+from llama_fineweb import checkpoint, contamination
 from llama_fineweb.hellaswag import (FORMAT_SAMPLE, default_data_path, evaluate, load_examples, load_hf_model,
                                      model_max_seq_len)
 from llama_fineweb.utils import (DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed,
@@ -50,6 +52,12 @@ def _check_output(path: Path, d: Dist) -> None:
         raise UserError(problem[0])
 
 
+def clean_examples(examples: list[dict], report_path: str) -> list[dict]:
+    """The examples a contamination.py report does not flag (matched by HellaSwag's own `ind`)."""
+    flagged = contamination.contaminated_ids(contamination.read_report(report_path), "hellaswag")
+    return [ex for i, ex in enumerate(examples) if str(ex.get("ind", i)) not in flagged]
+
+
 def run(args: argparse.Namespace) -> None:
     d = setup_distributed(args.device)
     try:
@@ -58,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
         if args.out:
             _check_output(Path(args.out), d)
         examples = load_examples(args.data, args.limit)
+        clean = clean_examples(examples, args.contamination) if args.contamination else None  # read first: fail fast
         model, result_dir = _load_model(args, d.device)
         path = Path(args.out) if args.out else result_dir / "hellaswag.json"
         if not args.out:
@@ -70,6 +79,12 @@ def run(args: argparse.Namespace) -> None:
             model, examples, d.device, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
             rank=d.rank, world_size=d.world_size, max_seq_len=max_seq_len,
         )
+        if clean is not None:  # the same scoring on the examples the audit found clean
+            result["clean"] = evaluate(
+                model, clean, d.device, batch_size=args.batch_size, autocast_dtype=autocast_dtype,
+                rank=d.rank, world_size=d.world_size, max_seq_len=max_seq_len,
+            ) if clean else {"acc": None, "acc_norm": None, "n": 0}
+            result["clean"]["report"] = args.contamination
         seconds = time.time() - t0
         if d.is_main:
             result.update(
@@ -81,6 +96,11 @@ def run(args: argparse.Namespace) -> None:
                 f"hellaswag: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} on "
                 f"{result['n']} examples ({seconds:.1f} s, {result['n'] / seconds:.1f} ex/s) -> {path}"
             )
+            if "clean" in result:
+                c = result["clean"]
+                shown = (f"acc {c['acc']:.4f} acc_norm {c['acc_norm']:.4f}" if c["n"] else "no example is clean")
+                print(f"hellaswag: clean subset ({c['n']} of {result['n']} examples, {result['n'] - c['n']} "
+                      f"contaminated per {args.contamination}): {shown}")
             if args.data and Path(args.data).resolve() == FORMAT_SAMPLE:
                 print(f"hellaswag: note: {args.data} is the tests' 32-example format sample, not HellaSwag: "
                       f"its score means nothing (docs/evaluation.md, HellaSwag: Data)")
@@ -101,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="autocast dtype; float32 = no autocast (default: bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
     parser.add_argument("--out", help="the JSON result (default: hellaswag.json in the step or --hf directory)")
+    parser.add_argument("--contamination", metavar="REPORT",
+                        help="a contamination.py report: also score the clean subset, the examples it does not flag")
     parser.add_argument("--verify", choices=("full", "size"), default="full",
                         help="check the checkpoint's files against their recorded sha256 (full) or sizes only")
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fineweb_edu import build_local_corpus
-from llama_fineweb import checkpoint, hellaswag, lora, parallel, planner, stability
+from llama_fineweb import checkpoint, forecast, hellaswag, lora, parallel, planner, stability
 from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
 from llama_fineweb.dataloader import TrainLoader, ValLoader
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
@@ -412,6 +412,7 @@ def evaluate_if_due(run: Run, force: bool = False) -> None:
         shown = "".join(f" | {name[len('val_loss/'):]} {loss:.4f}" for name, loss in per_source.items())
         log.print(f"step {step}: val loss {val:.4f}{shown}")
         log.metrics(step, val_loss=val, **per_source, eval_s=time.perf_counter() - t0)
+        forecast.at_evaluation(cfg, log, step)  # where the run is heading: a line and metrics fields
     if due(cfg.hellaswag_interval):
         t0 = time.perf_counter()
         result = hellaswag_score(run)

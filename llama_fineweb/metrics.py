@@ -264,8 +264,9 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def plot(rows: list[dict], out_png: str | Path) -> None:
-    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag."""
+def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> None:
+    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag.
+    extrapolation: (steps, forecast, low, high) of forecast.band, drawn dashed with its band."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -284,6 +285,10 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
     ax.plot(*series("val_loss"), "o-", label="validation")
     for name in sources:
         ax.plot(*series(f"val_loss/{name}"), "s--", label=f"validation: {name}", ms=3)
+    if extrapolation is not None:
+        steps, mean, low, high = extrapolation
+        ax.plot(steps, mean, "--", color="C3", label="forecast (90% band)")
+        ax.fill_between(steps, low, high, color="C3", alpha=0.2)
     ax.set(title="loss", xlabel="step")
     ax.legend()
     for row, (key, title) in enumerate([("tokens", "tokens per source"), ("epoch", "epochs per source")]):

@@ -121,6 +121,7 @@ class Run:
     stats: StepStats | None = None  # this step's values on the host (agree_on_step)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
     adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
+    saver: checkpoint.AsyncSaver | None = None  # --async_save: the checkpoint written in the background
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -146,7 +147,7 @@ class Run:
                 **self.stability.checkpoint_parts()}
 
     def close(self) -> None:
-        for part in (self.loader, self.stop, self.lock):
+        for part in (self.saver, self.loader, self.stop, self.lock):  # the save in flight completes first
             if part is not None:
                 part.close()
         self.log.close()
@@ -176,6 +177,7 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
                 continue
             if save_if_due(run):
                 break
+        wait_for_save(run)
     except torch.OutOfMemoryError:
         if run.meter.times:
             raise
@@ -270,13 +272,17 @@ def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_s
     host-device sync per step (and one all-reduce). A non-finite value on any rank is seen by all;
     a signal to any rank stops all of them after the same step."""
     requested = run.stop is not None and run.stop.requested
+    saving = run.saver is not None and run.saver.in_flight()  # ranks agree when a background save is complete
     values = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
                           torch.tensor(float(requested), device=grad_norm.device),
-                          loss_sum.float(), grad_norm.float(), z_sum.float()])
+                          loss_sum.float(), grad_norm.float(), z_sum.float(),
+                          torch.tensor(float(saving), device=grad_norm.device)])
     if run.dist.world_size > 1:
         dist.all_reduce(values)  # SUM (gloo has no AVG): flags > 0 anywhere; the means below
         values[3:] /= run.dist.world_size  # the gradient norm is the same on every rank already
-    bad_loss, bad_norm, stop, loss, norm, z = values.tolist()
+    bad_loss, bad_norm, stop, loss, norm, z, saving = values.tolist()
+    if not saving:
+        wait_for_save(run)  # complete on every rank: returns at once
     return StepStats(loss=loss - run.cfg.z_loss * z, grad_norm=norm, z_loss=z, loss_finite=not bad_loss,
                      norm_finite=not bad_norm, stop=bool(stop))
 
@@ -318,6 +324,7 @@ def roll_back_if_spiked(run: Run) -> bool:
     if rollback is None:
         return False
     target, window = rollback
+    wait_for_save(run)  # a save in flight is complete before checkpoints are set aside
     windows, run_id = [*run.loader.order.skipped, window], run.progress.run_id
     restore(run, target)
     run.progress.run_id = run_id  # the same run goes on, even from a branch's start in its parent's directory
@@ -329,6 +336,7 @@ def roll_back_if_spiked(run: Run) -> bool:
             run.log.print(f"moved {len(moved)} checkpoints written after {target.name} to {moved[0].parent}: "
                           f"the rollback found their weights bad")
     save(run)
+    wait_for_save(run)
     run.stability.rolled_back(checkpoint.step_dir(run.cfg.out_dir, run.progress.step))
     return True
 
@@ -358,16 +366,33 @@ def save_if_due(run: Run) -> bool:
 
 
 def save(run: Run) -> None:
+    """A checkpoint of this step; with --async_save it is written in the background (the previous
+    one completed first). save_s: the seconds the loop was blocked."""
+    wait_for_save(run)
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
             **({"lora": run.adapter} if run.adapter else {})}
-    path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
-                           keep_last=run.cfg.keep_last, keep=run.stability.health.good)
+    writer = run.saver.save if run.saver is not None else checkpoint.save
+    path = writer(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
+                  keep_last=run.cfg.keep_last, keep=run.stability.health.good)
     run.stability.health.pending = path
     seconds = time.perf_counter() - t0
-    run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
+    if run.saver is not None:
+        run.stability.health.writing = path
+        run.log.print(f"writing checkpoint {path} in the background (the loop waited {seconds:.1f}s)")
+    else:
+        run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
     run.log.metrics(run.progress.step, save_s=seconds)
+
+
+def wait_for_save(run: Run) -> None:
+    """Block until the background save in flight (if any) is complete; it may then become good."""
+    if run.saver is None or run.stability.health.writing is None:
+        return
+    path = run.saver.wait()
+    run.stability.health.written()
+    run.log.print(f"saved checkpoint {path} (written in the background)")
 
 
 def summarize(run: Run) -> dict:
@@ -579,6 +604,8 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
               adapter={"spec": spec.to_dict(), "base": base} if spec else None)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
+    if cfg.async_save and not benchmark:
+        run.saver = checkpoint.AsyncSaver(d.device)
     if resume_from is not None:
         restore(run, resume_from)
         drop_superseded_metrics(run, resume_from)

@@ -217,18 +217,29 @@ class Health:
     unhealthy: bool = False  # the last step was skipped or spiking: no checkpoint now
     save_deferred: bool = False  # a save fell due while unhealthy: made at the next healthy step
     rollbacks: int = 0  # rollbacks in this process
+    writing: Path | None = None  # the pending checkpoint while an asynchronous save still writes it
+    confirmed: bool = False  # a judged healthy step found the weights being written healthy
 
     def judged(self, healthy: bool, judged: bool = True) -> None:
         """After a step on the current weights: a pending checkpoint becomes the good one once a
         judged step finds them healthy, and is never trusted if a step finds them unhealthy; a step
-        no check could judge leaves it pending."""
+        no check could judge leaves it pending. One still being written becomes good only once
+        complete (written)."""
         self.unhealthy = not healthy
         if self.pending is None:
             return
         if not healthy:
-            self.pending = None
+            self.pending, self.confirmed = None, False
+        elif judged and self.pending == self.writing:
+            self.confirmed = True
         elif judged:
             self.good, self.pending = self.pending, None
+
+    def written(self) -> None:
+        """The asynchronous save in flight is complete on disk: good now if already confirmed."""
+        if self.pending is not None and self.pending == self.writing and self.confirmed:
+            self.good, self.pending = self.pending, None
+        self.writing, self.confirmed = None, False
 
 
 # ----------------------------------------------------------------------------- the run's guard

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fineweb_edu import build_local_corpus
-from llama_fineweb import checkpoint, hellaswag, lora, parallel, planner, stability
+from llama_fineweb import checkpoint, hellaswag, layer_stats, lora, parallel, planner, profiling, stability
 from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
 from llama_fineweb.dataloader import TrainLoader, ValLoader
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
@@ -122,6 +122,8 @@ class Run:
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
     adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
     saver: checkpoint.AsyncSaver | None = None  # --async_save: the checkpoint written in the background
+    profiler: profiling.StepProfiler | None = None  # --profile: the trace of the chosen steps
+    layer_stats: layer_stats.LayerStats | None = None  # --layer_stats_interval: per-block statistics
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -147,7 +149,7 @@ class Run:
                 **self.stability.checkpoint_parts()}
 
     def close(self) -> None:
-        for part in (self.saver, self.loader, self.stop, self.lock):  # the save in flight completes first
+        for part in (self.saver, self.profiler, self.loader, self.stop, self.lock):  # the save in flight completes first
             if part is not None:
                 part.close()
         self.log.close()
@@ -179,9 +181,12 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
                 break
         wait_for_save(run)
     except torch.OutOfMemoryError:
+        snapshot = profiling.dump_memory_snapshot(run.cfg.memory_snapshot, run.cfg.out_dir, run.dist, "oom")
         if run.meter.times:
+            if snapshot:
+                run.log.print(f"out of memory: the allocator's snapshot is {snapshot}")
             raise
-        raise ConfigError(stability.out_of_memory_message(run.cfg, run.dist.device)) from None
+        raise ConfigError(stability.out_of_memory_message(run.cfg, run.dist.device, snapshot)) from None
     finally:
         run.close()
     return summarize(run)
@@ -202,14 +207,22 @@ def train_step(run: Run) -> tuple[StepStats, bool]:
     run.meter.start()
     step_targets = step_target_count(run)
     batch_index = None if run.benchmark else run.loader.order.batch  # the data order's global batch
+    run.profiler.before_step(run.progress.step + 1)
+    if run.layer_stats is not None:
+        run.layer_stats.begin(run.progress.step + 1)
     batches = (next_batch(run) for _ in range(run.accum_steps))
     _, _, applied, stopping = optimizer_step(
         run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
         agree=lambda norm, loss, z: decide_step(run, norm, loss, z, batch_index),
-        after_update=lambda: log_memory_once(run), scaler=run.stability.scaler)
+        after_update=lambda: after_update(run), scaler=run.stability.scaler)
     run.stability.after_step(applied)
     run.meter.stop()
     run.progress.step += 1
+    run.profiler.after_step(run.progress.step)
+    if run.layer_stats is not None and (per_layer := run.layer_stats.finish()):
+        run.log.metrics(run.progress.step, **per_layer)
+    if len(run.meter.times) == 1:
+        profiling.dump_memory_snapshot(cfg.memory_snapshot, cfg.out_dir, run.dist, "first_step")
     run.progress.tokens_seen += cfg.total_batch_tokens
     if run.stability.event is None or run.stability.event["event"] != "overflow":
         run.progress.skipped_total += not applied
@@ -223,9 +236,18 @@ def decide_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum
     verdict and its forensics (Stability.judge). Returns (apply the update?, stop after it?)."""
     run.stats = agree_on_step(run, grad_norm, loss_sum, z_sum)
     cfg = run.cfg
-    forensics = lambda record: stability.spike_forensics(  # noqa: E731
-        record, batch_index, run.accum_steps, run.loader, run.eval_model, run.autocast, run.dist, cfg.out_dir,
-        cfg.doc_mask)
+    clip_scale = min(1.0, cfg.grad_clip / (run.stats.grad_norm + 1e-6)) if cfg.grad_clip else 1.0  # torch's
+    if run.layer_stats is not None:
+        run.layer_stats.gradients(clip_scale)
+
+    def forensics(record: dict) -> str | None:
+        blocks = list(run.model.layers)
+        norms = [n / clip_scale for n in layer_stats.block_grad_norms(blocks, run.dist)]
+        history = list(run.layer_stats.history) if run.layer_stats is not None else []
+        record = {**record, "gradient_jump": layer_stats.gradient_jump(norms, history), "layer_grad_norm": norms}
+        return stability.spike_forensics(record, batch_index, run.accum_steps, run.loader, run.eval_model,
+                                         run.autocast, run.dist, cfg.out_dir, cfg.doc_mask)
+
     global_batch = 0 if run.benchmark else run.loader.order.global_batch
     applied = run.stability.judge(run.stats, run.progress.step + 1, batch_index, global_batch, forensics,
                                   judging=not run.benchmark)
@@ -239,6 +261,12 @@ def step_settings(run: Run) -> StepSettings:
                         sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
                         world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type,
                         doc_mask=cfg.doc_mask)
+
+
+def after_update(run: Run) -> None:
+    log_memory_once(run)
+    if run.layer_stats is not None:
+        run.layer_stats.updated()
 
 
 def log_memory_once(run: Run) -> None:
@@ -575,6 +603,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
               make_data: Callable) -> Run:
     benchmark = cfg.benchmark > 0
     stability.check_precision(cfg, d)
+    profiling.start_memory_history(cfg.memory_snapshot, d)
     accum_steps = gradient_accumulation(cfg, d.world_size)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if d.device.type == "cuda":
@@ -606,6 +635,9 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         run.last_step = min(run.last_step, cfg.stop_step)
     if cfg.async_save and not benchmark:
         run.saver = checkpoint.AsyncSaver(d.device)
+    run.profiler = profiling.StepProfiler(cfg.profile_steps(), cfg.out_dir, d, log.print)
+    if cfg.layer_stats_interval:
+        run.layer_stats = layer_stats.LayerStats(model.layers, cfg.layer_stats_interval, d)
     if resume_from is not None:
         restore(run, resume_from)
         drop_superseded_metrics(run, resume_from)

@@ -399,7 +399,7 @@ class AsyncSaver:
     one save is in flight: the next one waits for it. The thread's collectives run on a process
     group of their own (gloo), so they never interleave with the loop's."""
 
-    SLOW_ENV = "LLAMA_FINEWEB_SLOW_SAVE_S"  # tests: seconds each save's thread sleeps before writing
+    SLOW_ENV = "LLAMA_FINEWEB_SLOW_SAVE"  # tests: "STEP:SECONDS", that step's save finishes that much later
 
     def __init__(self, device: torch.device):
         # The thread's collectives need a group of their own (gloo: async_save needs a CPU backend);
@@ -415,7 +415,8 @@ class AsyncSaver:
         """Start writing checkpoint `step` (collective); returns the path it will have."""
         self.wait()
         pending = _prepare(Path(out_dir), step, state, meta, keep_last, keep, self.group)
-        delay = float(os.environ.get(self.SLOW_ENV, "0"))
+        slow_step, _, seconds = os.environ.get(self.SLOW_ENV, "").partition(":")
+        delay = float(seconds or 600) if slow_step == str(step) else 0.0
         group = self.group or None
         staged = self.stager.stage(pending.tensors)  # the copy that is written; the live tensors train on
         pending.tensors = None

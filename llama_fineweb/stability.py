@@ -461,8 +461,9 @@ def check_precision(cfg: Any, d: Dist) -> None:
                         f"scaling) or --dtype=float32")
 
 
-def out_of_memory_message(cfg: Any, device: torch.device) -> str:
-    """The one line for a CUDA out-of-memory error before the first step completed."""
+def out_of_memory_message(cfg: Any, device: torch.device, snapshot: Path | None = None) -> str:
+    """The one line for a CUDA out-of-memory error before the first step completed (naming the
+    allocator's snapshot, with --memory_snapshot)."""
     memory = ""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -471,4 +472,6 @@ def out_of_memory_message(cfg: Any, device: torch.device) -> str:
     smaller = max(1, cfg.micro_batch // 2)
     return (f"out of memory at the first step with --micro_batch={cfg.micro_batch} x --seq_len={cfg.seq_len}"
             f"{memory}: try --micro_batch={smaller} (the same global batch, more accumulation), "
-            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs")
+            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs"
+            + (f"; the allocator's snapshot is {snapshot} (open it at https://pytorch.org/memory_viz)"
+               if snapshot else ""))

@@ -106,11 +106,11 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         assert torch.equal(v, weights(tmp_path)[k]), k
 
 
-def start(out_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+def start(out_dir: Path, data_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     args = [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
     return subprocess.Popen([sys.executable, str(ROOT / "train_llama.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:

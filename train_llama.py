@@ -149,10 +149,14 @@ class Run:
                 **self.stability.checkpoint_parts()}
 
     def close(self) -> None:
-        for part in (self.saver, self.profiler, self.loader, self.stop, self.lock):  # the save in flight completes first
-            if part is not None:
-                part.close()
-        self.log.close()
+        try:
+            if self.saver is not None:
+                self.saver.close()  # the save in flight completes before the lock is let go
+        finally:
+            for part in (self.profiler, self.loader, self.stop, self.lock):
+                if part is not None:
+                    part.close()
+            self.log.close()
 
 
 # ----------------------------------------------------------------------------- the loop

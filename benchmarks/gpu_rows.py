@@ -737,6 +737,7 @@ def row_save_async(plan: Plan) -> dict:
     from bench_checkpoint import blocked_seconds  # noqa: PLC0415 - a script beside this one, not a package
 
     device = torch.device(plan.device)
+    Path(plan.out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=plan.out) as tmp:
         result = blocked_seconds(plan.model, device, tmp, rounds=1)
     verdict = (f"ok: async blocks {result['async_blocked_s']:.2f}s vs sync {result['sync_s']:.2f}s "

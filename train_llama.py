@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from fineweb_edu import build_local_corpus
-from llama_fineweb import checkpoint, forecast, hellaswag, lora, parallel, planner, stability
+from llama_fineweb import (checkpoint, forecast, hellaswag, layer_stats, lora, parallel, planner, profiling,
+                           stability)
 from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
 from llama_fineweb.dataloader import TrainLoader, ValLoader
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
@@ -121,6 +122,9 @@ class Run:
     stats: StepStats | None = None  # this step's values on the host (agree_on_step)
     memory_logged: bool = False  # the per-rank bytes of params, grads and AdamW state, once per process
     adapter: dict | None = None  # LoRA: {"spec", "base"}, what checkpoints record instead of the base weights
+    saver: checkpoint.AsyncSaver | None = None  # --async_save: the checkpoint written in the background
+    profiler: profiling.StepProfiler | None = None  # --profile: the trace of the chosen steps
+    layer_stats: layer_stats.LayerStats | None = None  # --layer_stats_interval: per-block statistics
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -146,10 +150,14 @@ class Run:
                 **self.stability.checkpoint_parts()}
 
     def close(self) -> None:
-        for part in (self.loader, self.stop, self.lock):
-            if part is not None:
-                part.close()
-        self.log.close()
+        try:
+            if self.saver is not None:
+                self.saver.close()  # the save in flight completes before the lock is let go
+        finally:
+            for part in (self.profiler, self.loader, self.stop, self.lock):
+                if part is not None:
+                    part.close()
+            self.log.close()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -176,10 +184,14 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
                 continue
             if save_if_due(run):
                 break
+        wait_for_save(run)
     except torch.OutOfMemoryError:
+        snapshot = profiling.dump_memory_snapshot(run.cfg.memory_snapshot, run.cfg.out_dir, run.dist, "oom")
         if run.meter.times:
+            if snapshot:
+                run.log.print(f"out of memory: the allocator's snapshot is {snapshot}")
             raise
-        raise ConfigError(stability.out_of_memory_message(run.cfg, run.dist.device)) from None
+        raise ConfigError(stability.out_of_memory_message(run.cfg, run.dist.device, snapshot)) from None
     finally:
         run.close()
     return summarize(run)
@@ -200,14 +212,22 @@ def train_step(run: Run) -> tuple[StepStats, bool]:
     run.meter.start()
     step_targets = step_target_count(run)
     batch_index = None if run.benchmark else run.loader.order.batch  # the data order's global batch
+    run.profiler.before_step(run.progress.step + 1)
+    if run.layer_stats is not None:
+        run.layer_stats.begin(run.progress.step + 1)
     batches = (next_batch(run) for _ in range(run.accum_steps))
     _, _, applied, stopping = optimizer_step(
         run.model, run.train_model, run.optimizer, batches, step_settings(run), step_targets,
         agree=lambda norm, loss, z: decide_step(run, norm, loss, z, batch_index),
-        after_update=lambda: log_memory_once(run), scaler=run.stability.scaler)
+        after_update=lambda: after_update(run), scaler=run.stability.scaler)
     run.stability.after_step(applied)
     run.meter.stop()
     run.progress.step += 1
+    run.profiler.after_step(run.progress.step)
+    if run.layer_stats is not None and (per_layer := run.layer_stats.finish()):
+        run.log.metrics(run.progress.step, **per_layer)
+    if len(run.meter.times) == 1:
+        profiling.dump_memory_snapshot(cfg.memory_snapshot, cfg.out_dir, run.dist, "first_step")
     run.progress.tokens_seen += cfg.total_batch_tokens
     if run.stability.event is None or run.stability.event["event"] != "overflow":
         run.progress.skipped_total += not applied
@@ -221,9 +241,18 @@ def decide_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_sum
     verdict and its forensics (Stability.judge). Returns (apply the update?, stop after it?)."""
     run.stats = agree_on_step(run, grad_norm, loss_sum, z_sum)
     cfg = run.cfg
-    forensics = lambda record: stability.spike_forensics(  # noqa: E731
-        record, batch_index, run.accum_steps, run.loader, run.eval_model, run.autocast, run.dist, cfg.out_dir,
-        cfg.doc_mask)
+    clip_scale = min(1.0, cfg.grad_clip / (run.stats.grad_norm + 1e-6)) if cfg.grad_clip else 1.0  # torch's
+    if run.layer_stats is not None:
+        run.layer_stats.gradients(clip_scale)
+
+    def forensics(record: dict) -> str | None:
+        blocks = list(run.model.layers)
+        norms = [n / clip_scale for n in layer_stats.block_grad_norms(blocks, run.dist)]
+        history = list(run.layer_stats.history) if run.layer_stats is not None else []
+        record = {**record, "gradient_jump": layer_stats.gradient_jump(norms, history), "layer_grad_norm": norms}
+        return stability.spike_forensics(record, batch_index, run.accum_steps, run.loader, run.eval_model,
+                                         run.autocast, run.dist, cfg.out_dir, cfg.doc_mask)
+
     global_batch = 0 if run.benchmark else run.loader.order.global_batch
     applied = run.stability.judge(run.stats, run.progress.step + 1, batch_index, global_batch, forensics,
                                   judging=not run.benchmark)
@@ -237,6 +266,12 @@ def step_settings(run: Run) -> StepSettings:
                         sdpa_backend=cfg.sdpa_backend, reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,
                         world_size=run.dist.world_size, z_loss=cfg.z_loss, device_type=run.dist.device.type,
                         doc_mask=cfg.doc_mask)
+
+
+def after_update(run: Run) -> None:
+    log_memory_once(run)
+    if run.layer_stats is not None:
+        run.layer_stats.updated()
 
 
 def log_memory_once(run: Run) -> None:
@@ -270,13 +305,17 @@ def agree_on_step(run: Run, grad_norm: torch.Tensor, loss_sum: torch.Tensor, z_s
     host-device sync per step (and one all-reduce). A non-finite value on any rank is seen by all;
     a signal to any rank stops all of them after the same step."""
     requested = run.stop is not None and run.stop.requested
+    saving = run.saver is not None and run.saver.in_flight()  # ranks agree when a background save is complete
     values = torch.stack([(~torch.isfinite(loss_sum)).float(), (~torch.isfinite(grad_norm)).float(),
                           torch.tensor(float(requested), device=grad_norm.device),
-                          loss_sum.float(), grad_norm.float(), z_sum.float()])
+                          loss_sum.float(), grad_norm.float(), z_sum.float(),
+                          torch.tensor(float(saving), device=grad_norm.device)])
     if run.dist.world_size > 1:
         dist.all_reduce(values)  # SUM (gloo has no AVG): flags > 0 anywhere; the means below
         values[3:] /= run.dist.world_size  # the gradient norm is the same on every rank already
-    bad_loss, bad_norm, stop, loss, norm, z = values.tolist()
+    bad_loss, bad_norm, stop, loss, norm, z, saving = values.tolist()
+    if not saving:
+        wait_for_save(run)  # complete on every rank: returns at once
     return StepStats(loss=loss - run.cfg.z_loss * z, grad_norm=norm, z_loss=z, loss_finite=not bad_loss,
                      norm_finite=not bad_norm, stop=bool(stop))
 
@@ -318,6 +357,7 @@ def roll_back_if_spiked(run: Run) -> bool:
     if rollback is None:
         return False
     target, window = rollback
+    wait_for_save(run)  # a save in flight is complete before checkpoints are set aside
     windows, run_id = [*run.loader.order.skipped, window], run.progress.run_id
     restore(run, target)
     run.progress.run_id = run_id  # the same run goes on, even from a branch's start in its parent's directory
@@ -329,6 +369,7 @@ def roll_back_if_spiked(run: Run) -> bool:
             run.log.print(f"moved {len(moved)} checkpoints written after {target.name} to {moved[0].parent}: "
                           f"the rollback found their weights bad")
     save(run)
+    wait_for_save(run)
     run.stability.rolled_back(checkpoint.step_dir(run.cfg.out_dir, run.progress.step))
     return True
 
@@ -358,16 +399,33 @@ def save_if_due(run: Run) -> bool:
 
 
 def save(run: Run) -> None:
+    """A checkpoint of this step; with --async_save it is written in the background (the previous
+    one completed first). save_s: the seconds the loop was blocked."""
+    wait_for_save(run)
     t0 = time.perf_counter()
     meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
             **({"lora": run.adapter} if run.adapter else {})}
-    path = checkpoint.save(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
-                           keep_last=run.cfg.keep_last, keep=run.stability.health.good)
+    writer = run.saver.save if run.saver is not None else checkpoint.save
+    path = writer(run.cfg.out_dir, run.progress.step, run.checkpoint_state(), meta,
+                  keep_last=run.cfg.keep_last, keep=run.stability.health.good)
     run.stability.health.pending = path
     seconds = time.perf_counter() - t0
-    run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
+    if run.saver is not None:
+        run.stability.health.writing = path
+        run.log.print(f"writing checkpoint {path} in the background (the loop waited {seconds:.1f}s)")
+    else:
+        run.log.print(f"saved checkpoint {path} in {seconds:.1f}s")
     run.log.metrics(run.progress.step, save_s=seconds)
+
+
+def wait_for_save(run: Run) -> None:
+    """Block until the background save in flight (if any) is complete; it may then become good."""
+    if run.saver is None or run.stability.health.writing is None:
+        return
+    path = run.saver.wait()
+    run.stability.health.written()
+    run.log.print(f"saved checkpoint {path} (written in the background)")
 
 
 def summarize(run: Run) -> dict:
@@ -551,6 +609,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
               make_data: Callable) -> Run:
     benchmark = cfg.benchmark > 0
     stability.check_precision(cfg, d)
+    profiling.start_memory_history(cfg.memory_snapshot, d)
     accum_steps = gradient_accumulation(cfg, d.world_size)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if d.device.type == "cuda":
@@ -580,6 +639,11 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
               adapter={"spec": spec.to_dict(), "base": base} if spec else None)
     if cfg.stop_step:
         run.last_step = min(run.last_step, cfg.stop_step)
+    if cfg.async_save and not benchmark:
+        run.saver = checkpoint.AsyncSaver(d.device)
+    run.profiler = profiling.StepProfiler(cfg.profile_steps(), cfg.out_dir, d, log.print)
+    if cfg.layer_stats_interval:
+        run.layer_stats = layer_stats.LayerStats(model.layers, cfg.layer_stats_interval, d)
     if resume_from is not None:
         restore(run, resume_from)
         drop_superseded_metrics(run, resume_from)

@@ -730,6 +730,22 @@ def row_loss(plan: Plan) -> dict:
             "compile_s": ours["first_s"] - ours["ms"] / 1000, "variants": report, "verdict": verdict}
 
 
+def row_save_async(plan: Plan) -> dict:
+    """The seconds the loop is blocked by one save of the model's whole state (weights and AdamW
+    moments, float32): synchronous checkpoint.save vs --async_save (staged in pinned memory), side
+    by side (bench_checkpoint.blocked_seconds); the disk is the machine's local one."""
+    from bench_checkpoint import blocked_seconds  # noqa: PLC0415 - a script beside this one, not a package
+
+    device = torch.device(plan.device)
+    Path(plan.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=plan.out) as tmp:
+        result = blocked_seconds(plan.model, device, tmp, rounds=1)
+    verdict = (f"ok: async blocks {result['async_blocked_s']:.2f}s vs sync {result['sync_s']:.2f}s "
+               f"({result['ratio']:.1f}x less)" if result["async_blocked_s"] < result["sync_s"] else
+               f"warning: async blocks {result['async_blocked_s']:.2f}s, not less than sync {result['sync_s']:.2f}s")
+    return {"config": f"{plan.model} state ({result['state_gb']:.1f} GB) on {device}", **result, "verdict": verdict}
+
+
 def row_resume(plan: Plan) -> dict:
     """Under torchrun: N steps straight vs N/2 steps, save, stop, resume for the rest; same losses."""
     work = Path(plan.out) / "resume"
@@ -942,6 +958,8 @@ ROWS: dict[str, Row] = {
                      call=2, cold_s=60, beside_others=True),
     "generate": Row(row_generate, "greedy decode: ours eager vs compiled (static KV cache) vs transformers",
                     call=2, cold_s=120),
+    "save_async": Row(row_save_async, "loop-blocked seconds per save of the 1p7b state: sync vs --async_save",
+                      call=2, cold_s=150, timeout_s=480),
 }
 CALLS = {1: [n for n, r in ROWS.items() if r.call == 1], 2: [n for n, r in ROWS.items() if r.call == 2]}
 DERIVED = "activations"  # computed from the two per-block compiled rows, not run

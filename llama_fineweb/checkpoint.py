@@ -54,6 +54,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -212,17 +213,18 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _everyone(obj):
-    """`obj` from every rank, in rank order (a list of one without a process group)."""
+def _everyone(obj, group=None):
+    """`obj` from every rank, in rank order (a list of one without a process group). `group`: the
+    process group of an asynchronous save's thread, apart from the training loop's collectives."""
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -260,13 +262,13 @@ def _data_files(ckpt: Path) -> list[str]:
     return sorted(p.name for p in ckpt.iterdir() if p.is_file() and p.name != META)
 
 
-def _checksums(ckpt: Path) -> dict[str, dict]:
+def _checksums(ckpt: Path, group=None) -> dict[str, dict]:
     """{file: {bytes, sha256}} of the checkpoint's files, the work split across ranks."""
     names = _data_files(ckpt)
     mine = {n: {"bytes": (ckpt / n).stat().st_size, "sha256": file_checksum(ckpt / n)}
             for n in names[_rank()::_world()]}
     merged: dict[str, dict] = {}
-    for part in _everyone(mine):
+    for part in _everyone(mine, group):
         merged.update(part)
     return merged
 
@@ -292,9 +294,9 @@ def _first_nonfinite(tree: Mapping[str, Any]) -> str | None:
     return next((name for (name, _), ok in zip(named, finite) if not ok), None)
 
 
-def _one_bad_name(name: str | None) -> str | None:
+def _one_bad_name(name: str | None, group=None) -> str | None:
     """The first rank's non-None name, the same on every rank."""
-    return next((n for n in _everyone(name) if n), None)
+    return next((n for n in _everyone(name, group) if n), None)
 
 
 # ----------------------------------------------------------------------------- save
@@ -306,51 +308,157 @@ def save(out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | 
 
     CheckpointError, with the partial directory removed and the previous checkpoints intact, if a
     tensor is not finite or the disk fills up."""
-    out_dir = Path(out_dir)
-    final, tmp = step_dir(out_dir, step), out_dir / f".tmp_step_{step:07d}"
+    pending = _prepare(Path(out_dir), step, state, meta, keep_last, keep)
+    try:
+        dcp.save(pending.tensors, checkpoint_id=pending.tmp)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        pending.fail(e)
+    return pending.finish()
+
+
+class _PendingSave:
+    """One save between its staging and its completion: the temporary directory, the JSON states
+    and meta.json's entries as they were at the step, and the finishing steps (checksums, meta.json
+    last, rename, latest, prune) that may run only once every tensor file is written."""
+
+    def __init__(self, out_dir: Path, step: int, tensors: dict, meta: dict, keep_last: int,
+                 keep: Path | None, group=None):
+        self.out_dir, self.step, self.tensors, self.meta = out_dir, step, tensors, meta
+        self.keep_last, self.keep, self.group = keep_last, keep, group
+        self.final, self.tmp = step_dir(out_dir, step), out_dir / f".tmp_step_{step:07d}"
+
+    def fail(self, e: BaseException):
+        # torch's writers report a full disk as a RuntimeError ("unexpected pos") as often as
+        # ENOSPC: the free space left at the failure tells them apart.
+        nearly_full = _free_bytes(self.out_dir) < 64 << 20
+        if _rank() == 0:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(self.out_dir, self.step, e, nearly_full)) from None
+
+    def finish(self) -> Path:
+        out_dir, final, tmp = self.out_dir, self.final, self.tmp
+        try:
+            files = _checksums(tmp, self.group)
+            if _rank() == 0:
+                meta = {**self.meta, "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                write_atomic(tmp / META, json.dumps(meta, indent=1))
+                # A step saved again (after a rollback, or a resume from an older checkpoint): the old
+                # copy steps aside until the new one is in place, so a crash leaves one of them whole.
+                replaced = out_dir / f".replaced_{final.name}"
+                if final.exists():
+                    shutil.rmtree(replaced, ignore_errors=True)
+                    os.replace(final, replaced)
+                os.replace(tmp, final)
+                fsync_dir(out_dir)
+                shutil.rmtree(replaced, ignore_errors=True)
+                write_atomic(out_dir / LATEST, final.name + "\n")
+                prune(out_dir, self.keep_last, newest=final, keep=self.keep)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            self.fail(e)
+        _barrier(self.group)
+        return final
+
+
+def _nonfinite_error(out_dir: Path, step: int, bad: str) -> CheckpointError:
+    return CheckpointError(f"not saving step {step}: {bad} holds NaN or inf; the last good "
+                           f"checkpoint in {out_dir} is kept")
+
+
+def _prepare(out_dir: Path, step: int, state: Mapping[str, Any], meta: dict | None, keep_last: int,
+             keep: Path | None, group=None) -> _PendingSave:
+    """The part of a save that reads the live state: the tensors' state dicts (checked finite here
+    unless an asynchronous save checks its staged copy in its thread) and the JSON states of this
+    step, and an empty temporary directory."""
     tensors = {name: obj.state_dict() for name, obj in _tensor_states(state).items()}
-    bad = _one_bad_name(_first_nonfinite(tensors))
+    bad = None if group is not None else _one_bad_name(_first_nonfinite(tensors))
     if bad:
-        raise CheckpointError(f"not saving step {step}: {bad} holds NaN or inf; the last good "
-                              f"checkpoint in {out_dir} is kept")
+        raise _nonfinite_error(out_dir, step, bad)
     # JSON states are collected on every rank (the RNG state is a collective); rank 0 writes them.
     json_states = {name: obj.state_dict() for name, obj in state.items() if name not in tensors}
+    meta = {**(meta or {}), **json_states, "step": step, "torch_version": torch.__version__,
+            "git_commit": git_commit() if _rank() == 0 else None, "world_size": _world()}
+    model = state.get("model")
+    if isinstance(getattr(getattr(model, "model", None), "config", None), ModelConfig):
+        meta.setdefault("model_config", model.model.config.to_dict())
+    pending = _PendingSave(out_dir, step, tensors, meta, keep_last, keep, group or None)
     try:
         if _rank() == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        dcp.save(tensors, checkpoint_id=tmp)
-        files = _checksums(tmp)
-        if _rank() == 0:
-            model = state.get("model")
-            meta = {**(meta or {}), **json_states, "step": step, "files": files,
-                    "torch_version": torch.__version__, "git_commit": git_commit(),
-                    "world_size": _world(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            if isinstance(getattr(getattr(model, "model", None), "config", None), ModelConfig):
-                meta.setdefault("model_config", model.model.config.to_dict())
-            write_atomic(tmp / META, json.dumps(meta, indent=1))
-            # A step saved again (after a rollback, or a resume from an older checkpoint): the old
-            # copy steps aside until the new one is in place, so a crash leaves one of them whole.
-            replaced = out_dir / f".replaced_{final.name}"
-            if final.exists():
-                shutil.rmtree(replaced, ignore_errors=True)
-                os.replace(final, replaced)
-            os.replace(tmp, final)
-            fsync_dir(out_dir)
-            shutil.rmtree(replaced, ignore_errors=True)
-            write_atomic(out_dir / LATEST, final.name + "\n")
-            prune(out_dir, keep_last, newest=final, keep=keep)
-    except (OSError, RuntimeError, CheckpointException) as e:
-        # torch's writers report a full disk as a RuntimeError ("unexpected pos") as often as
-        # ENOSPC: the free space left at the failure tells them apart.
-        nearly_full = _free_bytes(out_dir) < 64 << 20
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_save_failure(out_dir, step, e, nearly_full)) from None
+            shutil.rmtree(pending.tmp, ignore_errors=True)
+            pending.tmp.mkdir()
+    except OSError as e:
+        pending.fail(e)
     _barrier()
-    return final
+    return pending
+
+
+class AsyncSaver:
+    """Checkpoints written while training goes on (--async_save): save() stages the state in CPU
+    memory (pinned on CUDA) and returns; torch.distributed.checkpoint.async_save writes the files
+    in a thread, and the same thread then finishes the checkpoint exactly as save() does. At most
+    one save is in flight: the next one waits for it. The thread's collectives run on a process
+    group of their own (gloo), so they never interleave with the loop's."""
+
+    SLOW_ENV = "LLAMA_FINEWEB_SLOW_SAVE"  # tests: "STEP:SECONDS", that step's save finishes that much later
+
+    def __init__(self, device: torch.device):
+        # The thread's collectives need a group of their own (gloo: async_save needs a CPU backend);
+        # False where there is no process group, which also tells _prepare to leave the check here.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else False
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=device.type == "cuda", use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=False))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.future = None
+
+    def save(self, out_dir: str | Path, step: int, state: Mapping[str, Any], meta: dict | None = None,
+             keep_last: int = 3, keep: Path | None = None) -> Path:
+        """Start writing checkpoint `step` (collective); returns the path it will have."""
+        self.wait()
+        pending = _prepare(Path(out_dir), step, state, meta, keep_last, keep, self.group)
+        slow_step, _, seconds = os.environ.get(self.SLOW_ENV, "").partition(":")
+        delay = float(seconds or 600) if slow_step == str(step) else 0.0
+        group = self.group or None
+        staged = self.stager.stage(pending.tensors)  # the copy that is written; the live tensors train on
+        pending.tensors = None
+        try:
+            writing = dcp.async_save(staged, checkpoint_id=pending.tmp, process_group=group,
+                                     async_stager=_AlreadyStaged())
+        except (OSError, RuntimeError, CheckpointException) as e:
+            pending.fail(e)
+
+        def complete() -> Path:
+            time.sleep(delay)
+            try:
+                writing.result()
+            except (OSError, RuntimeError, CheckpointException) as e:
+                pending.fail(e)
+            # Checked here, on the staged copy, as save() checks before writing: a checkpoint with
+            # NaN or inf is never completed (its temporary directory goes).
+            bad = _one_bad_name(_first_nonfinite(staged), group)
+            if bad:
+                if _rank() == 0:
+                    shutil.rmtree(pending.tmp, ignore_errors=True)
+                raise _nonfinite_error(pending.out_dir, pending.step, bad)
+            return pending.finish()
+
+        self.future = self.pool.submit(complete)
+        return pending.final
+
+    def in_flight(self) -> bool:
+        """A save started and not yet complete (this rank's view: no collective)."""
+        return self.future is not None and not self.future.done()
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight (if any) is complete; its path. CheckpointError if it failed."""
+        future, self.future = self.future, None
+        return None if future is None else future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+            self.stager.close()
 
 
 def _free_bytes(path: Path) -> int:
@@ -403,6 +511,18 @@ def _run_id(ckpt: Path) -> str | None:
         return read_meta(ckpt).get("run_id")
     except CheckpointError:
         return None
+
+
+class _AlreadyStaged(AsyncStager):
+    """AsyncSaver stages (and keeps) the copy itself, to check it in the thread: nothing more to do."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def close(self) -> None:
+        pass
 
 
 def remove_incomplete(out_dir: str | Path) -> None:

@@ -265,7 +265,8 @@ def _last_byte(path: Path) -> bytes:
 
 
 def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> None:
-    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag.
+    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag; with
+    --layer_stats_interval, heatmaps (blocks x steps) of each block's gradient norm and update ratio.
     extrapolation: (steps, forecast, low, high) of forecast.band, drawn dashed with its band."""
     import matplotlib  # noqa: PLC0415
 
@@ -279,7 +280,9 @@ def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> None:
 
     # A data mixture (mixture.py) logs tokens/NAME, epoch/NAME and val_loss/NAME for each source.
     sources = sorted({k.partition("/")[2] for r in rows for k in r if k.startswith("tokens/")})
-    fig, axes = plt.subplots(2, 3 if sources else 2, figsize=(18 if sources else 12, 8))
+    layered = [key for key in ("layer_grad_norm", "layer_update_ratio") if any(key in r for r in rows)]
+    fig, axes = plt.subplots(3 if layered else 2, 3 if sources else 2, figsize=(18 if sources else 12,
+                                                                                12 if layered else 8))
     ax = axes[0][0]
     ax.plot(*series("loss"), label="train", lw=0.8)
     ax.plot(*series("val_loss"), "o-", label="validation")
@@ -311,8 +314,21 @@ def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> None:
     ax.plot(*series("hellaswag_acc"), "o-", label="acc")
     ax.set(title="HellaSwag", xlabel="step")
     ax.legend()
+    for ax, key in zip(axes[2] if layered else [], layered):
+        layer_heatmap(fig, ax, *series(key), key)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
+
+
+def layer_heatmap(fig, ax, steps: list[int], values: list[list[float]], key: str) -> None:
+    """log10 of a per-block series as an image: blocks up the side, statistics steps along the bottom."""
+    import numpy as np  # noqa: PLC0415
+
+    grid = np.log10(np.maximum(np.array(values, dtype=float).T, 1e-12))  # (blocks, steps)
+    image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, grid.shape[0] - 0.5))
+    fig.colorbar(image, ax=ax, label=f"log10 {key}")
+    ax.set(title=f"{key} per block", xlabel="step", ylabel="block")
 
 
 def plot_dynamics(evals: list[dict], rows: list[dict], out_png: str | Path) -> None:

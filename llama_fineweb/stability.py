@@ -217,18 +217,29 @@ class Health:
     unhealthy: bool = False  # the last step was skipped or spiking: no checkpoint now
     save_deferred: bool = False  # a save fell due while unhealthy: made at the next healthy step
     rollbacks: int = 0  # rollbacks in this process
+    writing: Path | None = None  # the pending checkpoint while an asynchronous save still writes it
+    confirmed: bool = False  # a judged healthy step found the weights being written healthy
 
     def judged(self, healthy: bool, judged: bool = True) -> None:
         """After a step on the current weights: a pending checkpoint becomes the good one once a
         judged step finds them healthy, and is never trusted if a step finds them unhealthy; a step
-        no check could judge leaves it pending."""
+        no check could judge leaves it pending. One still being written becomes good only once
+        complete (written)."""
         self.unhealthy = not healthy
         if self.pending is None:
             return
         if not healthy:
-            self.pending = None
+            self.pending, self.confirmed = None, False
+        elif judged and self.pending == self.writing:
+            self.confirmed = True
         elif judged:
             self.good, self.pending = self.pending, None
+
+    def written(self) -> None:
+        """The asynchronous save in flight is complete on disk: good now if already confirmed."""
+        if self.pending is not None and self.pending == self.writing and self.confirmed:
+            self.good, self.pending = self.pending, None
+        self.writing, self.confirmed = None, False
 
 
 # ----------------------------------------------------------------------------- the run's guard
@@ -450,8 +461,9 @@ def check_precision(cfg: Any, d: Dist) -> None:
                         f"scaling) or --dtype=float32")
 
 
-def out_of_memory_message(cfg: Any, device: torch.device) -> str:
-    """The one line for a CUDA out-of-memory error before the first step completed."""
+def out_of_memory_message(cfg: Any, device: torch.device, snapshot: Path | None = None) -> str:
+    """The one line for a CUDA out-of-memory error before the first step completed (naming the
+    allocator's snapshot, with --memory_snapshot)."""
     memory = ""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -460,4 +472,6 @@ def out_of_memory_message(cfg: Any, device: torch.device) -> str:
     smaller = max(1, cfg.micro_batch // 2)
     return (f"out of memory at the first step with --micro_batch={cfg.micro_batch} x --seq_len={cfg.seq_len}"
             f"{memory}: try --micro_batch={smaller} (the same global batch, more accumulation), "
-            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs")
+            f"--activation_checkpointing=full, or --parallel=fsdp across several GPUs"
+            + (f"; the allocator's snapshot is {snapshot} (open it at https://pytorch.org/memory_viz)"
+               if snapshot else ""))

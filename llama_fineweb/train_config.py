@@ -106,6 +106,7 @@ class TrainConfig:
     init_from: str = ""  # weights only (our checkpoint or a Hugging Face directory)
     stop_step: int = 0  # save and stop after this step (e.g. to fit a job's time limit)
     verify: Literal["full", "size"] = "full"  # on load: "full" checks every file's sha256, "size" only the sizes
+    async_save: bool = True  # write checkpoints in the background (staged in CPU memory) while training goes on
     # system
     device: str = "auto"  # auto = cuda if available, else cpu
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # autocast dtype on CUDA (float16: with dynamic loss scaling); CPU runs in float32
@@ -131,6 +132,10 @@ class TrainConfig:
     wandb_project: str = "llama-fineweb"  # the wandb project
     tensorboard: bool = False  # log to TensorBoard too (out_dir/tensorboard)
     benchmark: int = 0  # >0: time this many steps on synthetic tokens, save nothing
+    # profiling and per-layer statistics (docs/at-scale.md)
+    profile: str = ""  # START:END: a torch.profiler trace of steps START..END in out_dir/profile/; empty = none
+    memory_snapshot: bool = False  # CUDA: record the allocator's history; a snapshot after step 1 and on out-of-memory
+    layer_stats_interval: int = 0  # steps between per-block gradient, weight, update and activation statistics; 0 = never
 
     def model_config(self) -> ModelConfig:
         return model_config(self.model, max_seq_len=self.seq_len, **self.model_overrides)
@@ -147,7 +152,7 @@ class TrainConfig:
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
                          "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops",
-                         "benchmark", "max_rollbacks", "rollback_margin", "z_loss")
+                         "benchmark", "max_rollbacks", "rollback_margin", "z_loss", "layer_stats_interval")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
@@ -184,6 +189,7 @@ class TrainConfig:
             raise ConfigError(f"--spike_min_history={self.spike_min_history} is more than --spike_window="
                               f"{self.spike_window} healthy steps kept: no step would ever be judged")
         parse_windows(self.skip_batches)
+        self.profile_steps()
         if self.start_over and self.resume != "never":
             raise ConfigError("--start_over only applies with --resume=never")
         if not self.resume:
@@ -219,6 +225,16 @@ class TrainConfig:
         if self.lr_schedule == "wsd" and self.warmup_steps + self.decay_length() > self.max_steps:
             raise ConfigError(f"--warmup_steps={self.warmup_steps} + a decay of {self.decay_length()} steps "
                               f"exceed --max_steps={self.max_steps}: shorten them or lengthen the run")
+
+    def profile_steps(self) -> tuple[int, int] | None:
+        """--profile=START:END as (START, END), both steps included; None when unset."""
+        if not self.profile:
+            return None
+        m = re.fullmatch(r"(\d+):(\d+)", self.profile)
+        if not m or not 1 <= int(m[1]) <= int(m[2]):
+            raise ConfigError(f"--profile={self.profile!r}: write START:END, two step numbers with "
+                              f"1 <= START <= END (e.g. --profile=10:12)")
+        return int(m[1]), int(m[2])
 
     def decay_length(self) -> int:
         """wsd: the steps of the final decay (decay_steps, else decay_fraction of max_steps)."""

@@ -106,11 +106,11 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path,
         assert torch.equal(v, weights(tmp_path)[k]), k
 
 
-def start(out_dir: Path, data_dir: Path, *extra: str) -> subprocess.Popen:
+def start(out_dir: Path, data_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     args = [*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra]
     return subprocess.Popen([sys.executable, str(ROOT / "train_llama.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -346,6 +346,7 @@ def test_init_from_errors_are_one_line(tmp_path, data_dir, source):
 def test_step_time_excludes_evaluation_and_checkpoints(tmp_path, data_dir, monkeypatch):
     """A slow validation and save show up as eval_s / save_s, not in the step's ms or tokens/s."""
     validation, save, real_clock = train_llama.validation_loss, train_llama.checkpoint.save, time.perf_counter
+    save_in_background = train_llama.checkpoint.AsyncSaver.save
     lost = [0.0]  # seconds the slow parts "take", added to the clock without sleeping
 
     def slow_validation(run):
@@ -358,7 +359,12 @@ def test_step_time_excludes_evaluation_and_checkpoints(tmp_path, data_dir, monke
 
     monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + lost[0])
     monkeypatch.setattr(train_llama, "validation_loss", slow_validation)
+    def slow_start_of_a_background_save(saver, *args, **kwargs):
+        lost[0] += 100.0
+        return save_in_background(saver, *args, **kwargs)
+
     monkeypatch.setattr(train_llama.checkpoint, "save", slow_save)
+    monkeypatch.setattr(train_llama.checkpoint.AsyncSaver, "save", slow_start_of_a_background_save)
     train_llama.main([*BASE, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=4",
                       "--eval_interval=2", "--save_interval=2"])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

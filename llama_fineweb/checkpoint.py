@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from model import ModelConfig, Transformer, build_model
 
 from . import hf_io, lora
+from .metrics import LOG_FILE
 from .utils import UserError, fsync_dir, write_atomic
 
 META = "meta.json"
@@ -442,11 +443,16 @@ def set_aside(out_dir: str | Path, after_step: int) -> list[Path]:
     return moved
 
 
+# What a run writes beside its checkpoints: a start-over moves or deletes these with them.
+RUN_RECORDS = (LATEST, "metrics.jsonl", LOG_FILE, "spikes")  # spikes/: stability.spike_forensics
+
+
 def start_over(out_dir: str | Path, how: str) -> str:
-    """Move ("archive") or delete ("delete") a run directory's checkpoints, latest and metrics,
-    so a new run can start in it; returns what was done, for the log."""
+    """Move ("archive") or delete ("delete") a run directory's checkpoints and records (latest,
+    metrics, log, spike forensics), so a new run can start in it; returns what was done, for the
+    log. A Logger holding the old files open must reopen them (Logger.reopen)."""
     out_dir = Path(out_dir)
-    old = [*complete_checkpoints(out_dir), *(out_dir / n for n in (LATEST, "metrics.jsonl"))]
+    old = [*complete_checkpoints(out_dir), *(out_dir / n for n in RUN_RECORDS)]
     old = [p for p in old if p.exists()]
     if how == "delete":
         for p in old:

@@ -150,7 +150,9 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
                               f"{existing[-1].name}): choose a new --out_dir, or add --start_over=archive "
                               f"(moves them aside) or --start_over=delete")
         if existing and d.is_main:
-            log.print(checkpoint.start_over(out_dir, cfg.start_over))
+            done = checkpoint.start_over(out_dir, cfg.start_over)
+            log.reopen()
+            log.print(done)
         if d.world_size > 1:
             dist.barrier()
         return None

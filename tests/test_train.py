@@ -242,6 +242,24 @@ def test_resume_never_in_a_used_out_dir_is_refused(tmp_path, data_dir):
     assert len(archived) == 1
 
 
+def test_start_over_keeps_the_new_runs_metrics(tmp_path, data_dir):
+    """--start_over=delete and =archive: the new run's rows land in out_dir/metrics.jsonl, the old
+    run's metrics, log and spikes/ go (to the archive), and the archive gains nothing new."""
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=2")
+    (tmp_path / "spikes").mkdir()
+    (tmp_path / "spikes" / "step_0000001.json").write_text("{}")
+    run_here(tmp_path, data_dir, "--max_steps=1", "--save_interval=1", "--resume=never", "--start_over=delete")
+    assert max(losses(tmp_path)) == 1 and not (tmp_path / "spikes").exists()
+    deleted_run = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "spikes").mkdir()
+    run_here(tmp_path, data_dir, "--max_steps=3", "--save_interval=3", "--resume=never", "--start_over=archive")
+    archive = next(tmp_path.glob("archive_*"))
+    assert (archive / "metrics.jsonl").read_text() == deleted_run
+    assert (archive / "spikes").is_dir() and not (tmp_path / "spikes").exists()
+    assert (archive / "log.txt").is_file() and max(losses(tmp_path)) == 3
+    assert min(losses(tmp_path)) == 1
+
+
 def test_second_job_on_the_same_out_dir_is_refused(tmp_path, data_dir):
     """Two real processes on one out_dir: the second exits 2 naming the holder; the first goes on."""
     first = start(tmp_path, data_dir, "--max_steps=100000")

@@ -75,7 +75,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from llama_fineweb import checkpoint, hf_io, metrics
+from llama_fineweb import checkpoint, hellaswag, hf_io, metrics
 from llama_fineweb.tokenizer import EOT, N_VOCAB, vocab_file
 from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 from model import Transformer
@@ -222,6 +222,9 @@ def task_manager(tasks: list[str], include_path: str | None):
         where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks"
         raise UserError(f"unknown task {unknown[0]!r} (not in {where}): list them with `lm-eval ls tasks`, "
                         f"or pass --include_path DIR holding its YAML")
+    missing = missing_local_data(manager, tasks)
+    if missing:
+        raise UserError(missing)
     try:
         if hasattr(manager, "load"):
             manager.load(tasks)
@@ -239,6 +242,22 @@ def task_manager(tasks: list[str], include_path: str | None):
             f"hellaswag_local --include_path tasks (docs/evaluation.md: Offline evaluation)"
         ) from None
     return manager
+
+
+def missing_local_data(manager, tasks: list[str]) -> str | None:
+    """The one-line refusal for a local task (dataset_path: json) whose data file is absent, with
+    where the file comes from; None when every local file is there."""
+    for task in tasks:
+        cfg = getattr(manager.task_index.get(task), "cfg", None) or {}
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") if cfg.get("dataset_path") == "json" else None
+        names = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files or []
+        for name in names:
+            if isinstance(name, str) and not Path(name).is_file():
+                source = (hellaswag.fetch_advice(name) if Path(name).name == "hellaswag_val.jsonl"
+                          else "put the file there or edit the task's data_files")
+                return (f"task {task} reads {name}, which does not exist (relative to {Path.cwd()}): {source} "
+                        f"(docs/evaluation.md: Offline evaluation)")
+    return None
 
 
 def task_files_digest(include_path: str | None) -> str | None:

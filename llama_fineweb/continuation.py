@@ -110,8 +110,9 @@ def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None])
             note(f"already at step {step}, as --{knob}={step} asks: nothing to do")
             return
         if knob == "max_steps" and step == limit:
-            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; "
-                              f"raise --max_steps to continue")
+            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; raise "
+                              f"--max_steps to continue, or start over with --resume=never "
+                              f"--start_over=archive (or another --out_dir)")
         raise ConfigError(f"already at step {step}, {'at' if step == limit else 'past'} {knob} {limit}: nothing to "
                           f"do; raise --{knob} above {step} to continue (or pass --{knob}={step} to accept that)")
 

@@ -499,9 +499,13 @@ def read_meta(ckpt: str | Path) -> dict:
     return meta
 
 
-def verify(ckpt: str | Path, full: bool = True) -> None:
+RESUME_ADVICE = "resume from an older step_* directory (--resume=PATH)"
+
+
+def verify(ckpt: str | Path, full: bool = True, advice: str = RESUME_ADVICE) -> None:
     """CheckpointError unless every file has the size (and, with full, the checksum) recorded at
-    save. Collective when distributed: the files are shared out among the ranks."""
+    save; `advice` ends the message. Collective when distributed: the files are shared out among
+    the ranks."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     recorded = meta.get("files")
@@ -522,7 +526,7 @@ def verify(ckpt: str | Path, full: bool = True) -> None:
             break
     problem = _one_bad_name(problem)
     if problem:
-        raise CheckpointError(f"{problem}; resume from an older step_* directory (--resume=PATH)")
+        raise CheckpointError(f"{problem}; {advice}")
 
 
 def _verify_sizes_from_metadata(ckpt: Path) -> None:
@@ -545,14 +549,15 @@ def _verify_sizes_from_metadata(ckpt: Path) -> None:
 
 # ----------------------------------------------------------------------------- load
 
-def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full") -> dict:
+def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full",
+         advice: str = RESUME_ADVICE) -> dict:
     """Load `state` (the mapping save took, or part of it) from `ckpt` in place; returns its
-    meta.json. verify_files: "full" (sizes and checksums), "size" or "none". Collective when
-    distributed: every rank calls it."""
+    meta.json. verify_files: "full" (sizes and checksums), "size" or "none"; `advice` ends the
+    message of a corrupt checkpoint. Collective when distributed: every rank calls it."""
     ckpt = Path(ckpt)
     meta = _upgrade(read_meta(ckpt))
     if verify_files != "none":
-        verify(ckpt, full=verify_files == "full")
+        verify(ckpt, full=verify_files == "full", advice=advice)
     missing = [name for name in state if name not in _tensor_states(state) and name not in meta]
     if missing:
         raise CheckpointError(f"{ckpt / META} has no {', '.join(missing)}: it was not written by a "
@@ -569,8 +574,7 @@ def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full")
                               f"step_* directory or check the model config") from None
     bad = _one_bad_name(_first_nonfinite(tensors))
     if bad:
-        raise CheckpointError(f"checkpoint {ckpt} holds NaN or inf in {bad}; resume from an "
-                              f"older step_* directory (--resume=PATH)")
+        raise CheckpointError(f"checkpoint {ckpt} holds NaN or inf in {bad}; {advice}")
     for name, obj in state.items():
         obj.load_state_dict(tensors[name] if name in tensors else meta[name])
     return meta

@@ -182,16 +182,22 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
 def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
     """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
     + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
+    if own is not None and is_branch_of(checkpoint.read_meta(own), cfg.decay_from):
+        return continue_branch(cfg, own)  # its start need not exist any more: the branch holds all it needs
     ckpt = checkpoint.resolve(cfg.decay_from)
     if ckpt is None:
         raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
     if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
         raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
                           f"out_dir, so that the main run goes on")
-    if own is not None:
-        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
-        return own
     meta = checkpoint.read_meta(ckpt)
+    if own is not None:
+        own_meta = checkpoint.read_meta(own)
+        parent = branch_parent(own_meta)
+        fix = (f"resume that branch with --decay_from={parent['checkpoint']}, or choose a new --out_dir for this one"
+               if parent else "a branch starts in an out_dir of its own: choose a new --out_dir for it")
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds {describe_run(own_meta, own)}, not a branch from {ckpt} "
+                          f"(run {meta.get('run_id')}, step {meta['step']}): {fix}")
     step = meta["step"]
     cfg.max_steps = step + cfg.decay_steps
     main_run = dataclasses.replace(cfg, **saved_schedule(meta))
@@ -201,6 +207,63 @@ def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
     log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
               f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
     return ckpt
+
+
+def lineage(run_id: str, parent: dict | None) -> dict:
+    """What every checkpoint records of where its run came from: its run id and, for a decay
+    branch, the checkpoint it branched from (that run's id, the step, the path)."""
+    return {"run_id": run_id, "parent": parent}
+
+
+def branch_parent(meta: dict) -> dict | None:
+    """The checkpoint a branch's checkpoint descends from: its recorded lineage, or for a branch
+    saved before lineage was recorded, its --decay_from (path only)."""
+    recorded = meta.get("lineage")
+    if recorded is not None:
+        return recorded.get("parent")
+    saved = meta.get("train_config", {}).get("decay_from")
+    return {"run_id": None, "step": None, "checkpoint": saved} if saved else None
+
+
+def is_branch_of(meta: dict, decay_from: str) -> bool:
+    """Whether a checkpoint (in a branch's out_dir) belongs to the branch from `decay_from`: the same
+    checkpoint by path, or by run id and step (a run directory's latest, or the same checkpoint moved)."""
+    parent = branch_parent(meta)
+    if parent is None:
+        return False
+    if same_init_from(parent["checkpoint"], decay_from):
+        return True
+    try:
+        named = checkpoint.resolve(decay_from)
+        named_meta = checkpoint.read_meta(named) if named is not None else {}
+    except checkpoint.CheckpointError:
+        return False
+    if Path(decay_from).resolve() != Path(named or decay_from).resolve() and parent["run_id"] is not None:
+        return named_meta.get("run_id") == parent["run_id"]  # a run directory: its run, wherever it is now
+    return parent["run_id"] is not None and (named_meta.get("run_id"), named_meta.get("step")) == (
+        parent["run_id"], parent["step"])
+
+
+def describe_run(meta: dict, ckpt: Path) -> str:
+    """'a decay branch of run R from step S (PATH), at step_N' or 'run R, at step_N'."""
+    parent = branch_parent(meta)
+    if parent is None:
+        return f"run {meta.get('run_id')}, at {ckpt.name}"
+    start = f" from step {parent['step']}" if parent["step"] is not None else ""
+    return f"a decay branch of run {parent['run_id']}{start} ({parent['checkpoint']}), at {ckpt.name}"
+
+
+def continue_branch(cfg: TrainConfig, own: Path) -> Path:
+    """A branch resumed in its own out_dir: the length it started with; refused when complete, with
+    the command that decays for longer (a new branch: a finished one is at min_lr)."""
+    meta = checkpoint.read_meta(own)
+    cfg.max_steps = meta["train_config"]["max_steps"]
+    if meta["step"] >= cfg.max_steps:
+        parent = branch_parent(meta)
+        raise ConfigError(f"the decay branch in {cfg.out_dir} is complete at step {meta['step']} (its decay from "
+                          f"{parent['checkpoint']} ended at min_lr): nothing to do; for a longer decay start a new "
+                          f"branch: --decay_from={parent['checkpoint']} --decay_steps=N --out_dir=NEW_DIR")
+    return own
 
 
 def saved_schedule(meta: dict) -> dict:

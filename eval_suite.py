@@ -131,7 +131,8 @@ def to_llama(model: Transformer, source: str = ""):
     return hf_model.eval()
 
 
-def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full") -> tuple[object, Path, dict]:
+def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full",
+                    lora_base: str | None = None) -> tuple[object, Path, dict]:
     """(LlamaForCausalLM, directory for the results, meta) for a run dir, a step dir, or a
     weights dir written by `export_hf.py --from_hf`; a checkpoint's files are checked against
     their recorded checksums (verify="full") or sizes ("size")."""
@@ -141,7 +142,7 @@ def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full"
     ckpt = checkpoint.resolve(path)
     if ckpt is None:
         raise UserError(f"{path} holds no complete checkpoint yet")
-    model = checkpoint.load_model(ckpt, device, verify_files=verify)
+    model = checkpoint.load_model(ckpt, device, verify_files=verify, lora_base=lora_base)
     meta = checkpoint.read_meta(ckpt)
     return to_llama(model, str(ckpt)), ckpt, meta
 
@@ -409,7 +410,7 @@ def evaluate_run(run_dir: Path, evaluation: Evaluation) -> Path | None:
     manager = evaluation.task_manager() if mine else None
     for i, ckpt in enumerate(mine, 1):
         try:
-            hf_model, _, meta = load_checkpoint(ckpt, evaluation.device, args.verify)
+            hf_model, _, meta = load_checkpoint(ckpt, evaluation.device, args.verify, args.lora_base)
         except UserError as e:  # one bad checkpoint should not cost the others' results
             print(f"eval_suite: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -489,6 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="a run directory (its latest step), a step_* directory, "
                                              "or a weights directory from export_hf.py --from_hf")
     source.add_argument("--hf", help="a local Hugging Face causal LM directory with GPT-2's vocabulary")
+    parser.add_argument("--lora_base", help="a LoRA run whose base model moved: its new path (checked against the sha256 the run recorded)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval task names")
     parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 here)")
     parser.add_argument("--limit", type=float, default=None,
@@ -581,7 +583,7 @@ def _main(args: argparse.Namespace) -> None:
             if args.hf:
                 hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
             else:
-                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device, args.verify)
+                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device, args.verify, args.lora_base)
             out = Path(args.out) if args.out else result_path(result_dir, key)
             record = evaluate_model(hf_model, result_dir, meta, out, manager, args, settings)
             print(record["table"], end="")

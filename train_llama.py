@@ -566,7 +566,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         loader.skip(stability.parse_windows(cfg.skip_batches))
     model = build_model(cfg.model_config(), d.device)
     spec = cfg.lora_spec()
-    base = lora_base(cfg, resume_from) if spec and not benchmark else None  # a changed base: refused first
+    base = lora_base(cfg, resume_from, d, log) if spec and not benchmark else None  # a changed base: refused first
     # A LoRA run's checkpoints hold its adapters alone: the base is read on resume too.
     if cfg.init_from and (resume_from is None or spec) and not benchmark:
         init_weights_from(cfg.init_from, model, log, cfg.verify)

@@ -90,9 +90,15 @@ def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
         raise ConfigError(f"{ckpt} records no train_config: it was not written by a training run, so there is "
                           f"no run to resume; start from its weights with --init_from={ckpt} in another --out_dir")
     saved = meta["train_config"].get("init_from", "")
+    if meta.get("lora") and cfg.init_from and not same_init_from(saved, cfg.init_from):
+        # The base of a LoRA run is read on resume: the same bytes moved elsewhere are the same base.
+        checkpoint.check_base(meta["lora"]["base"], ckpt, now=cfg.init_from)
+        return
     if not same_init_from(saved, cfg.init_from):
         was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
-        keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"
+        read = ("a LoRA run reads its base on resume: these bytes, by sha256, wherever they are now" if meta.get("lora")
+                else "it is not read on resume")
+        keep = f"pass --init_from={saved} ({read})" if saved else "drop --init_from"
         raise ConfigError(f"--init_from={cfg.init_from or repr('')} but the run in {ckpt.parent} started from {was} "
                           f"and a resume continues it from {ckpt.name}, never from a new base: {keep} to resume "
                           f"it, or choose another --out_dir to start from the new one")
@@ -282,17 +288,22 @@ def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
                   f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
 
 
-def lora_base(cfg: TrainConfig, resume_from: Path | None) -> dict:
+def lora_base(cfg: TrainConfig, resume_from: Path | None, d: Dist, log: Logger) -> dict:
     """The base model's reference a LoRA run records (checkpoint.base_reference); on resume the
-    checkpoint's, after checking that --init_from still holds those exact weights."""
+    checkpoint's, after checking that --init_from holds those exact weights (at their new path if
+    moved). Rank 0 marks a base checkpoint as this run's, so that its run's pruning keeps it."""
     if resume_from is None:
-        return checkpoint.base_reference(cfg.init_from)
-    saved = checkpoint.read_meta(resume_from).get("lora")
-    if not saved:
-        raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
-                          f"--lora_rank, or choose another --out_dir")
-    checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
-    return saved["base"]
+        base = checkpoint.base_reference(cfg.init_from)
+    else:
+        saved = checkpoint.read_meta(resume_from).get("lora")
+        if not saved:
+            raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
+                              f"--lora_rank, or choose another --out_dir")
+        base = checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
+    problem = checkpoint.pin_base(base, cfg.out_dir) if d.is_main else None
+    if problem:
+        log.print(f"warning: {problem}")
+    return base
 
 
 def acquire_lock(cfg: TrainConfig, d: Dist) -> checkpoint.RunLock | None:

@@ -23,7 +23,7 @@ from model import ModelConfig
 from . import checkpoint
 from .metrics import Logger
 from .train_config import ConfigError, TrainConfig
-from .utils import Dist
+from .utils import Dist, UserError
 
 # Knobs whose change would alter the data order or the model: a resume must not change them.
 FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
@@ -146,9 +146,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | None:
-    """The checkpoint to resume from, checked against this config before any heavy work."""
+    """The checkpoint to resume from, checked against this config before any heavy work. Rank 0
+    decides and the others follow (its path, the branch length it set, or its refusal): ranks that
+    each read `latest` could resume different steps where a shared filesystem is slow to agree."""
+    if d.world_size == 1:
+        return choose_resume_checkpoint(cfg, log)
+    found, error = None, None
+    if d.is_main:
+        try:
+            found = choose_resume_checkpoint(cfg, log)
+        except Exception as e:  # noqa: BLE001 - the others must hear of it, or they wait forever
+            error = e
+    box = [None if found is None else str(found), cfg.max_steps,
+           None if error is None else (type(error) if isinstance(error, UserError) else RuntimeError, str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[2] is not None:
+        kind, message = box[2]
+        raise kind(message if kind is not RuntimeError else f"rank 0 failed to find the checkpoint: {message}")
+    cfg.max_steps = box[1]
+    return None if box[0] is None else Path(box[0])
+
+
+def choose_resume_checkpoint(cfg: TrainConfig, log: Logger) -> Path | None:
+    """find_resume_checkpoint's decision, made on rank 0 alone."""
     out_dir = Path(cfg.out_dir)
-    if d.is_main and out_dir.is_dir():
+    if out_dir.is_dir():
         checkpoint.remove_incomplete(out_dir)  # safe: the lock says no other job writes here
     if cfg.resume == "never":
         existing = checkpoint.complete_checkpoints(out_dir)
@@ -156,12 +180,10 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
             raise ConfigError(f"--resume=never but {out_dir} holds {len(existing)} checkpoints (newest "
                               f"{existing[-1].name}): choose a new --out_dir, or add --start_over=archive "
                               f"(moves them aside) or --start_over=delete")
-        if existing and d.is_main:
+        if existing:
             done = checkpoint.start_over(out_dir, cfg.start_over)
             log.reopen()
             log.print(done)
-        if d.world_size > 1:
-            dist.barrier()
         return None
     ckpt = checkpoint.resolve(out_dir) if cfg.resume == "auto" and out_dir.is_dir() else None
     if cfg.resume != "auto":

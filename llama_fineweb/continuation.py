@@ -277,8 +277,8 @@ def describe_run(meta: dict, ckpt: Path) -> str:
     parent = branch_parent(meta)
     if parent is None:
         return f"run {meta.get('run_id')}, at {ckpt.name}"
-    start = f" from step {parent['step']}" if parent["step"] is not None else ""
-    return f"a decay branch of run {parent['run_id']}{start} ({parent['checkpoint']}), at {ckpt.name}"
+    of = f" of run {parent['run_id']} from step {parent['step']}" if parent["run_id"] is not None else ""
+    return f"a decay branch{of} ({parent['checkpoint']}), at {ckpt.name}"
 
 
 def continue_branch(cfg: TrainConfig, own: Path) -> Path:

@@ -273,6 +273,9 @@ def save_weights(model: Transformer, out_dir: str | Path, force: bool = False, s
 
 
 def _load_checkpoint(path: str, device: str, verify: str = "full", lora_base: str | None = None) -> Transformer:
+    if (Path(path) / "config.json").is_file():
+        raise UserError(f"--checkpoint {path} is a Hugging Face model directory already: transformers loads it "
+                        f"as it is (LlamaForCausalLM.from_pretrained); --from_hf imports it into our format")
     if (Path(path) / "model_config.json").is_file():
         return load_weights(path, device)
     return checkpoint.load_model(path, device, verify_files=verify, lora_base=lora_base)

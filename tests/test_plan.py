@@ -267,6 +267,10 @@ def _probe_worker(rank: int, init_file: str, out_dir: str) -> None:
         norms = [None, None]
         dist.all_gather_object(norms, torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"verdicts": verdicts, "norms": norms}))
+        # DDP's reducer goes first, while the process group outlives it: a reducer that drops the last
+        # reference to the group joins gloo's thread while holding the GIL that thread may wait for.
+        dist.barrier()
+        del train_model
     finally:
         dist.destroy_process_group()
 

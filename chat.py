@@ -142,7 +142,7 @@ def load_model(args: argparse.Namespace) -> tuple[Transformer, Template, str]:
         if (Path(args.checkpoint) / "model_config.json").is_file():
             model = hf_io.load_weights(args.checkpoint, device)
         else:
-            model = checkpoint.load_model(args.checkpoint, device, verify_files=args.verify)
+            model = checkpoint.load_model(args.checkpoint, device, verify_files=args.verify, lora_base=args.lora_base)
         saved = checkpoint_template(args.checkpoint)
         note = (f"template {template.name} (--template)" if template else
                 f"template {saved.name} (the checkpoint's)" if saved else
@@ -206,6 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="our run or step_* directory (or export_hf.py --from_hf output)")
     source.add_argument("--hf", help="a Hugging Face Llama directory with GPT-2's vocabulary")
+    parser.add_argument("--lora_base", help="a LoRA run whose base model moved: its new path (checked against the sha256 the run recorded)")
     parser.add_argument("--prompt", help="answer this once and exit (the answer alone on stdout)")
     parser.add_argument("--template", help=f"one of {sorted(TEMPLATES)} or a .json file; default: the "
                                            "checkpoint's, else vicuna")

@@ -75,7 +75,7 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from llama_fineweb import checkpoint, contamination, hf_io, metrics
+from llama_fineweb import checkpoint, contamination, hellaswag, hf_io, metrics
 from llama_fineweb.tokenizer import EOT, N_VOCAB, vocab_file
 from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 from model import Transformer
@@ -131,7 +131,8 @@ def to_llama(model: Transformer, source: str = ""):
     return hf_model.eval()
 
 
-def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full") -> tuple[object, Path, dict]:
+def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full",
+                    lora_base: str | None = None) -> tuple[object, Path, dict]:
     """(LlamaForCausalLM, directory for the results, meta) for a run dir, a step dir, or a
     weights dir written by `export_hf.py --from_hf`; a checkpoint's files are checked against
     their recorded checksums (verify="full") or sizes ("size")."""
@@ -141,7 +142,7 @@ def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full"
     ckpt = checkpoint.resolve(path)
     if ckpt is None:
         raise UserError(f"{path} holds no complete checkpoint yet")
-    model = checkpoint.load_model(ckpt, device, verify_files=verify)
+    model = checkpoint.load_model(ckpt, device, verify_files=verify, lora_base=lora_base)
     meta = checkpoint.read_meta(ckpt)
     return to_llama(model, str(ckpt)), ckpt, meta
 
@@ -222,6 +223,9 @@ def task_manager(tasks: list[str], include_path: str | None):
         where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks"
         raise UserError(f"unknown task {unknown[0]!r} (not in {where}): list them with `lm-eval ls tasks`, "
                         f"or pass --include_path DIR holding its YAML")
+    missing = missing_local_data(manager, tasks)
+    if missing:
+        raise UserError(missing)
     try:
         if hasattr(manager, "load"):
             manager.load(tasks)
@@ -239,6 +243,22 @@ def task_manager(tasks: list[str], include_path: str | None):
             f"hellaswag_local --include_path tasks (docs/evaluation.md: Offline evaluation)"
         ) from None
     return manager
+
+
+def missing_local_data(manager, tasks: list[str]) -> str | None:
+    """The one-line refusal for a local task (dataset_path: json) whose data file is absent, with
+    where the file comes from; None when every local file is there."""
+    for task in tasks:
+        cfg = getattr(manager.task_index.get(task), "cfg", None) or {}
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") if cfg.get("dataset_path") == "json" else None
+        names = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files or []
+        for name in names:
+            if isinstance(name, str) and not Path(name).is_file():
+                source = (hellaswag.fetch_advice(name) if Path(name).name == "hellaswag_val.jsonl"
+                          else "put the file there or edit the task's data_files")
+                return (f"task {task} reads {name}, which does not exist (relative to {Path.cwd()}): {source} "
+                        f"(docs/evaluation.md: Offline evaluation)")
+    return None
 
 
 def task_files_digest(include_path: str | None) -> str | None:
@@ -409,7 +429,7 @@ def evaluate_run(run_dir: Path, evaluation: Evaluation) -> Path | None:
     manager = evaluation.task_manager() if mine else None
     for i, ckpt in enumerate(mine, 1):
         try:
-            hf_model, _, meta = load_checkpoint(ckpt, evaluation.device, args.verify)
+            hf_model, _, meta = load_checkpoint(ckpt, evaluation.device, args.verify, args.lora_base)
         except UserError as e:  # one bad checkpoint should not cost the others' results
             print(f"eval_suite: skipping {ckpt.name}: {e}", file=sys.stderr, flush=True)
             failed += 1
@@ -489,6 +509,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--checkpoint", help="a run directory (its latest step), a step_* directory, "
                                              "or a weights directory from export_hf.py --from_hf")
     source.add_argument("--hf", help="a local Hugging Face causal LM directory with GPT-2's vocabulary")
+    parser.add_argument("--lora_base", help="a LoRA run whose base model moved: its new path (checked against the sha256 the run recorded)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated lm-eval task names")
     parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: the task's, 0 here)")
     parser.add_argument("--limit", type=float, default=None,
@@ -593,7 +614,7 @@ def _main(args: argparse.Namespace) -> None:
             if args.hf:
                 hf_model, result_dir, meta = load_hf_dir(args.hf, device), Path(args.hf), {}
             else:
-                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device, args.verify)
+                hf_model, result_dir, meta = load_checkpoint(args.checkpoint, device, args.verify, args.lora_base)
             out = Path(args.out) if args.out else result_path(result_dir, key)
             record = evaluate_model(hf_model, result_dir, meta, out, manager, args, settings)
             print(record["table"], end="")

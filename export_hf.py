@@ -241,15 +241,19 @@ def _export_adapter(args: argparse.Namespace, dtype: torch.dtype) -> None:
     if not adapter:
         raise UserError(f"--adapter: {args.checkpoint} holds no LoRA adapters (not a finetune.py --lora_rank run); "
                         f"drop --adapter to export its whole model")
-    model = checkpoint.load_model(ckpt, args.device, verify_files=args.verify, merge=False)
+    model = checkpoint.load_model(ckpt, args.device, verify_files=args.verify, merge=False, lora_base=args.lora_base)
     template = checkpoint_template(args.checkpoint)
-    base = adapter["base"]["path"]
+    base = str(Path(args.lora_base).resolve()) if args.lora_base else adapter["base"]["path"]
     save_adapter(model, lora.LoraSpec.from_dict(adapter["spec"]), args.out, base, dtype=dtype, force=args.force,
                  source=str(ckpt), chat_template=template.jinja() if template else None)
     trained = sum(t.numel() for t in lora.peft_state_dict(model).values())
+    if (Path(base) / "config.json").is_file():  # a Hugging Face directory already: transformers reads it as it is
+        load = f"load both with PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({base!r}), {args.out!r})"
+    else:
+        load = (f"export it with export_hf.py --checkpoint {base} --out BASE_DIR and load both with "
+                f"PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained('BASE_DIR'), {args.out!r})")
     print(f"exported {trained:,} adapter parameters from {ckpt} to {args.out} (PEFT format); their base is {base}: "
-          f"export it with export_hf.py --checkpoint {base} --out BASE_DIR and load both with "
-          f"PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(BASE_DIR), {args.out})")
+          + load)
 
 
 # ----------------------------------------------------------------------------- our weights
@@ -268,10 +272,13 @@ def save_weights(model: Transformer, out_dir: str | Path, force: bool = False, s
         (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
 
 
-def _load_checkpoint(path: str, device: str, verify: str = "full") -> Transformer:
+def _load_checkpoint(path: str, device: str, verify: str = "full", lora_base: str | None = None) -> Transformer:
+    if (Path(path) / "config.json").is_file():
+        raise UserError(f"--checkpoint {path} is a Hugging Face model directory already: transformers loads it "
+                        f"as it is (LlamaForCausalLM.from_pretrained); --from_hf imports it into our format")
     if (Path(path) / "model_config.json").is_file():
         return load_weights(path, device)
-    return checkpoint.load_model(path, device, verify_files=verify)
+    return checkpoint.load_model(path, device, verify_files=verify, lora_base=lora_base)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="import: pad the vocabulary with zero rows to this size (0 keeps it)")
     parser.add_argument("--adapter", action="store_true",
                         help="a LoRA run: export the adapters alone in PEFT's format instead of the merged model")
+    parser.add_argument("--lora_base", help="a LoRA run whose base model moved: its new path (checked against the sha256 the run recorded)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--verify", choices=("full", "size"), default="full",
                         help="export: check the checkpoint's files against their recorded sha256 (full) or "
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.adapter:
             _export_adapter(args, dtype)
         elif args.checkpoint:
-            model = _load_checkpoint(args.checkpoint, args.device, args.verify)
+            model = _load_checkpoint(args.checkpoint, args.device, args.verify, args.lora_base)
             template = checkpoint_template(args.checkpoint)
             save_hf(model, args.out, vocab_size=args.vocab_size, dtype=dtype, force=args.force, source=source_dir,
                     chat_template=template.jinja() if template else None)

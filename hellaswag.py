@@ -38,7 +38,7 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if args.hf:
         return load_hf_model(args.hf, device), Path(args.hf)
     # resolve() names the step directory that load_model loads (a run directory's `latest`).
-    return (checkpoint.load_model(args.checkpoint, device, verify_files=args.verify),
+    return (checkpoint.load_model(args.checkpoint, device, verify_files=args.verify, lora_base=args.lora_base),
             checkpoint.resolve(args.checkpoint))
 
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or one step directory")
     source.add_argument("--hf", help="a local directory holding a transformers causal LM (GPT-2 vocabulary)")
+    parser.add_argument("--lora_base", help="a LoRA run whose base model moved: its new path (checked against the sha256 the run recorded)")
     parser.add_argument("--data", help=f"a local hellaswag_val.jsonl (default: cached at {default_data_path()})")
     parser.add_argument("--limit", type=int, help="only the first N examples, for a quick estimate")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu")

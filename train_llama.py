@@ -31,7 +31,7 @@ import torch.nn as nn
 from fineweb_edu import build_local_corpus
 from llama_fineweb import (checkpoint, forecast, hellaswag, layer_stats, lora, parallel, planner, profiling,
                            stability)
-from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lora_base, lr_at
+from llama_fineweb.continuation import acquire_lock, find_resume_checkpoint, lineage, lora_base, lr_at
 from llama_fineweb.dataloader import TrainLoader, ValLoader
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
@@ -55,6 +55,7 @@ class Progress:
     tokens_seen: int = 0
     skipped_total: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    parent: dict | None = None  # a decay branch's start: {"run_id", "step", "checkpoint"} (continuation.lineage)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,6 +64,7 @@ class Progress:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.skipped_total = state.get("skipped_total", 0)
         self.run_id = state.get("run_id") or self.run_id
+        self.parent = state.get("parent")
 
 
 class StopFlag:
@@ -403,7 +405,8 @@ def save(run: Run) -> None:
     one completed first). save_s: the seconds the loop was blocked."""
     wait_for_save(run)
     t0 = time.perf_counter()
-    meta = {"run_id": run.progress.run_id, "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
+    meta = {"run_id": run.progress.run_id, "lineage": lineage(run.progress.run_id, run.progress.parent),
+            "run_kind": run.cfg.RUN_KIND, "train_config": dataclasses.asdict(run.cfg),
             "model_config": run.model.config.to_dict(), "metrics_position": run.log.position(),
             **({"lora": run.adapter} if run.adapter else {})}
     writer = run.saver.save if run.saver is not None else checkpoint.save
@@ -623,7 +626,7 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
         loader.skip(stability.parse_windows(cfg.skip_batches))
     model = build_model(cfg.model_config(), d.device)
     spec = cfg.lora_spec()
-    base = lora_base(cfg, resume_from) if spec and not benchmark else None  # a changed base: refused first
+    base = lora_base(cfg, resume_from, d, log) if spec and not benchmark else None  # a changed base: refused first
     # A LoRA run's checkpoints hold its adapters alone: the base is read on resume too.
     if cfg.init_from and (resume_from is None or spec) and not benchmark:
         init_weights_from(cfg.init_from, model, log, cfg.verify)
@@ -718,10 +721,14 @@ def restore(run: Run, ckpt: Path) -> None:
     del state["loader"]  # restored (and its data checked) before the model was built
     for name in run.stability.checkpoint_parts():
         del state[name]
-    meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify)
+    branch_start = run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve()
+    advice = "branch from another step_* directory (--decay_from=PATH)" if branch_start else checkpoint.RESUME_ADVICE
+    meta = checkpoint.load(ckpt, state, verify_files=run.cfg.verify, advice=advice)
     run.stability.load_state_dict(meta)
     run.stability.health.good = ckpt
-    if run.cfg.decay_from and Path(ckpt).resolve().parent != Path(run.cfg.out_dir).resolve():  # a branch's start
+    if branch_start:
+        run.progress.parent = {"run_id": run.progress.run_id, "step": run.progress.step,
+                               "checkpoint": str(Path(ckpt).resolve())}
         run.progress.run_id = Progress().run_id
     written_by = meta.get("world_size", run.dist.world_size)
     note = "" if written_by == run.dist.world_size else f" (written by {written_by} processes)"

@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from model import ModelConfig, Transformer, build_model
 
 from . import hf_io, lora
+from .metrics import LOG_FILE
 from .utils import UserError, fsync_dir, write_atomic
 
 META = "meta.json"
@@ -493,8 +494,8 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
 def prune(out_dir: Path, keep_last: int, newest: Path, keep: Path | None = None) -> None:
     """Delete complete checkpoints of `newest`'s run that are older than it, beyond the newest
     `keep_last`. Checkpoints of other runs, later steps, `keep` (the last one known to be good:
-    a checkpoint written after a spike must not push it out) and names that are not exactly ours
-    (`step_0000004.good`) are never touched."""
+    a checkpoint written after a spike must not push it out), the base of a LoRA run (is_pinned)
+    and names that are not exactly ours (`step_0000004.good`) are never touched."""
     if keep_last <= 0:
         return
     run_id = read_meta(newest).get("run_id")
@@ -502,7 +503,7 @@ def prune(out_dir: Path, keep_last: int, newest: Path, keep: Path | None = None)
     ours = [p for p in complete_checkpoints(out_dir)
             if int(p.name[5:]) <= newest_step and _run_id(p) == run_id]
     for old in ours[:-keep_last]:
-        if old != newest and (keep is None or old.resolve() != Path(keep).resolve()):
+        if old != newest and (keep is None or old.resolve() != Path(keep).resolve()) and not is_pinned(old):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -562,11 +563,16 @@ def set_aside(out_dir: str | Path, after_step: int) -> list[Path]:
     return moved
 
 
+# What a run writes beside its checkpoints: a start-over moves or deletes these with them.
+RUN_RECORDS = (LATEST, "metrics.jsonl", LOG_FILE, "spikes")  # spikes/: stability.spike_forensics
+
+
 def start_over(out_dir: str | Path, how: str) -> str:
-    """Move ("archive") or delete ("delete") a run directory's checkpoints, latest and metrics,
-    so a new run can start in it; returns what was done, for the log."""
+    """Move ("archive") or delete ("delete") a run directory's checkpoints and records (latest,
+    metrics, log, spike forensics), so a new run can start in it; returns what was done, for the
+    log. A Logger holding the old files open must reopen them (Logger.reopen)."""
     out_dir = Path(out_dir)
-    old = [*complete_checkpoints(out_dir), *(out_dir / n for n in (LATEST, "metrics.jsonl"))]
+    old = [*complete_checkpoints(out_dir), *(out_dir / n for n in RUN_RECORDS)]
     old = [p for p in old if p.exists()]
     if how == "delete":
         for p in old:
@@ -613,9 +619,13 @@ def read_meta(ckpt: str | Path) -> dict:
     return meta
 
 
-def verify(ckpt: str | Path, full: bool = True) -> None:
+RESUME_ADVICE = "resume from an older step_* directory (--resume=PATH)"
+
+
+def verify(ckpt: str | Path, full: bool = True, advice: str = RESUME_ADVICE) -> None:
     """CheckpointError unless every file has the size (and, with full, the checksum) recorded at
-    save. Collective when distributed: the files are shared out among the ranks."""
+    save; `advice` ends the message. Collective when distributed: the files are shared out among
+    the ranks."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     recorded = meta.get("files")
@@ -636,7 +646,7 @@ def verify(ckpt: str | Path, full: bool = True) -> None:
             break
     problem = _one_bad_name(problem)
     if problem:
-        raise CheckpointError(f"{problem}; resume from an older step_* directory (--resume=PATH)")
+        raise CheckpointError(f"{problem}; {advice}")
 
 
 def _verify_sizes_from_metadata(ckpt: Path) -> None:
@@ -659,14 +669,15 @@ def _verify_sizes_from_metadata(ckpt: Path) -> None:
 
 # ----------------------------------------------------------------------------- load
 
-def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full") -> dict:
+def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full",
+         advice: str = RESUME_ADVICE) -> dict:
     """Load `state` (the mapping save took, or part of it) from `ckpt` in place; returns its
-    meta.json. verify_files: "full" (sizes and checksums), "size" or "none". Collective when
-    distributed: every rank calls it."""
+    meta.json. verify_files: "full" (sizes and checksums), "size" or "none"; `advice` ends the
+    message of a corrupt checkpoint. Collective when distributed: every rank calls it."""
     ckpt = Path(ckpt)
     meta = _upgrade(read_meta(ckpt))
     if verify_files != "none":
-        verify(ckpt, full=verify_files == "full")
+        verify(ckpt, full=verify_files == "full", advice=advice)
     missing = [name for name in state if name not in _tensor_states(state) and name not in meta]
     if missing:
         raise CheckpointError(f"{ckpt / META} has no {', '.join(missing)}: it was not written by a "
@@ -683,8 +694,7 @@ def load(ckpt: str | Path, state: Mapping[str, Any], verify_files: str = "full")
                               f"step_* directory or check the model config") from None
     bad = _one_bad_name(_first_nonfinite(tensors))
     if bad:
-        raise CheckpointError(f"checkpoint {ckpt} holds NaN or inf in {bad}; resume from an "
-                              f"older step_* directory (--resume=PATH)")
+        raise CheckpointError(f"checkpoint {ckpt} holds NaN or inf in {bad}; {advice}")
     for name, obj in state.items():
         obj.load_state_dict(tensors[name] if name in tensors else meta[name])
     return meta
@@ -698,11 +708,12 @@ def _upgrade(meta: dict) -> dict:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", verify_files: str = "size",
-               merge: bool = True) -> Transformer:
+               merge: bool = True, lora_base: str | Path | None = None) -> Transformer:
     """Our model with the weights of a checkpoint (a step directory or a run directory), in eval
     mode. Sizes are checked by default; pass verify_files="full" for the checksums too. A LoRA
-    run's checkpoint is its base model (checked against the reference it recorded) with the
-    adapters attached, merged into the weights unless merge=False."""
+    run's checkpoint is its base model (checked against the reference it recorded; read from
+    `lora_base` when given, for a base moved since) with the adapters attached, merged into the
+    weights unless merge=False."""
     ckpt = resolve(path)
     if ckpt is None:
         raise CheckpointError(f"{path} holds no checkpoint yet")
@@ -716,9 +727,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", verify_file
                               f"directory") from None
     model = build_model(config, device)  # weights overwritten below
     adapter = meta.get("lora")
+    if lora_base and not adapter:
+        raise CheckpointError(f"--lora_base={lora_base} but {ckpt} holds a whole model, not LoRA adapters: "
+                              f"drop --lora_base")
     if adapter:
-        check_base(adapter["base"], ckpt)
-        load_weights_into(adapter["base"]["path"], model, verify_files)
+        base = check_base(adapter["base"], ckpt, now=lora_base)
+        load_weights_into(base["path"], model, verify_files)
         lora.attach(model, lora.LoraSpec.from_dict(adapter["spec"]))
     load(ckpt, {"model": ModelState(model, trainable_only=bool(adapter))}, verify_files)
     if adapter and merge:
@@ -779,19 +793,54 @@ def base_reference(path: str | Path) -> dict:
     return {"path": str(path.resolve()), "sha256": digest}
 
 
-def check_base(reference: dict, ckpt: Path, now: str | Path | None = None) -> None:
-    """CheckpointError unless the base at `now` (default: the recorded path) still has the
-    recorded sha256: an adapter only means something on the weights it was trained on."""
+def check_base(reference: dict, ckpt: Path, now: str | Path | None = None) -> dict:
+    """The reference of the base at `now` (default: the recorded path), which must have the
+    recorded sha256: an adapter only means something on the weights it was trained on. A base
+    moved with its bytes unchanged is found at its new path (`now`); CheckpointError otherwise."""
     now = now or reference["path"]
     try:
-        current = base_reference(now)["sha256"]
+        current = base_reference(now)
     except (CheckpointError, OSError):
         current = None
-    if current != reference["sha256"]:
+    if current is None or current["sha256"] != reference["sha256"]:
         state = "is gone" if current is None else "changed since"
         raise CheckpointError(f"the base model of the LoRA adapters in {ckpt} {state} ({now}; recorded "
                               f"{reference['path']} with sha256 {reference['sha256'][:12]}...): the adapters only "
-                              f"fit the weights they were trained on; restore that base, or fine-tune anew")
+                              f"fit the weights they were trained on; restore that base, or name its new place "
+                              f"with --lora_base=PATH (finetune.py: --init_from=PATH), or fine-tune anew")
+    return current
+
+
+BASE_OF = "lora_runs"  # in a checkpoint that LoRA runs use as their base: one file per such run
+
+
+def pin_base(reference: dict, lora_out_dir: str | Path) -> str | None:
+    """Mark the base checkpoint of a LoRA run in `lora_out_dir` so that its own run's pruning keeps
+    it (prune); None when done or nothing to do (a weights or Hugging Face directory is never
+    pruned), else why not, for a warning."""
+    base = Path(reference["path"])
+    if not (base / META).is_file():
+        return None
+    out_dir = str(Path(lora_out_dir).resolve())
+    try:
+        (base / BASE_OF).mkdir(exist_ok=True)
+        name = hashlib.sha256(out_dir.encode()).hexdigest()[:16] + ".json"
+        write_atomic(base / BASE_OF / name, json.dumps({"out_dir": out_dir}) + "\n")
+    except OSError as e:
+        return (f"could not mark {base} as the base of {out_dir} ({e.strerror}): pruning in its run may "
+                f"remove it (keep_last); keep a copy, or export it (export_hf.py) and fine-tune from that")
+    return None
+
+
+def is_pinned(ckpt: Path) -> bool:
+    """Whether a LoRA run whose directory still exists uses `ckpt` as its base (pin_base)."""
+    for pin in (ckpt / BASE_OF).glob("*.json") if (ckpt / BASE_OF).is_dir() else ():
+        try:
+            if Path(json.loads(pin.read_text())["out_dir"]).is_dir():
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return True  # unreadable: keep the checkpoint rather than guess
+    return False
 
 
 # ----------------------------------------------------------------------------- the run's lock

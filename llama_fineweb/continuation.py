@@ -23,7 +23,7 @@ from model import ModelConfig
 from . import checkpoint
 from .metrics import Logger
 from .train_config import ConfigError, TrainConfig
-from .utils import Dist
+from .utils import Dist, UserError
 
 # Knobs whose change would alter the data order or the model: a resume must not change them.
 FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
@@ -90,9 +90,15 @@ def check_same_run(cfg: TrainConfig, ckpt: Path, meta: dict) -> None:
         raise ConfigError(f"{ckpt} records no train_config: it was not written by a training run, so there is "
                           f"no run to resume; start from its weights with --init_from={ckpt} in another --out_dir")
     saved = meta["train_config"].get("init_from", "")
+    if meta.get("lora") and cfg.init_from and not same_init_from(saved, cfg.init_from):
+        # The base of a LoRA run is read on resume: the same bytes moved elsewhere are the same base.
+        checkpoint.check_base(meta["lora"]["base"], ckpt, now=cfg.init_from)
+        return
     if not same_init_from(saved, cfg.init_from):
         was = f"--init_from={saved}" if saved else "no --init_from (random weights)"
-        keep = f"pass --init_from={saved} (it is not read on resume)" if saved else "drop --init_from"
+        read = ("a LoRA run reads its base on resume: these bytes, by sha256, wherever they are now" if meta.get("lora")
+                else "it is not read on resume")
+        keep = f"pass --init_from={saved} ({read})" if saved else "drop --init_from"
         raise ConfigError(f"--init_from={cfg.init_from or repr('')} but the run in {ckpt.parent} started from {was} "
                           f"and a resume continues it from {ckpt.name}, never from a new base: {keep} to resume "
                           f"it, or choose another --out_dir to start from the new one")
@@ -110,8 +116,9 @@ def check_not_finished(cfg: TrainConfig, step: int, note: Callable[[str], None])
             note(f"already at step {step}, as --{knob}={step} asks: nothing to do")
             return
         if knob == "max_steps" and step == limit:
-            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; "
-                              f"raise --max_steps to continue")
+            raise ConfigError(f"already complete at step {step} (max_steps {limit}): nothing to do; raise "
+                              f"--max_steps to continue, or start over with --resume=never "
+                              f"--start_over=archive (or another --out_dir)")
         raise ConfigError(f"already at step {step}, {'at' if step == limit else 'past'} {knob} {limit}: nothing to "
                           f"do; raise --{knob} above {step} to continue (or pass --{knob}={step} to accept that)")
 
@@ -139,9 +146,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | None:
-    """The checkpoint to resume from, checked against this config before any heavy work."""
+    """The checkpoint to resume from, checked against this config before any heavy work. Rank 0
+    decides and the others follow (its path, the branch length it set, or its refusal): ranks that
+    each read `latest` could resume different steps where a shared filesystem is slow to agree."""
+    if d.world_size == 1:
+        return choose_resume_checkpoint(cfg, log)
+    found, error = None, None
+    if d.is_main:
+        try:
+            found = choose_resume_checkpoint(cfg, log)
+        except Exception as e:  # noqa: BLE001 - the others must hear of it, or they wait forever
+            error = e
+    box = [None if found is None else str(found), cfg.max_steps,
+           None if error is None else (type(error) if isinstance(error, UserError) else RuntimeError, str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[2] is not None:
+        kind, message = box[2]
+        raise kind(message if kind is not RuntimeError else f"rank 0 failed to find the checkpoint: {message}")
+    cfg.max_steps = box[1]
+    return None if box[0] is None else Path(box[0])
+
+
+def choose_resume_checkpoint(cfg: TrainConfig, log: Logger) -> Path | None:
+    """find_resume_checkpoint's decision, made on rank 0 alone."""
     out_dir = Path(cfg.out_dir)
-    if d.is_main and out_dir.is_dir():
+    if out_dir.is_dir():
         checkpoint.remove_incomplete(out_dir)  # safe: the lock says no other job writes here
     if cfg.resume == "never":
         existing = checkpoint.complete_checkpoints(out_dir)
@@ -149,10 +180,10 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
             raise ConfigError(f"--resume=never but {out_dir} holds {len(existing)} checkpoints (newest "
                               f"{existing[-1].name}): choose a new --out_dir, or add --start_over=archive "
                               f"(moves them aside) or --start_over=delete")
-        if existing and d.is_main:
-            log.print(checkpoint.start_over(out_dir, cfg.start_over))
-        if d.world_size > 1:
-            dist.barrier()
+        if existing:
+            done = checkpoint.start_over(out_dir, cfg.start_over)
+            log.reopen()
+            log.print(done)
         return None
     ckpt = checkpoint.resolve(out_dir) if cfg.resume == "auto" and out_dir.is_dir() else None
     if cfg.resume != "auto":
@@ -179,16 +210,22 @@ def find_resume_checkpoint(cfg: TrainConfig, d: Dist, log: Logger) -> Path | Non
 def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
     """The checkpoint a decay branch starts from, and its length: max_steps = the branch point's step
     + decay_steps. A branch resumed in its own out_dir keeps the length it started with."""
+    if own is not None and is_branch_of(checkpoint.read_meta(own), cfg.decay_from):
+        return continue_branch(cfg, own)  # its start need not exist any more: the branch holds all it needs
     ckpt = checkpoint.resolve(cfg.decay_from)
     if ckpt is None:
         raise ConfigError(f"--decay_from={cfg.decay_from}: no checkpoint there")
     if Path(cfg.out_dir).resolve() == ckpt.parent.resolve():
         raise ConfigError(f"--decay_from={cfg.decay_from} is in --out_dir={cfg.out_dir}: a branch needs its own "
                           f"out_dir, so that the main run goes on")
-    if own is not None:
-        cfg.max_steps = checkpoint.read_meta(own)["train_config"]["max_steps"]
-        return own
     meta = checkpoint.read_meta(ckpt)
+    if own is not None:
+        own_meta = checkpoint.read_meta(own)
+        parent = branch_parent(own_meta)
+        fix = (f"resume that branch with --decay_from={parent['checkpoint']}, or choose a new --out_dir for this one"
+               if parent else "a branch starts in an out_dir of its own: choose a new --out_dir for it")
+        raise ConfigError(f"--out_dir={cfg.out_dir} holds {describe_run(own_meta, own)}, not a branch from {ckpt} "
+                          f"(run {meta.get('run_id')}, step {meta['step']}): {fix}")
     step = meta["step"]
     cfg.max_steps = step + cfg.decay_steps
     main_run = dataclasses.replace(cfg, **saved_schedule(meta))
@@ -198,6 +235,63 @@ def decay_branch_start(cfg: TrainConfig, own: Path | None, log: Logger) -> Path:
     log.print(f"decay branch of run {meta.get('run_id')} from {ckpt}: {cfg.decay_shape} decay to "
               f"min_lr={cfg.min_lr:g} over {cfg.decay_steps} steps, stopping at step {cfg.max_steps}")
     return ckpt
+
+
+def lineage(run_id: str, parent: dict | None) -> dict:
+    """What every checkpoint records of where its run came from: its run id and, for a decay
+    branch, the checkpoint it branched from (that run's id, the step, the path)."""
+    return {"run_id": run_id, "parent": parent}
+
+
+def branch_parent(meta: dict) -> dict | None:
+    """The checkpoint a branch's checkpoint descends from: its recorded lineage, or for a branch
+    saved before lineage was recorded, its --decay_from (path only)."""
+    recorded = meta.get("lineage")
+    if recorded is not None:
+        return recorded.get("parent")
+    saved = meta.get("train_config", {}).get("decay_from")
+    return {"run_id": None, "step": None, "checkpoint": saved} if saved else None
+
+
+def is_branch_of(meta: dict, decay_from: str) -> bool:
+    """Whether a checkpoint (in a branch's out_dir) belongs to the branch from `decay_from`: the same
+    checkpoint by path, or by run id and step (a run directory's latest, or the same checkpoint moved)."""
+    parent = branch_parent(meta)
+    if parent is None:
+        return False
+    if same_init_from(parent["checkpoint"], decay_from):
+        return True
+    try:
+        named = checkpoint.resolve(decay_from)
+        named_meta = checkpoint.read_meta(named) if named is not None else {}
+    except checkpoint.CheckpointError:
+        return False
+    if Path(decay_from).resolve() != Path(named or decay_from).resolve() and parent["run_id"] is not None:
+        return named_meta.get("run_id") == parent["run_id"]  # a run directory: its run, wherever it is now
+    return parent["run_id"] is not None and (named_meta.get("run_id"), named_meta.get("step")) == (
+        parent["run_id"], parent["step"])
+
+
+def describe_run(meta: dict, ckpt: Path) -> str:
+    """'a decay branch of run R from step S (PATH), at step_N' or 'run R, at step_N'."""
+    parent = branch_parent(meta)
+    if parent is None:
+        return f"run {meta.get('run_id')}, at {ckpt.name}"
+    of = f" of run {parent['run_id']} from step {parent['step']}" if parent["run_id"] is not None else ""
+    return f"a decay branch{of} ({parent['checkpoint']}), at {ckpt.name}"
+
+
+def continue_branch(cfg: TrainConfig, own: Path) -> Path:
+    """A branch resumed in its own out_dir: the length it started with; refused when complete, with
+    the command that decays for longer (a new branch: a finished one is at min_lr)."""
+    meta = checkpoint.read_meta(own)
+    cfg.max_steps = meta["train_config"]["max_steps"]
+    if meta["step"] >= cfg.max_steps:
+        parent = branch_parent(meta)
+        raise ConfigError(f"the decay branch in {cfg.out_dir} is complete at step {meta['step']} (its decay from "
+                          f"{parent['checkpoint']} ended at min_lr): nothing to do; for a longer decay start a new "
+                          f"branch: --decay_from={parent['checkpoint']} --decay_steps=N --out_dir=NEW_DIR")
+    return own
 
 
 def saved_schedule(meta: dict) -> dict:
@@ -216,17 +310,22 @@ def warn_if_lr_jumps(meta: dict, cfg: TrainConfig, log: Logger) -> None:
                   f"{new:.4g} (extending a WSD run before its decay keeps it continuous)")
 
 
-def lora_base(cfg: TrainConfig, resume_from: Path | None) -> dict:
+def lora_base(cfg: TrainConfig, resume_from: Path | None, d: Dist, log: Logger) -> dict:
     """The base model's reference a LoRA run records (checkpoint.base_reference); on resume the
-    checkpoint's, after checking that --init_from still holds those exact weights."""
+    checkpoint's, after checking that --init_from holds those exact weights (at their new path if
+    moved). Rank 0 marks a base checkpoint as this run's, so that its run's pruning keeps it."""
     if resume_from is None:
-        return checkpoint.base_reference(cfg.init_from)
-    saved = checkpoint.read_meta(resume_from).get("lora")
-    if not saved:
-        raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
-                          f"--lora_rank, or choose another --out_dir")
-    checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
-    return saved["base"]
+        base = checkpoint.base_reference(cfg.init_from)
+    else:
+        saved = checkpoint.read_meta(resume_from).get("lora")
+        if not saved:
+            raise ConfigError(f"{resume_from} holds no LoRA adapters (a full fine-tuning run): resume it without "
+                              f"--lora_rank, or choose another --out_dir")
+        base = checkpoint.check_base(saved["base"], resume_from, now=cfg.init_from)
+    problem = checkpoint.pin_base(base, cfg.out_dir) if d.is_main else None
+    if problem:
+        log.print(f"warning: {problem}")
+    return base
 
 
 def acquire_lock(cfg: TrainConfig, d: Dist) -> checkpoint.RunLock | None:

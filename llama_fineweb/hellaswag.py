@@ -53,6 +53,12 @@ def default_data_path() -> Path:
     return DATA_DIR / "hellaswag_val.jsonl"
 
 
+def fetch_advice(path: str | Path) -> str:
+    """How to get the validation split to `path` (docs/evaluation.md, HellaSwag: Data)."""
+    return (f"it is rowanz/hellaswag's validation split: fetch it with `curl -L -o {path} {VAL_URL}` on a "
+            f"machine with network, or leave the path out to download it to {default_data_path()}")
+
+
 def _download(url: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a per-process name and renamed when complete: ranks that download at the
@@ -110,7 +116,7 @@ def load_examples(path: str | None = None, limit: int | None = None) -> list[dic
     else:
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"HellaSwag data file {file} does not exist; pass --data PATH.jsonl")
+            raise FileNotFoundError(f"HellaSwag data file {file} does not exist: {fetch_advice(file)}")
     if limit is not None and limit < 1:
         raise HellaSwagError(f"limit must be a positive number of examples, got {limit}")
     examples = []

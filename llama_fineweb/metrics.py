@@ -130,14 +130,8 @@ class Logger:
         if not active:
             return
         if write_file:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
             self.path = Path(out_dir) / "metrics.jsonl"
-            torn = self.path.is_file() and self.path.stat().st_size and _last_byte(self.path) != b"\n"
-            self.file = open(self.path, "a")
-            if torn:  # an earlier write was cut short (full disk, kill): the next record starts a line
-                self.file.write("\n")
-            # The printed lines as well: what is left when the terminal or a `| tee` is gone.
-            self.text = open(Path(out_dir) / LOG_FILE, "a")
+            self._open_files()
         if wandb_project:
             import wandb  # noqa: PLC0415 - optional, imported only when switched on
 
@@ -147,6 +141,23 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
             self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+
+    def _open_files(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.is_file() and self.path.stat().st_size and _last_byte(self.path) != b"\n"
+        self.file = open(self.path, "a")
+        if torn:  # an earlier write was cut short (full disk, kill): the next record starts a line
+            self.file.write("\n")
+        # The printed lines as well: what is left when the terminal or a `| tee` is gone.
+        self.text = open(self.path.parent / LOG_FILE, "a")
+
+    def reopen(self) -> None:
+        """Open metrics.jsonl and log.txt again by name: after a start-over moved or deleted the
+        old run's files, the new run's rows go to new files of its own, not after the old ones."""
+        if self.file:
+            self.file.close()
+            self.text.close()
+            self._open_files()
 
     def print(self, msg: str) -> None:
         if self.active:

@@ -533,10 +533,14 @@ def confirm_micro_batch(micro_batch: int, choices: list[int], fits) -> tuple[int
 
 def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   micro_batch: int, seq_len: int, autocast, sdpa_backend: str = "auto") -> bool:
-    """Whether one training micro-step at `micro_batch` (forward, backward with the gradients
-    reduced, AdamW's moments present) runs without running out of CUDA memory. Nothing changes:
-    no optimizer step is taken, moments made here are dropped, and what a failed try held is
-    freed before returning. Every rank must call it (DDP and FSDP communicate in it)."""
+    """Whether one training micro-step at `micro_batch` (forward, backward, AdamW's moments
+    present) runs without running out of CUDA memory, on every rank. Nothing changes: no
+    optimizer step is taken, moments made here are dropped, and what a failed try held is freed
+    before returning. Every rank must call it.
+
+    The backward runs without gradient sync, as an accumulation micro-step does: an out-of-memory
+    error on some ranks then leaves no gradient all-reduce half done (DDP's reducer would refuse
+    the next step, and the ranks' collectives would pair wrongly); the ranks agree afterwards."""
     made = not optimizer.state
     device = next(model.parameters()).device
     ok = True
@@ -547,7 +551,7 @@ def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimize
                     optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
                                           "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         tokens = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len + 1), device=device)
-        parallel.set_gradient_sync(model, train_model, True)
+        parallel.set_gradient_sync(model, train_model, False)
         with parallel.attention_backend(sdpa_backend), autocast:
             loss = train_model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -555,6 +559,7 @@ def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimize
     except torch.OutOfMemoryError:
         ok = False  # the exception (and the frames holding the failed try's tensors) ends here
     finally:
+        parallel.set_gradient_sync(model, train_model, True)
         optimizer.zero_grad(set_to_none=True)
         if made:
             optimizer.state.clear()

@@ -240,6 +240,20 @@ def test_task_that_cannot_load_offline_names_include_path(tmp_path, monkeypatch,
     assert len(err) == 1 and "could not load task(s) hub_task" in err[0] and "--include_path" in err[0], err
 
 
+def test_local_task_without_its_data_says_how_to_fetch_it(tmp_path, monkeypatch, capsys):
+    """hellaswag_local with no data/hellaswag_val.jsonl: one line giving the fetch command, not the
+    --include_path just passed."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(Path(eval_suite.__file__).parent / "tasks", tmp_path / "tasks")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main("--checkpoint", str(tmp_path / "never_loaded"), "--tasks", "hellaswag_local",
+                 "--include_path", "tasks")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    assert "reads data/hellaswag_val.jsonl, which does not exist" in err[0] and "curl -L -o" in err[0]
+    assert "--include_path" not in err[0]
+
+
 def test_all_steps_cache_and_summary_follow_the_task_data_and_the_run(tmp_path, straight):
     """(d) an --out that is a directory fails before any evaluation; (a) changed task data is evaluated
     afresh; (c) a result survives its checkpoint's pruning before the summary; (b) a run started over in

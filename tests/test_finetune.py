@@ -426,9 +426,11 @@ def test_a_changed_init_from_on_resume_is_refused(tmp_path, base_model, finished
 
 
 def test_a_finished_run_trains_nothing_and_says_so(finished, base_model):
-    """Rerunning a finished run exits 2 with the step; naming that step as --max_steps exits 0."""
+    """Rerunning a finished run exits 2 with the step, how to continue and how to start over; naming
+    that step as --max_steps exits 0."""
     line = one_line(finetune_run(finished, base_model, "--epochs=0.5", "--eval_interval=0", check=False))
-    assert line.endswith("already complete at step 3 (max_steps 3): nothing to do; raise --max_steps to continue")
+    assert "already complete at step 3 (max_steps 3): nothing to do; raise --max_steps to continue" in line
+    assert "--resume=never --start_over=archive" in line
     proc = finetune_run(finished, base_model, "--max_steps=3", "--eval_interval=0")
     assert "already at step 3, as --max_steps=3 asks: nothing to do" in proc.stdout
 

@@ -333,3 +333,12 @@ def test_under_torchrun_only_rank_zero_prints_the_error(tmp_path):
     assert err1.strip() == ""
     assert "no_such_run" in one_error_line(err0)
     assert [p.returncode for p in procs] == [2, 2]
+
+
+def test_a_missing_data_file_says_where_it_comes_from(tmp_path):
+    """--data naming a missing file: one line with the command that fetches it, not 'pass --data'."""
+    missing = tmp_path / "hellaswag_val.jsonl"
+    proc = call_main(hellaswag_cli.main, ["--checkpoint", str(tmp_path), "--data", str(missing)], check=False)
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and len(line.splitlines()) == 1, proc.stderr
+    assert f"curl -L -o {missing} {hellaswag.VAL_URL}" in line and "pass --data" not in line

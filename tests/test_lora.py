@@ -18,7 +18,7 @@ from conftest import make_tiny_model
 from export_hf import save_weights
 from llama_fineweb import checkpoint
 from llama_fineweb.metrics import flops_per_token
-from runs import call_main, one_line
+from runs import call_main, one_line, run_here
 
 LORA = ["--lora_rank=8", "--lora_alpha=16", "--max_steps=6", "--eval_interval=3"]
 
@@ -123,6 +123,40 @@ def test_a_changed_base_is_refused(tmp_path, base):
     assert "changed since" in line
     line = one_line(call_main(export_hf.main, ["--checkpoint", str(out), "--out", str(tmp_path / "x")], check=False))
     assert "changed since" in line
+
+
+def test_the_base_survives_pruning_and_can_move(tmp_path, base, data_dir):
+    """A base inside a pretraining run with keep_last outlives its pruning; moved with its bytes
+    unchanged, it is named with --lora_base (chat, export) or --init_from (a resume)."""
+    pretraining, out = tmp_path / "pretraining", tmp_path / "lora"
+    run_here(pretraining, data_dir, "--keep_last=1", "--save_interval=1", "--stop_step=1")
+    lora_run(out, pretraining / "step_0000001", "--stop_step=1", "--eval_interval=0")
+    run_here(pretraining, data_dir, "--keep_last=1", "--save_interval=1", "--stop_step=4")
+    kept = [p.name for p in checkpoint.complete_checkpoints(pretraining)]
+    assert "step_0000001" in kept and "step_0000002" not in kept
+    moved = tmp_path / "moved"
+    (pretraining / "step_0000001").rename(moved)
+    assert "is gone" in one_line(call_main(chat.main, ["--checkpoint", str(out), "--prompt", "Hi"], check=False))
+    call_main(chat.main, ["--checkpoint", str(out), "--prompt", "Hi", "--max_new_tokens=2", f"--lora_base={moved}"])
+    lora_run(out, moved, "--stop_step=2", "--eval_interval=0")
+    assert checkpoint.read_meta(checkpoint.resolve(out))["lora"]["base"]["path"] == str(moved.resolve())
+
+
+def test_adapter_export_on_a_hugging_face_base_loads_as_advised(tmp_path, hf_llama):
+    """An adapter trained on a Hugging Face directory: the export's advice loads that directory as
+    it is (no export of a base that is not our checkpoint), and the advised line runs."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from model import model_config
+
+    hf_dir, out = tmp_path / "hf_base", tmp_path / "lora"
+    hf_llama(model_config("tiny", max_seq_len=SEQ)).save_pretrained(hf_dir)
+    lora_run(out, hf_dir, "--stop_step=1", "--eval_interval=0")
+    proc = call_main(export_hf.main, ["--checkpoint", str(out), "--out", str(tmp_path / "adapter"), "--adapter"])
+    advice = f"PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({str(hf_dir.resolve())!r}), "
+    assert advice in proc.stdout and "export_hf.py --checkpoint" not in proc.stdout
+    PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(hf_dir.resolve()), tmp_path / "adapter")
 
 
 def test_fsdp_and_a_changed_rank_are_refused(tmp_path, base, straight):

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import plan
 from llama_fineweb import planner
@@ -229,3 +232,53 @@ def test_lora_plan_counts_the_adapters_alone(tiny_model):
     peft_rows = plan_json("--config", str(ROOT / "configs" / "sft_1p7b_lora.py"), *argv)["rows"]
     full_rows = plan_json("--config", str(ROOT / "configs" / "sft_1p7b.py"), *argv)["rows"]
     assert peft_rows[0]["fits"] and not full_rows[0]["fits"]
+
+
+def _probe_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """fits_one_step under DDP with a simulated out-of-memory error in the middle of the backward,
+    on both ranks, then on rank 1 alone; then one real synchronised step."""
+    from contextlib import nullcontext
+    from datetime import timedelta
+    from pathlib import Path
+
+    from conftest import make_tiny_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        model = make_tiny_model(max_seq_len=16).train()
+        train_model, failing = DDP(model), set()
+        optimizer = torch.optim.AdamW(model.parameters())
+
+        def out_of_memory(grad):
+            raise torch.OutOfMemoryError("simulated")
+
+        def fail_in_backward(module, inputs, output):
+            if rank in failing:  # layer 0's output: its gradient comes after later layers' weight gradients
+                output.register_hook(out_of_memory)
+
+        model.layers[0].register_forward_hook(fail_in_backward)
+        verdicts = []
+        for failing in ({0, 1}, {1}, set()):
+            verdicts.append(planner.fits_one_step(model, train_model, optimizer, 2, 16, nullcontext()))
+        tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(rank))
+        train_model(tokens[:, :-1], tokens[:, 1:]).backward()
+        norms = [None, None]
+        dist.all_gather_object(norms, torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"verdicts": verdicts, "norms": norms}))
+        # DDP's reducer goes first, while the process group outlives it: a reducer that drops the last
+        # reference to the group joins gloo's thread while holding the GIL that thread may wait for.
+        dist.barrier()
+        del train_model
+    finally:
+        dist.destroy_process_group()
+
+
+def test_micro_batch_probe_survives_out_of_memory_on_some_ranks(tmp_path):
+    """Two gloo ranks: an out-of-memory probe on both, then on one, is 'does not fit' on both, and
+    the next real DDP step still reduces its gradients (the probe leaves no reduction half done)."""
+    mp.spawn(_probe_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["verdicts"] for r in results] == [[False, False, True]] * 2
+    assert results[0]["norms"][0] == results[0]["norms"][1] > 0

@@ -97,6 +97,34 @@ def test_decay_branch_from_a_stable_checkpoint(tmp_path, data_dir):
     assert sorted(losses(main_dir)) == list(range(1, 13))
 
 
+def test_decay_branches_record_their_parent_and_refuse_another_runs_dir(tmp_path, data_dir):
+    """Every checkpoint records its lineage; a branch from another step into a branch's out_dir, or
+    into another run's, is refused in one line naming what is there; a finished branch's advice
+    works; a corrupt --decay_from does not suggest --resume."""
+    main_dir, branch, other = tmp_path / "main", tmp_path / "branch", tmp_path / "other"
+    run_here(main_dir, data_dir, *WSD, "--save_interval=4", "--stop_step=8")
+    main_id = checkpoint.read_meta(main_dir / "step_0000008")["run_id"]
+    assert checkpoint.read_meta(main_dir / "step_0000008")["lineage"] == {"run_id": main_id, "parent": None}
+    start = main_dir / "step_0000004"
+    run_here(branch, data_dir, *WSD, f"--decay_from={start}", "--decay_steps=4", "--stop_step=6")
+    meta = checkpoint.read_meta(branch / "step_0000006")
+    assert meta["lineage"]["parent"] == {"run_id": main_id, "step": 4, "checkpoint": str(start.resolve())}
+    line = refusal(branch, data_dir, *WSD, f"--decay_from={main_dir}/step_0000008", "--decay_steps=3")
+    assert f"holds a decay branch of run {main_id} from step 4" in line and f"--decay_from={start.resolve()}" in line
+    line = refusal(main_dir, data_dir, *WSD, f"--decay_from={branch}/step_0000006", "--decay_steps=3")
+    assert f"holds run {main_id}, at step_0000008, not a branch" in line
+    assert checkpoint.resolve(main_dir).name == "step_0000008" and checkpoint.resolve(branch).name == "step_0000006"
+    run_here(branch, data_dir, *WSD, f"--decay_from={start}", "--decay_steps=4")  # resumes to its end
+    line = refusal(branch, data_dir, *WSD, f"--decay_from={start}", "--decay_steps=4")
+    advice = line[line.index("--decay_from="):].replace("NEW_DIR", str(other)).replace("=N", "=5").split()
+    run_here(other, data_dir, *WSD, *advice)
+    assert sorted(losses(other)) == [5, 6, 7, 8, 9]
+    dcp_file = next((main_dir / "step_0000008").glob("*.distcp"))
+    dcp_file.write_bytes(dcp_file.read_bytes()[:-8] + bytes(8))
+    line = refusal(tmp_path / "new", data_dir, *WSD, f"--decay_from={main_dir}/step_0000008", "--decay_steps=3")
+    assert "--decay_from=PATH" in line and "--resume" not in line
+
+
 def test_plan_counts_a_decay_branch_by_its_own_steps():
     """plan.py times a decay branch's decay_steps, not the main run's max_steps."""
     from test_plan import ROOT, plan_json

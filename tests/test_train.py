@@ -242,6 +242,55 @@ def test_resume_never_in_a_used_out_dir_is_refused(tmp_path, data_dir):
     assert len(archived) == 1
 
 
+def test_start_over_keeps_the_new_runs_metrics(tmp_path, data_dir):
+    """--start_over=delete and =archive: the new run's rows land in out_dir/metrics.jsonl, the old
+    run's metrics, log and spikes/ go (to the archive), and the archive gains nothing new."""
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=2")
+    (tmp_path / "spikes").mkdir()
+    (tmp_path / "spikes" / "step_0000001.json").write_text("{}")
+    run_here(tmp_path, data_dir, "--max_steps=1", "--save_interval=1", "--resume=never", "--start_over=delete")
+    assert max(losses(tmp_path)) == 1 and not (tmp_path / "spikes").exists()
+    deleted_run = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "spikes").mkdir()
+    run_here(tmp_path, data_dir, "--max_steps=3", "--save_interval=3", "--resume=never", "--start_over=archive")
+    archive = next(tmp_path.glob("archive_*"))
+    assert (archive / "metrics.jsonl").read_text() == deleted_run
+    assert (archive / "spikes").is_dir() and not (tmp_path / "spikes").exists()
+    assert (archive / "log.txt").is_file() and max(losses(tmp_path)) == 3
+    assert min(losses(tmp_path)) == 1
+
+
+def _resume_worker(rank: int, init_file: str, out_dir: str, data_dir: str) -> None:
+    """find_resume_checkpoint on two gloo ranks, rank 1 seeing a stale `latest` (step 1)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from llama_fineweb.continuation import find_resume_checkpoint
+    from llama_fineweb.train_config import load_config
+    from llama_fineweb.utils import Dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        if rank == 1:
+            checkpoint.resolve = lambda path: Path(out_dir) / "step_0000001"
+        cfg = load_config([*BASE, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--max_steps=3"])
+        found = find_resume_checkpoint(cfg, Dist(rank=rank, world_size=2), metrics.Logger(out_dir, False))
+        Path(out_dir, f"rank{rank}.txt").write_text(Path(found).name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_chooses_the_resume_checkpoint(tmp_path, data_dir):
+    """Two ranks that see different `latest` files resume the checkpoint rank 0 sees."""
+    import torch.multiprocessing as mp
+
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=1")
+    mp.spawn(_resume_worker, args=(str(tmp_path / "pg"), str(tmp_path), str(data_dir)), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["step_0000002"] * 2
+
+
 def test_second_job_on_the_same_out_dir_is_refused(tmp_path, data_dir):
     """Two real processes on one out_dir: the second exits 2 naming the holder; the first goes on."""
     first = start(tmp_path, data_dir, "--max_steps=100000")

@@ -27,8 +27,8 @@ import torch.nn as nn
 from llama_fineweb import checkpoint
 from llama_fineweb.hellaswag import (FORMAT_SAMPLE, default_data_path, evaluate, load_examples, load_hf_model,
                                      model_max_seq_len)
-from llama_fineweb.utils import (DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed,
-                                 unwritable, write_atomic)
+from llama_fineweb.utils import (DTYPES, Dist, UserError, cli_errors, closed_output_survives, setup_distributed,
+                                 teardown_distributed, unwritable, write_atomic)
 
 
 def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Path]:
@@ -89,6 +89,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with closed_output_survives():  # `| head` or `| true` gone: quiet, and the work is kept
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description="HellaSwag validation accuracy (acc, acc_norm) of a model")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or one step directory")

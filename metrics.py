@@ -10,9 +10,15 @@ import argparse
 from pathlib import Path
 
 from llama_fineweb.metrics import plot, read_metrics
+from llama_fineweb.utils import closed_output_survives
 
 
 def main(argv: list[str] | None = None) -> None:
+    with closed_output_survives():  # `| head` or `| true` gone: quiet, and the work is kept
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description="Render a run's metrics.jsonl to a PNG.")
     parser.add_argument("run", help="run directory (out_dir) or a metrics.jsonl file")
     parser.add_argument("--out", help="PNG path (default: metrics.png beside metrics.jsonl)")

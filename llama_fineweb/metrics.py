@@ -264,8 +264,9 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def plot(rows: list[dict], out_png: str | Path) -> None:
-    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag."""
+def plot(rows: list[dict], out_png: str | Path) -> list[str]:
+    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag
+    where it was measured; returns the titles of the panels drawn."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -302,12 +303,16 @@ def plot(rows: list[dict], out_png: str | Path) -> None:
         right.plot(steps, [100 * m for m in mfu], lw=0.8, color="C1")
         right.set_ylabel("MFU % (6N + 12LdT, N without the input embedding)", color="C1")
     ax = axes[1][1]
-    ax.plot(*series("hellaswag_acc_norm"), "o-", label="acc_norm")
-    ax.plot(*series("hellaswag_acc"), "o-", label="acc")
-    ax.set(title="HellaSwag", xlabel="step")
-    ax.legend()
+    if series("hellaswag_acc_norm")[0] or series("hellaswag_acc")[0]:
+        ax.plot(*series("hellaswag_acc_norm"), "o-", label="acc_norm")
+        ax.plot(*series("hellaswag_acc"), "o-", label="acc")
+        ax.set(title="HellaSwag", xlabel="step")
+        ax.legend()
+    else:  # --hellaswag off: no panel rather than an empty one with a meaningless axis
+        ax.remove()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
+    return [a.get_title() for a in fig.axes if a.get_title()]
 
 
 def plot_dynamics(evals: list[dict], rows: list[dict], out_png: str | Path) -> None:

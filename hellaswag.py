@@ -27,6 +27,7 @@ import torch.nn as nn
 from llama_fineweb import checkpoint
 from llama_fineweb.hellaswag import (FORMAT_SAMPLE, default_data_path, evaluate, load_examples, load_hf_model,
                                      model_max_seq_len)
+from llama_fineweb.tokenizer import require_gpt2_vocabulary
 from llama_fineweb.utils import (DTYPES, Dist, UserError, cli_errors, closed_output_survives, setup_distributed,
                                  teardown_distributed, unwritable, write_atomic)
 
@@ -36,8 +37,9 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if args.hf:
         return load_hf_model(args.hf, device), Path(args.hf)
     # resolve() names the step directory that load_model loads (a run directory's `latest`).
-    return (checkpoint.load_model(args.checkpoint, device, verify_files=args.verify),
-            checkpoint.resolve(args.checkpoint))
+    model = checkpoint.load_model(args.checkpoint, device, verify_files=args.verify)
+    require_gpt2_vocabulary(model.config.vocab_size, args.checkpoint, "hellaswag.py")
+    return model, checkpoint.resolve(args.checkpoint)
 
 
 def _check_output(path: Path, d: Dist) -> None:

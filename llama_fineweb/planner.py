@@ -431,8 +431,8 @@ def project(c: ModelConfig, s: Setting, seq_len: int, total_batch_tokens: int, c
     # slow as the slower of the two.
     step_s = max(compute_s, comm_s)
     total_s = tokens / total_batch_tokens * step_s
-    return Projection(s, peak, peak + reserve_gib <= card.memory_gib, eager_peak + reserve_gib <= card.memory_gib,
-                      total_batch_tokens / step_s, step_s,
+    room = card.memory_gib - reserve_gib
+    return Projection(s, peak, peak <= room, eager_peak <= room, total_batch_tokens / step_s, step_s,
                       comm / 1e9, comm_s, total_s, total_s * s.world_size / 3600)
 
 

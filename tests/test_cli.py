@@ -260,3 +260,14 @@ def test_every_cli_survives_a_closed_stdout(tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (run / "metrics.png").is_file() and (step / "hellaswag.json").is_file()
     assert (tmp_path / "hf" / "export_info.json").is_file() and (tmp_path / "eval.json").is_file()
+
+
+def test_a_sample_past_the_context_and_a_missing_logger_are_refused_at_launch(tmp_path, data_dir, monkeypatch):
+    """tiny's 32-token sample at --seq_len=32 and --tensorboard / --wandb without their package:
+    one line before anything is created (not a traceback at step 0, not a lock and logs left)."""
+    line = refusal(tmp_path / "sample", data_dir, "--sample_interval=6")
+    assert "--sample_tokens=32 exceeds --seq_len=32: pass --sample_tokens=29" in line
+    for flag in ("tensorboard", "wandb"):
+        monkeypatch.setitem(sys.modules, flag, None)  # as if not installed
+        assert f"--{flag}=true needs the {flag} package" in refusal(tmp_path / flag, data_dir, f"--{flag}=true")
+    assert not any((tmp_path / name).exists() for name in ("sample", "tensorboard", "wandb"))

@@ -36,7 +36,7 @@ from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token,
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
 from llama_fineweb.stability import Stability, StepStats
 from llama_fineweb.step import StepSettings, build_optimizer, gradient_accumulation, optimizer_step
-from llama_fineweb.tokenizer import get_encoding
+from llama_fineweb.tokenizer import EOT, get_encoding
 from llama_fineweb.train_config import ConfigError, TrainConfig, training_cli
 from llama_fineweb.utils import DTYPES, Dist, paths_to_create, remove_created, setup_distributed
 from model import Transformer, build_model
@@ -460,14 +460,16 @@ def hellaswag_score(run: Run) -> dict:
 
 @torch.no_grad()
 def sample_text(run: Run) -> str:
-    """A seeded continuation of the sample prompt; its own generator leaves training RNG alone."""
+    """A seeded continuation of the sample prompt, up to <|endoftext|> as chat.py answers; its own
+    generator leaves training RNG alone."""
     enc, device = get_encoding(), run.dist.device
     prompt = torch.tensor([enc.encode_ordinary(run.cfg.sample_prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
     with run.autocast():
         out = run.model.generate(prompt, run.cfg.sample_tokens, temperature=run.cfg.sample_temperature, top_k=50,
                                  generator=generator)
-    return enc.decode(out[0].tolist())
+    new = out[0, prompt.size(1):].tolist()
+    return enc.decode(prompt[0].tolist() + (new[:new.index(EOT)] if EOT in new else new))
 
 
 # ----------------------------------------------------------------------------- setup

@@ -331,12 +331,15 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
 
 
 def lora_memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
-    """LoRA (train_llama.attach_adapters): the frozen base in the autocast dtype on CUDA (float32
-    on the CPU), float32 adapters with their gradients and AdamW moments; no autocast copies of
-    frozen weights and no output-weight gradient in the loss. Activations as for full training
+    """LoRA (train_llama.attach_adapters): the frozen linear weights in the autocast dtype on CUDA
+    (float32 on the CPU; embeddings and norms float32 always), float32 adapters with their
+    gradients and AdamW moments; no autocast copies of frozen weights and no output-weight
+    gradient in the loss. Activations as for full training
     (backward still runs through every block); sharding is not modelled."""
     total, adapters = parameter_counts(c)["total"], s.lora_params
-    terms = {"params": (2 if s.low_precision else 4) * total + 4 * adapters, "grads": 4 * adapters,
+    float32 = c.vocab_size * c.dim + (2 * c.n_layers + 1) * c.dim  # embeddings and norms stay float32
+    frozen = (2 if s.low_precision else 4) * (total - float32) + 4 * float32
+    terms = {"params": frozen + 4 * adapters, "grads": 4 * adapters,
              "optimizer": 8 * adapters, "weights_extra": 0.0, "activations": activation_bytes(c, s, seq_len),
              "loss": min(s.micro_batch * seq_len, c.loss_chunk_size) * c.vocab_size * (6 if s.low_precision else 4),
              "transient": backward_transient_bytes(c, s, seq_len),

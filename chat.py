@@ -32,7 +32,7 @@ import torch
 from llama_fineweb import checkpoint, hf_io
 from llama_fineweb.chat_template import TEMPLATES, Template, checkpoint_template, encode, load_template
 from llama_fineweb.tokenizer import EOT, N_VOCAB, get_encoding
-from llama_fineweb.utils import DTYPES, UserError, cli_errors, resolve_device
+from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, resolve_device
 from model import Transformer, pick_next_token
 
 
@@ -227,6 +227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with closed_output_survives():  # `| head` or `| true` gone: quiet, and the work is kept
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     args = parse_args(argv)
     with cli_errors("chat.py"):
         if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:

@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 
 from llama_fineweb import checkpoint, contamination, hellaswag, hf_io, metrics
-from llama_fineweb.tokenizer import EOT, N_VOCAB, vocab_file
+from llama_fineweb.tokenizer import EOT, N_VOCAB, require_gpt2_vocabulary, vocab_file
 from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, unwritable, write_atomic
 from model import Transformer
 
@@ -138,11 +138,14 @@ def load_checkpoint(path: str | Path, device: torch.device, verify: str = "full"
     their recorded checksums (verify="full") or sizes ("size")."""
     path = Path(path)
     if (path / "model_config.json").is_file():
-        return to_llama(hf_io.load_weights(str(path), device), str(path)), path, {}
+        model = hf_io.load_weights(str(path), device)
+        require_gpt2_vocabulary(model.config.vocab_size, str(path), "eval_suite.py")
+        return to_llama(model, str(path)), path, {}
     ckpt = checkpoint.resolve(path)
     if ckpt is None:
         raise UserError(f"{path} holds no complete checkpoint yet")
     model = checkpoint.load_model(ckpt, device, verify_files=verify, lora_base=lora_base)
+    require_gpt2_vocabulary(model.config.vocab_size, str(ckpt), "eval_suite.py")
     meta = checkpoint.read_meta(ckpt)
     return to_llama(model, str(ckpt)), ckpt, meta
 

@@ -67,7 +67,7 @@ from llama_fineweb.chat_template import checkpoint_template
 from llama_fineweb.hf_io import (INDEX_FILE, SINGLE_FILE, check_vocabulary, config_from_hf, hf_config,  # noqa: F401
                                   hf_name, load_hf, load_weights, to_hf_state_dict)
 from llama_fineweb.tokenizer import N_VOCAB, vocab_file
-from llama_fineweb.utils import DTYPES, UserError, cli_errors, fsync_dir
+from llama_fineweb.utils import DTYPES, UserError, cli_errors, closed_output_survives, fsync_dir
 from model import Transformer
 
 EXPORT_INFO = "export_info.json"  # written last into every output: "this directory is an export"
@@ -282,6 +282,11 @@ def _load_checkpoint(path: str, device: str, verify: str = "full", lora_base: st
 
 
 def main(argv: list[str] | None = None) -> None:
+    with closed_output_survives():  # `| head` or `| true` gone: quiet, and the work is kept
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint",

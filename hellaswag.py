@@ -29,8 +29,9 @@ import torch.nn as nn
 from llama_fineweb import checkpoint, contamination
 from llama_fineweb.hellaswag import (FORMAT_SAMPLE, default_data_path, evaluate, load_examples, load_hf_model,
                                      model_max_seq_len)
-from llama_fineweb.utils import (DTYPES, Dist, UserError, cli_errors, setup_distributed, teardown_distributed,
-                                 unwritable, write_atomic)
+from llama_fineweb.tokenizer import require_gpt2_vocabulary
+from llama_fineweb.utils import (DTYPES, Dist, UserError, cli_errors, closed_output_survives, setup_distributed,
+                                 teardown_distributed, unwritable, write_atomic)
 
 
 def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Path]:
@@ -38,8 +39,9 @@ def _load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modu
     if args.hf:
         return load_hf_model(args.hf, device), Path(args.hf)
     # resolve() names the step directory that load_model loads (a run directory's `latest`).
-    return (checkpoint.load_model(args.checkpoint, device, verify_files=args.verify, lora_base=args.lora_base),
-            checkpoint.resolve(args.checkpoint))
+    model = checkpoint.load_model(args.checkpoint, device, verify_files=args.verify, lora_base=args.lora_base)
+    require_gpt2_vocabulary(model.config.vocab_size, args.checkpoint, "hellaswag.py")
+    return model, checkpoint.resolve(args.checkpoint)
 
 
 def _check_output(path: Path, d: Dist) -> None:
@@ -109,6 +111,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with closed_output_survives():  # `| head` or `| true` gone: quiet, and the work is kept
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description="HellaSwag validation accuracy (acc, acc_norm) of a model")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or one step directory")

@@ -16,7 +16,7 @@ from pathlib import Path
 from llama_fineweb import forecast
 from llama_fineweb.checkpoint import CheckpointError
 from llama_fineweb.metrics import plot, read_metrics
-from llama_fineweb.utils import cli_errors
+from llama_fineweb.utils import cli_errors, closed_output_survives
 
 
 def backtest_table(run: str) -> str:
@@ -33,6 +33,11 @@ def backtest_table(run: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with closed_output_survives():  # `| head` or `| true` gone: quiet, and the work is kept
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description="Render a run's metrics.jsonl to a PNG, with the forecast "
                                                  "of its final validation loss.")
     parser.add_argument("run", help="run directory (out_dir) or a metrics.jsonl file")

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 
 from llama_fineweb import planner
 from llama_fineweb.train_config import SFTConfig, TrainConfig, load_config
-from llama_fineweb.utils import UserError, cli_errors
+from llama_fineweb.utils import UserError, cli_errors, closed_output_survives
 
 AC_MODES = ("none", "selective", "full")
 
@@ -55,6 +56,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+# The numeric flags that must be positive and finite, each with an example value for the error line.
+POSITIVE = {"tokens": "2e10", "gpu_mem": "24", "peak_tflops": "165", "price": "2.5"}
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """--tokens, --gpu_mem, --peak_tflops, --price: positive and finite (a NaN or a negative count
+    would print as a time or a cost)."""
+    for flag, example in POSITIVE.items():
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{flag} {value:g} must be a positive finite number, e.g. --{flag} {example}")
+
+
 def load(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
     """The config as training would load it (finetune.py's SFTConfig for an SFT config file)."""
     found = load_config(["--config", args.config])  # an SFTConfig file returns one: its knobs are allowed too
@@ -63,8 +77,6 @@ def load(args: argparse.Namespace, overrides: list[str]) -> TrainConfig:
 
 def pick_card(args: argparse.Namespace) -> planner.Card:
     if args.gpu_mem is not None:
-        if args.gpu_mem <= 0:
-            raise UserError(f"--gpu_mem {args.gpu_mem:g} must be positive (GiB per card)")
         if args.peak_tflops is None:
             base = planner.find_card(args.gpu)
             return planner.Card(f"{base.aliases[0]} with {args.gpu_mem:g} GiB", args.gpu_mem, base.link,
@@ -137,11 +149,18 @@ def candidates(cfg: TrainConfig, world: int, mbs: list[int]) -> list[planner.Set
     return out
 
 
+def relies_on_compile(r: planner.Projection) -> bool:
+    """Fits only with compile's activation saving, which no GPU has measured yet."""
+    return r.fits and not r.fits_eager and not planner.COMPILE_SAVING_MEASURED_ON_GPU
+
+
 def recommend(rows: list[planner.Projection]) -> int | None:
-    """The fastest row that fits; among equally fast ones the one that sends the fewest bytes
-    (the projection assumes communication overlaps, which is least sure for the most of it), then
-    the larger micro-batch (a GPU runs larger matmuls closer to its peak)."""
-    fitting = [i for i, r in enumerate(rows) if r.fits]
+    """The fastest row that fits (one that fits only with compile's unmeasured activation saving
+    when no other does); among equally fast ones the one that sends the fewest bytes (the
+    projection assumes communication overlaps, which is least sure for the most of it), then the
+    larger micro-batch (a GPU runs larger matmuls closer to its peak)."""
+    fitting = ([i for i, r in enumerate(rows) if r.fits and not relies_on_compile(r)]
+               or [i for i, r in enumerate(rows) if r.fits])
     return min(fitting, key=lambda i: (round(rows[i].step_s, 6), rows[i].comm_gb, -rows[i].setting.micro_batch, i)) \
         if fitting else None
 
@@ -196,6 +215,12 @@ def duration(seconds: float) -> str:
     return f"{days:.0f}d {rest / 3600:.1f}h" if days else f"{rest / 3600:.1f}h"
 
 
+def fits_cell(r: dict) -> str:
+    if r["fits"] and (r["fits_eager"] or planner.COMPILE_SAVING_MEASURED_ON_GPU):
+        return "yes"
+    return "if compiled (c)" if r["fits"] else "no"
+
+
 def render(report: dict, markdown: bool) -> str:
     rows = report["rows"]
     header = ["", "setting", "checkpointing", "micro-batch", "accum", "peak GiB", "fits", "tokens/s", "step s",
@@ -208,7 +233,7 @@ def render(report: dict, markdown: bool) -> str:
         s = r["setting"]
         body.append(["*" if i == report["recommended"] else "", planner.Setting(**s).label(),
                      s["activation_checkpointing"], str(s["micro_batch"]), str(s["accum"]), f"{r['peak_gib']:.1f}",
-                     "yes" if r["fits"] else "no", f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.2f}",
+                     fits_cell(r), f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.2f}",
                      f"{r['comm_gb']:.1f} ({r['comm_s']:.2f})", duration(r["total_s"]), f"{r['gpu_hours']:,.0f}"]
                     + ([f"{r['gpu_hours'] * price:,.0f}"] if price else []))
     lines = [report["title"], report["assumptions"], ""]
@@ -222,8 +247,14 @@ def render(report: dict, markdown: bool) -> str:
             lines.append("  ".join(cell.ljust(w) if j < 3 else cell.rjust(w)
                                    for j, (cell, w) in enumerate(zip(row, widths))).rstrip())
     lines.append("")
+    marked = any(fits_cell(r).endswith("(c)") for r in rows)
+    if marked:
+        lines.append("(c) fits only if compile's activation saving (32.07/51.07 of eager, measured on the CPU) "
+                     "holds on the GPU: unmeasured there, so not recommended while another row fits")
     if report["recommended"] is None:
         lines.append(f"nothing fits: {report['nothing_fits']}")
+    elif fits_cell(rows[report["recommended"]]).endswith("(c)"):
+        lines.append("* recommended: the fastest setting that fits, and only if compiled (c): nothing fits eager")
     else:
         lines.append("* recommended: the fastest setting that fits")
         lines.append(f"`{report['command']}`" if markdown else report["command"])
@@ -232,6 +263,7 @@ def render(report: dict, markdown: bool) -> str:
 
 def plan(argv: list[str]) -> dict:
     args, overrides = parse_args(argv)
+    check_numbers(args)
     if args.gpus < 1 or args.nodes < 1:
         raise UserError(f"--gpus {args.gpus} --nodes {args.nodes}: both must be at least 1")
     cfg = load(args, overrides)
@@ -252,7 +284,7 @@ def plan(argv: list[str]) -> dict:
         "title": f"{args.config}: {cfg.model} ({n['total']:,} parameters), seq {cfg.seq_len}, "
                  f"{cfg.total_batch_tokens:,} tokens/step on {world} x {card.name}"
                  f"{f' ({args.nodes} nodes)' if args.nodes > 1 else ''} "
-                 f"({card.memory_gib:g} GiB, {card.peak_tflops:g} TFLOP/s bf16); projections, not measurements",
+                 f"({card.memory_gib:.1f} GiB, {card.peak_tflops:g} TFLOP/s bf16); projections, not measurements",
         "assumptions": f"{mfu_note}; {planner.CUDA_RESERVE_GIB:g} GiB per card kept for the CUDA context; "
                        f"bf16 on CUDA, compiled; link: {links}",
         "config": args.config, "card": asdict(card), "gpus": args.gpus, "nodes": args.nodes, "mfu": mfu,
@@ -266,12 +298,14 @@ def plan(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    with cli_errors("plan.py"):
-        report = plan(argv)
-    if report.pop("json"):
-        print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1))
-    else:
-        print(render(report, report.pop("markdown")))
+    with closed_output_survives():
+        with cli_errors("plan.py"):
+            report = plan(argv)
+        if report.pop("json"):
+            # allow_nan=False: what --json prints is JSON; a non-finite number is a bug, not output
+            print(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1, allow_nan=False))
+        else:
+            print(render(report, report.pop("markdown")))
     return report
 
 

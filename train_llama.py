@@ -37,7 +37,7 @@ from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token,
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
 from llama_fineweb.stability import Stability, StepStats
 from llama_fineweb.step import StepSettings, build_optimizer, gradient_accumulation, optimizer_step
-from llama_fineweb.tokenizer import get_encoding
+from llama_fineweb.tokenizer import EOT, get_encoding
 from llama_fineweb.train_config import ConfigError, TrainConfig, training_cli
 from llama_fineweb.utils import DTYPES, Dist, paths_to_create, remove_created, setup_distributed
 from model import Transformer, build_model
@@ -522,14 +522,16 @@ def hellaswag_score(run: Run) -> dict:
 
 @torch.no_grad()
 def sample_text(run: Run) -> str:
-    """A seeded continuation of the sample prompt; its own generator leaves training RNG alone."""
+    """A seeded continuation of the sample prompt, up to <|endoftext|> as chat.py answers; its own
+    generator leaves training RNG alone."""
     enc, device = get_encoding(), run.dist.device
     prompt = torch.tensor([enc.encode_ordinary(run.cfg.sample_prompt)], device=device)
     generator = torch.Generator(device=device).manual_seed(run.cfg.seed)
     with run.autocast():
         out = run.model.generate(prompt, run.cfg.sample_tokens, temperature=run.cfg.sample_temperature, top_k=50,
                                  generator=generator)
-    return enc.decode(out[0].tolist())
+    new = out[0, prompt.size(1):].tolist()
+    return enc.decode(prompt[0].tolist() + (new[:new.index(EOT)] if EOT in new else new))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -635,6 +637,10 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
     # Wrapped (sharded under FSDP) before the optimizer exists and before a checkpoint is read:
     # AdamW is built on the shards and each rank loads only its shard of the saved state.
     train_model, eval_model = parallel.parallelize(model, cfg, d)
+    if d.world_size > 1:
+        # The weights are drawn (and broadcast); what draws from torch's RNG from here on, LoRA's
+        # dropout, draws on each rank its own masks, as one process does for each micro-batch.
+        torch.manual_seed(cfg.seed + 1 + d.rank)
     run = Run(cfg, d, log, model, train_model, eval_model, build_optimizer(model, cfg, d.device), loader,
               val, accum_steps=accum_steps, last_step=cfg.benchmark if benchmark else cfg.max_steps, lock=lock,
               stability=Stability(cfg, scaler_enabled=cfg.dtype == "float16" and (d.device.type == "cuda"
@@ -658,14 +664,11 @@ def build_run(cfg: TrainConfig, d: Dist, log: Logger, lock: checkpoint.RunLock |
 
 
 def attach_adapters(model: Transformer, spec: lora.LoraSpec, cfg: TrainConfig, d: Dist, log: Logger) -> None:
-    """LoRA adapters on the loaded base, which is frozen; on CUDA the frozen weights are held in
-    the autocast dtype (half the memory, and autocast would cast them for every matmul anyway),
-    the adapters stay float32 for AdamW."""
+    """LoRA adapters on the loaded base, which is frozen; on CUDA its linear weights are held in
+    the autocast dtype (lora.hold_frozen_linears_in), the adapters stay float32 for AdamW."""
     lora.attach(model, spec)
     if d.device.type == "cuda" and cfg.dtype != "float32":
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(DTYPES[cfg.dtype])
+        lora.hold_frozen_linears_in(model, DTYPES[cfg.dtype])
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.print(f"lora: rank {spec.rank}, alpha {spec.alpha:g}, dropout {spec.dropout:g} on "
               f"{','.join(spec.targets)}: {trained:,} parameters train, {model.num_params() - trained:,} frozen")

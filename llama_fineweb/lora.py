@@ -86,6 +86,16 @@ def attach(model: nn.Module, spec: LoraSpec) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def hold_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """The frozen nn.Linear weights (the base projections, the output head) held in `dtype`: half
+    the memory, and autocast casts them to it for every matmul anyway. Embeddings and norms keep
+    float32, so the residual stream is the merged model's; the adapters stay float32 for AdamW."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+
+
 def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 

@@ -275,10 +275,11 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> None:
-    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag; with
-    --layer_stats_interval, heatmaps (blocks x steps) of each block's gradient norm and update ratio.
-    extrapolation: (steps, forecast, low, high) of forecast.band, drawn dashed with its band."""
+def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> list[str]:
+    """Train and validation loss, LR, throughput (tokens/s, and MFU where logged) and HellaSwag
+    where it was measured; with --layer_stats_interval, heatmaps (blocks x steps) of each block's
+    gradient norm and update ratio. extrapolation: (steps, forecast, low, high) of forecast.band,
+    drawn dashed with its band. Returns the titles of the panels drawn."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -321,14 +322,18 @@ def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> None:
         right.plot(steps, [100 * m for m in mfu], lw=0.8, color="C1")
         right.set_ylabel("MFU % (6N + 12LdT, N without the input embedding)", color="C1")
     ax = axes[1][1]
-    ax.plot(*series("hellaswag_acc_norm"), "o-", label="acc_norm")
-    ax.plot(*series("hellaswag_acc"), "o-", label="acc")
-    ax.set(title="HellaSwag", xlabel="step")
-    ax.legend()
+    if series("hellaswag_acc_norm")[0] or series("hellaswag_acc")[0]:
+        ax.plot(*series("hellaswag_acc_norm"), "o-", label="acc_norm")
+        ax.plot(*series("hellaswag_acc"), "o-", label="acc")
+        ax.set(title="HellaSwag", xlabel="step")
+        ax.legend()
+    else:  # --hellaswag off: no panel rather than an empty one with a meaningless axis
+        ax.remove()
     for ax, key in zip(axes[2] if layered else [], layered):
         layer_heatmap(fig, ax, *series(key), key)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
+    return [a.get_title() for a in fig.axes if a.get_title()]
 
 
 def layer_heatmap(fig, ax, steps: list[int], values: list[list[float]], key: str) -> None:

@@ -19,6 +19,7 @@ are allowed with a warning: each source continues from its own position, the cre
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import threading
 from fractions import Fraction
@@ -37,23 +38,31 @@ KEPT_STATES = 256  # batch-start states kept: the training thread and the prefet
 
 
 def parse_data_mix(text: str) -> list[tuple[str, Fraction]]:
-    """'DIR:WEIGHT,DIR:WEIGHT' -> [(dir, weight)], weights as exact fractions (any positive scale)."""
+    """'DIR:WEIGHT,DIR:WEIGHT' -> [(dir, weight)], weights as exact fractions (any positive scale).
+
+    A weight is read exactly as written (0.1234567 is 1234567/10^7, 1e-7 stays positive): the plan
+    honours any positive weight, a tiny one by a sequence every so many."""
     sources = []
     for part in text.split(","):
         path, _, weight = part.strip().rpartition(":")
         try:
-            value = Fraction(weight).limit_denominator(10**6)
+            value = Fraction(weight.strip())
         except (ValueError, ZeroDivisionError):
             value = None
         if not path or value is None or value < 0:
             raise DataError(f"--data_mix entry {part.strip()!r} is not DIR:WEIGHT with a weight >= 0 "
                             f"(example: --data_mix=data/edu:0.9,data/code:0.1)")
         sources.append((path, value))
-    paths = [os.path.normpath(p) for p, _ in sources]
-    if len(set(paths)) != len(paths):
-        raise DataError(f"--data_mix names a directory twice: {text!r}")
+    seen: dict[str, str] = {}
+    for path, _ in sources:
+        real = os.path.realpath(path)  # data/x, ./data/x/, $PWD/data/x and a link to it are one directory
+        if real in seen:
+            raise DataError(f"--data_mix names the directory {real!r} twice ({seen[real]!r} and {path!r}): "
+                            f"name it once, with the sum of its weights")
+        seen[real] = path
     if not any(w for _, w in sources):
         raise DataError(f"--data_mix={text!r}: at least one weight must be positive")
+    integer_weights([w for _, w in sources], [p for p, _ in sources])
     return sources
 
 
@@ -63,10 +72,24 @@ def source_names(dirs: list[str]) -> list[str]:
     return [f"{n}{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def integer_weights(weights: list[Fraction]) -> list[int]:
-    """The weights as integers in the same exact ratio: the credits stay exact integers."""
-    denominator = int(np.lcm.reduce([w.denominator for w in weights]))
-    return [int(w * denominator) for w in weights]
+# The integer weights' total: beyond it a weight is finer than any run can draw (a sequence in 10^18).
+MAX_WEIGHT_TOTAL = 10**18
+
+
+def integer_weights(weights: list[Fraction], dirs: list[str] | None = None) -> list[int]:
+    """The weights as Python integers in exactly the same ratio: the credits stay exact integers and
+    every positive weight stays positive. Weights whose common denominator passes MAX_WEIGHT_TOTAL are
+    refused, naming the finest one."""
+    denominator = math.lcm(*(w.denominator for w in weights))
+    units = [w.numerator * (denominator // w.denominator) for w in weights]
+    if sum(units) > MAX_WEIGHT_TOTAL:
+        finest = max(range(len(weights)), key=lambda i: weights[i].denominator)
+        where = f" of {dirs[finest]!r}" if dirs else ""
+        raise DataError(f"--data_mix weight {float(weights[finest]):g}{where} needs a precision the mixture cannot "
+                        f"honour (the weights' common denominator is {denominator:.3g}, over 1e18): round the "
+                        f"weights to fewer decimals")
+    assert all(u > 0 for u, w in zip(units, weights) if w > 0), (weights, units)
+    return units
 
 
 class MixturePlan:
@@ -113,9 +136,10 @@ class MixturePlan:
             given[s] += 1
         self._states[batch + 1] = (tuple(given), tuple(credit))
         self._batches[batch] = (sources, positions)
+        # Batch b and its end state b + 1 are one entry: batch(b) reads both, so they go together.
         for old in [b for b in self._states if b != self.anchor and b < batch + 1 - KEPT_STATES]:
             del self._states[old]
-            self._batches.pop(old, None)
+            self._batches.pop(old - 1, None)
 
 
 class MixtureOrder(GlobalOrder):

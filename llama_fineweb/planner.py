@@ -22,7 +22,7 @@ import gc
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -40,6 +40,9 @@ CUDA_RESERVE_GIB = 2.0
 # The MFU a run is assumed to reach when no measurement is given: a round figure below what
 # compiled LLaMa training of this size reports on A100/H100 (torchtitan, llm.c: 40-50%).
 DEFAULT_MFU = 0.40
+# Compile's activation saving (block_bytes_per_token) is measured on the CPU only: until a GPU
+# measures it, a row that fits only with it is marked and not recommended (plan.py).
+COMPILE_SAVING_MEASURED_ON_GPU = False
 
 
 # ----------------------------------------------------------------------------- cards and links
@@ -57,27 +60,33 @@ class Card:
         return self.tflops or metrics.PEAK_BF16_TFLOPS[self.name]
 
 
+def gb(datasheet_gb: float) -> float:
+    """A datasheet's GB (10^9 bytes) in GiB (2^30): 80 GB is 74.5 GiB. A lower bound of what torch
+    reports (an RTX A6000's 48 GB shows as 47.5 GiB), so a row that fits the table fits the card."""
+    return datasheet_gb * 1e9 / GiB
+
+
 # Memory from each card's datasheet (the same datasheets as metrics.PEAK_BF16_TFLOPS), in GB as
-# printed there: torch reports slightly less (an RTX A6000 shows 47.5 GiB), which the reserve covers.
+# printed there, converted to GiB by gb().
 CARDS = [
     # 48 GB GDDR6; pairs are often bridged (--link nvlink_a6000), PCIe is the safe assumption
-    Card("NVIDIA RTX A6000", 48, "pcie4", ("RTX A6000", "A6000")),
-    Card("NVIDIA A40", 48, "pcie4", ("A40",)),  # 48 GB GDDR6
-    Card("NVIDIA RTX 6000 Ada Generation", 48, "pcie4", ("RTX 6000 Ada", "6000 Ada")),  # 48 GB GDDR6
-    Card("NVIDIA L40S", 48, "pcie4", ("L40S",)),  # 48 GB GDDR6
-    Card("NVIDIA L40", 48, "pcie4", ("L40",)),
-    Card("NVIDIA A100-SXM4-40GB", 40, "nvlink3", ("A100 40GB", "A100 SXM 40GB")),  # 40 GB HBM2
-    Card("NVIDIA A100-SXM4-80GB", 80, "nvlink3", ("A100", "A100 80GB", "A100 SXM", "A100 SXM 80GB")),  # 80 GB HBM2e
-    Card("NVIDIA A100-PCIE-40GB", 40, "pcie4", ("A100 PCIe 40GB",)),
-    Card("NVIDIA A100 80GB PCIe", 80, "pcie4", ("A100 PCIe", "A100 PCIe 80GB")),
-    Card("NVIDIA A800-SXM4-80GB", 80, "nvlink3", ("A800",)),
-    Card("NVIDIA H100 80GB HBM3", 80, "nvlink4", ("H100", "H100 SXM", "H100 80GB")),  # 80 GB HBM3
-    Card("NVIDIA H100 PCIe", 80, "pcie5", ("H100 PCIe",)),  # 80 GB HBM2e
-    Card("NVIDIA H100 NVL", 94, "pcie5", ("H100 NVL",)),  # 94 GB HBM3
-    Card("NVIDIA H800", 80, "nvlink4", ("H800",)),
-    Card("NVIDIA H200", 141, "nvlink4", ("H200", "H200 SXM")),  # 141 GB HBM3e
-    Card("NVIDIA H200 NVL", 141, "pcie5", ("H200 NVL",)),
-    Card("NVIDIA B200", 180, "nvlink5", ("B200",)),  # HGX B200: 1,440 GB for 8 GPUs
+    Card("NVIDIA RTX A6000", gb(48), "pcie4", ("RTX A6000", "A6000")),
+    Card("NVIDIA A40", gb(48), "pcie4", ("A40",)),  # 48 GB GDDR6
+    Card("NVIDIA RTX 6000 Ada Generation", gb(48), "pcie4", ("RTX 6000 Ada", "6000 Ada")),  # 48 GB GDDR6
+    Card("NVIDIA L40S", gb(48), "pcie4", ("L40S",)),  # 48 GB GDDR6
+    Card("NVIDIA L40", gb(48), "pcie4", ("L40",)),
+    Card("NVIDIA A100-SXM4-40GB", gb(40), "nvlink3", ("A100 40GB", "A100 SXM 40GB")),  # 40 GB HBM2
+    Card("NVIDIA A100-SXM4-80GB", gb(80), "nvlink3", ("A100", "A100 80GB", "A100 SXM", "A100 SXM 80GB")),  # 80 GB HBM2e
+    Card("NVIDIA A100-PCIE-40GB", gb(40), "pcie4", ("A100 PCIe 40GB",)),
+    Card("NVIDIA A100 80GB PCIe", gb(80), "pcie4", ("A100 PCIe", "A100 PCIe 80GB")),
+    Card("NVIDIA A800-SXM4-80GB", gb(80), "nvlink3", ("A800",)),
+    Card("NVIDIA H100 80GB HBM3", gb(80), "nvlink4", ("H100", "H100 SXM", "H100 80GB")),  # 80 GB HBM3
+    Card("NVIDIA H100 PCIe", gb(80), "pcie5", ("H100 PCIe",)),  # 80 GB HBM2e
+    Card("NVIDIA H100 NVL", gb(94), "pcie5", ("H100 NVL",)),  # 94 GB HBM3
+    Card("NVIDIA H800", gb(80), "nvlink4", ("H800",)),
+    Card("NVIDIA H200", gb(141), "nvlink4", ("H200", "H200 SXM")),  # 141 GB HBM3e
+    Card("NVIDIA H200 NVL", gb(141), "pcie5", ("H200 NVL",)),
+    Card("NVIDIA B200", gb(180), "nvlink5", ("B200",)),  # HGX B200: 1,440 GB for 8 GPUs
 ]
 
 # Bandwidth per GPU in one direction, GB/s, as the datasheets print it (a ring all-reduce in
@@ -322,12 +331,15 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
 
 
 def lora_memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
-    """LoRA (train_llama.attach_adapters): the frozen base in the autocast dtype on CUDA (float32
-    on the CPU), float32 adapters with their gradients and AdamW moments; no autocast copies of
-    frozen weights and no output-weight gradient in the loss. Activations as for full training
+    """LoRA (train_llama.attach_adapters): the frozen linear weights in the autocast dtype on CUDA
+    (float32 on the CPU; embeddings and norms float32 always), float32 adapters with their
+    gradients and AdamW moments; no autocast copies of frozen weights and no output-weight
+    gradient in the loss. Activations as for full training
     (backward still runs through every block); sharding is not modelled."""
     total, adapters = parameter_counts(c)["total"], s.lora_params
-    terms = {"params": (2 if s.low_precision else 4) * total + 4 * adapters, "grads": 4 * adapters,
+    float32 = c.vocab_size * c.dim + (2 * c.n_layers + 1) * c.dim  # embeddings and norms stay float32
+    frozen = (2 if s.low_precision else 4) * (total - float32) + 4 * float32
+    terms = {"params": frozen + 4 * adapters, "grads": 4 * adapters,
              "optimizer": 8 * adapters, "weights_extra": 0.0, "activations": activation_bytes(c, s, seq_len),
              "loss": min(s.micro_batch * seq_len, c.loss_chunk_size) * c.vocab_size * (6 if s.low_precision else 4),
              "transient": backward_transient_bytes(c, s, seq_len),
@@ -396,6 +408,7 @@ class Projection:
     setting: Setting
     peak_gib: float
     fits: bool
+    fits_eager: bool  # fits without compile's activation saving (COMPILE_SAVING_MEASURED_ON_GPU)
     tokens_per_s: float
     step_s: float
     comm_gb: float
@@ -412,6 +425,7 @@ def project(c: ModelConfig, s: Setting, seq_len: int, total_batch_tokens: int, c
             reserve_gib: float = CUDA_RESERVE_GIB) -> Projection:
     """Memory, speed, traffic and the time to `tokens` of one setting on `world_size` cards."""
     peak = peak_bytes(c, s, seq_len) / GiB
+    eager_peak = peak_bytes(c, replace(s, compiled=False), seq_len) / GiB if s.compiled else peak
     flops = flops_per_token(c, seq_len) * recompute_factor(c, s)
     compute_s = total_batch_tokens * flops / (mfu * card.peak_tflops * 1e12 * s.world_size)
     comm = communication_bytes(c, s)
@@ -420,7 +434,8 @@ def project(c: ModelConfig, s: Setting, seq_len: int, total_batch_tokens: int, c
     # slow as the slower of the two.
     step_s = max(compute_s, comm_s)
     total_s = tokens / total_batch_tokens * step_s
-    return Projection(s, peak, peak + reserve_gib <= card.memory_gib, total_batch_tokens / step_s, step_s,
+    room = card.memory_gib - reserve_gib
+    return Projection(s, peak, peak <= room, eager_peak <= room, total_batch_tokens / step_s, step_s,
                       comm / 1e9, comm_s, total_s, total_s * s.world_size / 3600)
 
 

@@ -18,6 +18,8 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenization regex
 
+from .utils import UserError
+
 EOT = 50256  # <|endoftext|>
 N_VOCAB = 50257  # GPT-2's vocabulary; the model pads it to 50304
 
@@ -26,6 +28,15 @@ _SHA256 = {
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
+
+
+def require_gpt2_vocabulary(vocab_size: int, source: str, program: str) -> None:
+    """UserError for a model whose vocabulary cannot hold GPT-2's ids (e.g. the tests' 256-token
+    model): `program` renders its text with GPT-2's tokenizer, <|endoftext|> = 50256 included."""
+    if vocab_size < N_VOCAB:
+        raise UserError(f"{source} has vocab_size={vocab_size}, fewer than GPT-2's {N_VOCAB} tokens: {program} "
+                        f"feeds it GPT-2 token ids (<|endoftext|> is {EOT}); evaluate a model trained with "
+                        f"the GPT-2 tokenizer (vocab_size >= {N_VOCAB})")
 
 
 def _tiktoken_cache_path(name: str) -> Path:

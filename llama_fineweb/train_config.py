@@ -177,6 +177,24 @@ class TrainConfig:
             self.model_config()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"bad model config: {e}") from None
+        self._validate_sample_and_loggers()
+
+    def _validate_sample_and_loggers(self) -> None:
+        """What would otherwise fail mid-run or after the run directory exists: the sample's length
+        against the context, and the packages --tensorboard / --wandb need."""
+        if self.sample_interval:
+            from .tokenizer import get_encoding  # noqa: PLC0415 - tiktoken only when a sample is due
+
+            prompt = len(get_encoding().encode_ordinary(self.sample_prompt))
+            if prompt + self.sample_tokens > self.seq_len:
+                fix = f"--sample_tokens={self.seq_len - prompt}" if prompt < self.seq_len else "a shorter --sample_prompt"
+                raise ConfigError(f"a sample of --sample_prompt ({prompt} tokens) + --sample_tokens="
+                                  f"{self.sample_tokens} exceeds --seq_len={self.seq_len}: pass {fix} "
+                                  f"(or --sample_interval=0)")
+        for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if getattr(self, flag) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"--{flag}=true needs the {package} package, which is not installed: "
+                                  f"`pip install {package}`, or leave --{flag} off")
 
     def _validate_choices(self) -> None:
         for name, allowed in choices(type(self)).items():

@@ -213,3 +213,61 @@ def test_a_closed_stdout_is_silenced_not_raised(monkeypatch):
             print("step 1", flush=True)
             print("saved checkpoint", flush=True)
         print("after", flush=True)  # the descriptor now leads to /dev/null
+
+
+# Runs each (script, argv) of argv[1] in one interpreter, each into a fresh pipe whose reader is
+# gone, then flushes as the interpreter's exit would: a BrokenPipeError anywhere is a traceback.
+INTO_CLOSED_PIPE = """
+import importlib, json, os, sys
+for script, argv in json.loads(sys.argv[1]):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    try:
+        importlib.import_module(script).main(argv)
+    except SystemExit as e:
+        if e.code:
+            raise
+    sys.stdout.flush()
+"""
+
+
+def test_every_cli_survives_a_closed_stdout(tmp_path):
+    """plan, metrics, chat, hellaswag, export_hf and eval_suite into a pipe whose reader is gone
+    (`| head -1`, `| true`): exit 0, no traceback, their work written."""
+    import export_hf
+    from conftest import make_tiny_model
+    from llama_fineweb import checkpoint
+
+    weights, run = tmp_path / "weights", tmp_path / "run"
+    export_hf.save_weights(make_tiny_model(max_seq_len=64), weights)
+    step = checkpoint.save(run, 1, {"model": checkpoint.ModelState(make_tiny_model())})
+    rows = [{"step": s, "loss": 5.0 - s, "lr": 1e-4, "tokens_per_s": 1e4} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scripts = [
+        ("plan", ["--config", "configs/llama_1p7b.py", "--gpu", "H100", "--gpus", "8"]),
+        ("metrics", [str(run)]),
+        ("chat", ["--checkpoint", str(weights), "--prompt", "Hi", "--max_new_tokens", "3", "--temperature", "0"]),
+        ("hellaswag", ["--checkpoint", str(run), "--data", "tests/data/hellaswag_sample.jsonl", "--limit", "2"]),
+        ("export_hf", ["--checkpoint", str(weights), "--out", str(tmp_path / "hf")]),
+        ("eval_suite", ["--checkpoint", str(weights), "--tasks", "hellaswag_sample", "--include_path", "tasks",
+                        "--limit", "2", "--device", "cpu", "--out", str(tmp_path / "eval.json")]),
+    ]
+    proc = subprocess.run([sys.executable, "-c", INTO_CLOSED_PIPE, json.dumps(scripts)], stderr=subprocess.PIPE,
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                 "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (run / "metrics.png").is_file() and (step / "hellaswag.json").is_file()
+    assert (tmp_path / "hf" / "export_info.json").is_file() and (tmp_path / "eval.json").is_file()
+
+
+def test_a_sample_past_the_context_and_a_missing_logger_are_refused_at_launch(tmp_path, data_dir, monkeypatch):
+    """tiny's 32-token sample at --seq_len=32 and --tensorboard / --wandb without their package:
+    one line before anything is created (not a traceback at step 0, not a lock and logs left)."""
+    line = refusal(tmp_path / "sample", data_dir, "--sample_interval=6")
+    assert "--sample_tokens=32 exceeds --seq_len=32: pass --sample_tokens=29" in line
+    for flag in ("tensorboard", "wandb"):
+        monkeypatch.setitem(sys.modules, flag, None)  # as if not installed
+        assert f"--{flag}=true needs the {flag} package" in refusal(tmp_path / flag, data_dir, f"--{flag}=true")
+    assert not any((tmp_path / name).exists() for name in ("sample", "tensorboard", "wandb"))

@@ -280,3 +280,15 @@ def test_all_steps_cache_and_summary_follow_the_task_data_and_the_run(tmp_path, 
     (run["out"] / "step_0000005" / "meta.json").write_text(json.dumps({**meta, "run_id": "new-run"}))
     all_steps(run)
     assert [s["step"] for s in json.loads(summary.read_text())["steps"]] == [5]
+
+
+def test_a_checkpoint_smaller_than_gpt2s_vocabulary_is_one_line(tmp_path, monkeypatch):
+    """Our 256-token tiny model on the evaluation script: one line naming its vocab_size, exit 2."""
+    export_hf.save_weights(make_tiny_model(vocab_size=256), tmp_path / "weights")
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    proc = call_main(eval_suite.main, ["--checkpoint", str(tmp_path / "weights"), "--tasks", "hellaswag_sample",
+                                       "--include_path", "tasks", "--limit", "2", "--device", "cpu",
+                                       "--out", str(tmp_path / "result.json")], check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and len(errors) == 1 and "vocab_size=256" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "result.json").exists()

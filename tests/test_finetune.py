@@ -446,3 +446,18 @@ def test_refusal_hints_hold_for_the_command_given(tmp_path, base_model):
     checkpoint.save(tmp_path / "c", 2, {"model": checkpoint.ModelState(make_tiny_model(max_seq_len=SEQ))})
     line = one_line(finetune_run(tmp_path / "c", base_model, check=False))
     assert "records no train_config" in line and "None" not in line
+
+
+def test_in_loop_sample_stops_at_end_of_text():
+    """The in-loop sample ends where chat.py's answer does: at the first <|endoftext|>."""
+    enc = get_encoding()
+    prompt, answer = "### Human: Hi\n### Assistant:", " Hello there."
+
+    class Model:  # answers, ends its turn, then runs on as a model without a stop would
+        def generate(self, idx, max_new_tokens, **kwargs):
+            rest = enc.encode_ordinary(answer) + [EOT] + enc.encode_ordinary(" ### Human: more")
+            return torch.cat([idx, torch.tensor([rest[:max_new_tokens]])], dim=1)
+
+    run = SimpleNamespace(cfg=SFTConfig(sample_prompt=prompt, sample_tokens=16), model=Model(),
+                          dist=SimpleNamespace(device=torch.device("cpu")), autocast=contextlib.nullcontext)
+    assert train_llama.sample_text(run) == prompt + answer

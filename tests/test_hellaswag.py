@@ -342,3 +342,14 @@ def test_a_missing_data_file_says_where_it_comes_from(tmp_path):
     line = proc.stderr.strip()
     assert proc.returncode == 2 and len(line.splitlines()) == 1, proc.stderr
     assert f"curl -L -o {missing} {hellaswag.VAL_URL}" in line and "pass --data" not in line
+
+
+def test_a_checkpoint_smaller_than_gpt2s_vocabulary_is_one_line(tmp_path):
+    """Our 256-token tiny model cannot read GPT-2 ids: one line naming its vocab_size, exit 2."""
+    from llama_fineweb import checkpoint
+
+    checkpoint.save(tmp_path, 1, {"model": checkpoint.ModelState(make_tiny_model(vocab_size=256))})
+    proc = call_main(hellaswag_cli.main, ["--checkpoint", str(tmp_path), "--data", str(FIXTURE), "--limit", "2"],
+                     check=False)
+    line, = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "vocab_size=256" in line and not (tmp_path / "hellaswag.json").exists()

@@ -3,8 +3,10 @@ matches across process counts, never touches its base, refuses a changed base, a
 or as a PEFT adapter that transformers + peft load with our logits."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from conftest import make_tiny_model
 from export_hf import save_weights
 from llama_fineweb import checkpoint
 from llama_fineweb.metrics import flops_per_token
-from runs import call_main, one_line, run_here
+from runs import ROOT, call_main, one_line, run_here
 
 LORA = ["--lora_rank=8", "--lora_alpha=16", "--max_steps=6", "--eval_interval=3"]
 
@@ -215,3 +217,36 @@ def test_merged_and_adapter_exports_give_our_logits(tuned, base, tmp_path):
         scale = reference.abs().max()
         assert (merged(idx).logits - reference).abs().max() < 1e-5 * scale
         assert (adapted.eval()(idx).logits - reference).abs().max() < 1e-5 * scale
+
+
+def test_each_rank_draws_its_own_dropout_masks(tmp_path, base):
+    """Under torchrun with 2 gloo processes the ranks' dropout streams differ (they drew the same
+    masks before): the RNG states each rank saves are not equal."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "finetune.py"), *BASE, *LORA, "--lora_dropout=0.5", "--max_steps=1", "--eval_interval=0",
+           f"--init_from={base}", f"--out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = checkpoint.read_meta(checkpoint.resolve(tmp_path))["rng"]
+    assert len(states) == 2 and states[0]["torch"] != states[1]["torch"]
+
+
+def test_cuda_lora_holds_only_frozen_linears_in_bf16(base):
+    """On CUDA (its dtype rule, run here on the CPU) the frozen linear weights go bf16, embeddings and
+    norms stay float32: under autocast a fresh adapter's logits equal the base model's, bit for bit."""
+    from types import SimpleNamespace
+
+    import train_llama
+    from llama_fineweb.lora import LoraSpec
+    from llama_fineweb.train_config import SFTConfig
+
+    plain, adapted = (make_tiny_model(max_seq_len=SEQ) for _ in range(2))
+    cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    train_llama.attach_adapters(adapted, LoraSpec(8, 16.0, 0.0, ("wq", "w2")), SFTConfig(dtype="bfloat16"), cuda,
+                                SimpleNamespace(print=lambda line: None))
+    assert adapted.tok_embeddings.weight.dtype == adapted.norm.weight.dtype == torch.float32
+    assert adapted.output.weight.dtype == adapted.layers[0].feed_forward.w1.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, 1000, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(plain(idx), adapted(idx))

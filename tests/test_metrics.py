@@ -43,3 +43,15 @@ def test_plot_shows_mfu_beside_tokens_per_s(tmp_path):
     [mfu_axis] = [ax for ax in plt.gcf().axes if ax.get_ylabel().startswith("MFU")]
     assert list(mfu_axis.lines[0].get_ydata()) == [40.0, 50.0]
     plt.close("all")
+
+
+def test_plot_draws_hellaswag_only_where_it_was_measured(tmp_path):
+    """Without HellaSwag rows the plot has no HellaSwag panel; with them it has one."""
+    import matplotlib.pyplot as plt
+
+    rows = [{"step": 1, "loss": 5.0, "lr": 1e-4, "tokens_per_s": 4.0e4},
+            {"step": 2, "loss": 4.0, "lr": 2e-4, "tokens_per_s": 5.0e4}]
+    assert "HellaSwag" not in metrics.plot(rows, tmp_path / "off.png")
+    rows.append({"step": 2, "hellaswag_acc": 0.25, "hellaswag_acc_norm": 0.3})
+    assert "HellaSwag" in metrics.plot(rows, tmp_path / "on.png")
+    plt.close("all")

@@ -208,3 +208,34 @@ def test_skipped_windows_of_a_mixture_are_kept_and_resumed(dirs):
     state["skip_batches"] = [[2, 4]]
     resumed, _ = batches(mixture(dirs), 1, steps=2, state=state)
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight[4:6]))
+
+
+def test_seven_decimal_weights_over_five_sources_keep_their_shares():
+    """Weights as an optimiser prints them (seven decimals, five sources) stay exact integers: each
+    source gets its share, none is starved by an overflowing common denominator."""
+    text = "a:0.2815156,b:0.3547779,c:0.1008833,d:0.3918534,e:0.2868089"
+    weights = [w for _, w in parse_data_mix(text)]
+    plan = MixturePlan(integer_weights(weights), 32, 0, [0] * 5, [0] * 5)
+    drawn = [s for batch in range(5) for s in plan.batch(batch)[0]]
+    share = [float(w / sum(weights)) for w in weights]
+    assert all(abs(drawn.count(s) - share[s] * 160) < 1 for s in range(5))
+
+
+def test_a_tiny_weight_is_honoured_and_one_directory_by_two_paths_is_refused(dirs, monkeypatch):
+    """1e-7 stays positive (two of them are a mixture), and the same directory named by a relative and
+    an absolute path is refused as named twice."""
+    weights = [w for _, w in parse_data_mix(f"{dirs['edu']}:1e-7,{dirs['code']}:1e-7")]
+    assert weights == [Fraction(1, 10**7)] * 2 and integer_weights(weights) == [1, 1]
+    assert integer_weights([w for _, w in parse_data_mix("a:1,b:1e-7")]) == [10**7, 1]
+    monkeypatch.chdir(os.path.dirname(dirs["edu"]))
+    with pytest.raises(DataError, match="names the directory .* twice"):
+        parse_data_mix(f"{os.path.basename(dirs['edu'])}:1,{dirs['edu']}:1")
+
+
+def test_a_batch_256_batches_back_is_still_planned():
+    """The plan's cache keeps a batch and its end state together: a look-up KEPT_STATES batches behind
+    the newest works."""
+    plan = MixturePlan([3, 1], 8, 0, [0, 0], [0, 0])
+    fresh = MixturePlan([3, 1], 8, 0, [0, 0], [0, 0])
+    plan.batch(300)
+    assert plan.batch(300 - 256) == fresh.batch(300 - 256)

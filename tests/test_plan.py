@@ -39,7 +39,7 @@ def test_plan_prints_a_table_for_every_config(config):
     for r in rows:
         assert cfg.total_batch_tokens % (r["setting"]["micro_batch"] * cfg.seq_len * 2) == 0
     best = rows[report["recommended"]]
-    assert best["fits"] and best["step_s"] == min(r["step_s"] for r in rows if r["fits"])
+    assert best["fits_eager"] and best["step_s"] == min(r["step_s"] for r in rows if r["fits_eager"])
     script = "finetune.py" if "sft" in config.stem else "train_llama.py"
     assert report["command"].startswith(f"torchrun --standalone --nproc_per_node=2 {script} --config {config}")
     assert report["command"] in out
@@ -282,3 +282,22 @@ def test_micro_batch_probe_survives_out_of_memory_on_some_ranks(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["verdicts"] for r in results] == [[False, False, True]] * 2
     assert results[0]["norms"][0] == results[0]["norms"][1] > 0
+
+
+def test_plan_numbers_are_gib_marked_and_checked():
+    """A card's datasheet GB is converted to GiB; a row that fits only with compile's CPU-measured
+    activation saving is marked and not recommended; non-finite or non-positive numbers are one
+    line; --json is JSON."""
+    h100 = ["--config", str(ROOT / "configs" / "llama_1p7b.py"), "--gpu", "H100", "--gpus", "8"]
+    report = plan_json(*h100)
+    assert report["card"]["memory_gib"] == pytest.approx(80e9 / 2**30)
+    ddp16 = next(r for r in report["rows"] if r["setting"]["parallel"] == "ddp" and r["setting"]["micro_batch"] == 16
+                 and r["setting"]["activation_checkpointing"] == "none")
+    assert ddp16["fits"] and not ddp16["fits_eager"]
+    assert report["rows"][report["recommended"]]["fits_eager"]
+    assert "if compiled (c)" in call_main(plan.main, h100).stdout
+    for flag, value in [("--tokens", "-5"), ("--tokens", "nan"), ("--price", "-1"), ("--price", "inf"),
+                        ("--gpu_mem", "nan"), ("--peak_tflops", "0")]:
+        proc = call_main(plan.main, [*h100, flag, value, "--json"], check=False)
+        line, = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and proc.stdout == "" and f"{flag} " in line and "positive finite" in line

@@ -69,9 +69,10 @@ class SpikeDetector:
 
     - z-scores (robust, upward only) of the loss and of the norm, once `min_history` steps are kept;
       below that they are 0, so the first steps' fast-moving values cannot trip them.
-    - A history-free divergence limit from the first step on: the best recent loss plus `jump` of
-      the way back to chance (ln(vocab)), and at least `jump` nats: a loss above it has lost half
-      of what training learned, whatever the history's length.
+    - A history-free divergence limit from the first step on: the median of the kept losses plus
+      `jump` of the way back to chance (ln(vocab)), and at least `jump` nats: a loss above it has
+      lost half of what training learned, whatever the history's length. The median, not the best
+      loss: one easy batch must not tighten it, and in a fast early fall it stays loose.
     - A run of spiking steps below that limit is a change of level, not a divergence: after
       `adopt_after` of them in a row their values become the new history (adopt).
     Its history is part of the checkpoint, so a resumed run judges as the straight run would."""
@@ -93,8 +94,8 @@ class SpikeDetector:
         """The loss above which a step diverges; None before any healthy step is known."""
         if not self.losses:
             return None
-        best = min(self.losses)
-        return best + self.jump * max(self.chance - best, 1.0)
+        level = statistics.median(self.losses)
+        return level + self.jump * max(self.chance - level, 1.0)
 
     def record(self, loss: float, grad_norm: float) -> None:
         """An applied step joins the history; a run of spikes ends."""

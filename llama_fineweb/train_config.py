@@ -80,7 +80,7 @@ class TrainConfig:
     spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
     spike_window: int = 200  # the healthy steps a step is compared with
     spike_min_history: int = 50  # healthy steps kept before z-scores judge (the divergence limit judges from the start)
-    spike_jump: float = 0.5  # divergence limit: a loss this share of the way from the best recent one back to ln(vocab)
+    spike_jump: float = 0.5  # divergence limit: a loss this share of the way from the median recent one back to ln(vocab)
     spike_adopt_after: int = 3  # loss spikes in a row below the divergence limit that become the new level
     max_rollbacks: int = 3  # rollbacks in one process before the run stops
     rollback_margin: int = 0  # global batches skipped past the spiking one on a rollback

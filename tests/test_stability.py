@@ -276,7 +276,7 @@ def test_float16_overflow_halves_the_scale_and_is_not_a_skip(tmp_path, small):
 
 def test_micro_batch_change_on_resume_equals_straight(tmp_path, small):
     """Saved at micro-batch 8, resumed at 4 (a smaller card: more accumulation): the straight run's
-    losses and gradient norms within 1e-5."""
+    losses within 1e-5, gradient norms within 1e-4."""
     train_small(small, tmp_path / "straight", "clean", "--micro_batch=8", "--max_steps=6")
     train_small(small, tmp_path / "resumed", "clean", "--micro_batch=8", "--max_steps=6", "--stop_step=3")
     proc = train_small(small, tmp_path / "resumed", "clean", "--micro_batch=4", "--max_steps=6")
@@ -284,7 +284,7 @@ def test_micro_batch_change_on_resume_equals_straight(tmp_path, small):
     for of in (losses, grad_norms):
         straight, resumed = of(tmp_path / "straight"), of(tmp_path / "resumed")
         assert straight.keys() == resumed.keys()
-        assert all(abs(straight[s] - resumed[s]) <= 1e-5 for s in straight), of.__name__
+        assert all(abs(straight[s] - resumed[s]) <= (1e-5 if of is losses else 1e-4) for s in straight), of.__name__
 
 
 def test_dtype_change_on_resume_warns(tmp_path, small):

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import make_tiny_model
 from runs import refusal
+from llama_fineweb.stability import LossScaler
 from llama_fineweb.step import StepSettings, optimizer_step
 
 SEQ = 32
@@ -48,17 +49,22 @@ def full_batch_norm(model, tokens: torch.Tensor) -> float:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2, 4])
-def test_step_norm_is_the_full_batch_gradient_norm(accum_steps):
+@pytest.mark.parametrize("accum_steps,float16", [(1, False), (2, False), (4, False), (2, True)],
+                         ids=["1", "2", "4", "2-float16"])
+def test_step_norm_is_the_full_batch_gradient_norm(accum_steps, float16):
     """optimizer_step's pre-clip norm, over 4 sequences in accum_steps micro-batches, is the norm of
-    one full-batch float32 backward (a scaled or unaccumulated gradient is not)."""
+    one full-batch float32 backward (a scaled or unaccumulated gradient is not): to 1e-5, and to
+    1e-2 under float16 autocast with the loss scaled by 2^16 and unscaled before the norm."""
     model = make_tiny_model(max_seq_len=SEQ).train()
     tokens = torch.randint(0, 50257, (4, SEQ + 1), generator=torch.Generator().manual_seed(1))
     reference = full_batch_norm(model, tokens)
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens.chunk(accum_steps)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    _, norm, applied, _ = optimizer_step(model, model, optimizer, batches, StepSettings(accum_steps=accum_steps))
-    assert applied and norm.item() == pytest.approx(reference, rel=1e-5)
+    settings = StepSettings(accum_steps=accum_steps, autocast_dtype=torch.float16 if float16 else None,
+                            device_type="cpu")
+    _, norm, applied, _ = optimizer_step(model, model, optimizer, batches, settings,
+                                         scaler=LossScaler(enabled=float16))
+    assert applied and norm.item() == pytest.approx(reference, rel=1e-2 if float16 else 1e-5)
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3])

@@ -38,14 +38,14 @@ def test_resume_equals_straight_run(tmp_path, data_dir, straight):
 
 def test_resume_on_another_world_size(tmp_path, data_dir, straight):
     """Written by 2 processes, resumed on 1, then by 1 and resumed on 2: the straight run's
-    losses, gradient norms and weights. (2 processes from the start: tests/test_parallel.py.)"""
+    losses and weights (to 1e-5) and gradient norms (1e-4). (2 processes from the start: tests/test_parallel.py.)"""
     run(tmp_path, data_dir, "--stop_step=4", nproc=2)
     proc = run(tmp_path, data_dir, "--stop_step=8")
     assert "written by 2 processes" in proc.stdout
     proc = run(tmp_path, data_dir, nproc=2)
     assert "written by 1 processes" in proc.stdout
     assert_close(losses(tmp_path), losses(straight), 1e-5)
-    assert_close(grad_norms(tmp_path), grad_norms(straight), 1e-5)
+    assert_close(grad_norms(tmp_path), grad_norms(straight), 1e-4)
     assert_close(weights(tmp_path), weights(straight), 1e-5)
 
 

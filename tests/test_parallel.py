@@ -39,7 +39,7 @@ def two_ranks(tmp_path_factory, data_dir):
 
 def test_fsdp_two_processes_match_one_process_and_ddp(straight, two_ranks):
     """FSDP and DDP on 2 processes: the losses, validation losses, samples and final weights of
-    1 process (twice the accumulation), to 1e-5; its pre-clip gradient norms (about 1.1) to 1e-4."""
+    1 process (twice the accumulation), to 1e-5; its pre-clip gradient norms (about 1.1) to 2e-4."""
     fsdp_proc, ddp_proc = two_ranks["fsdp"][1], two_ranks["ddp"][1]
     assert "2 accumulation x 2 processes" in fsdp_proc.stdout and "| fsdp" in fsdp_proc.stdout
     assert "| ddp" in ddp_proc.stdout
@@ -47,7 +47,7 @@ def test_fsdp_two_processes_match_one_process_and_ddp(straight, two_ranks):
     assert len(reference_samples) == 3
     for out, proc in (two_ranks["fsdp"], two_ranks["ddp"]):
         assert_close(losses(out), losses(straight), 1e-5)
-        assert_close(grad_norms(out), grad_norms(straight), 1e-4)
+        assert_close(grad_norms(out), grad_norms(straight), 2e-4)
         assert sorted(val_losses(out)) == [0, 4, 8, 12]
         assert_close(val_losses(out), val_losses(straight), 1e-5)
         assert samples(proc.stdout) == reference_samples
@@ -69,7 +69,8 @@ def test_fsdp_rank_holds_half_of_what_a_ddp_rank_holds(two_ranks):
 def test_checkpoints_move_between_fsdp_and_ddp(tmp_path, data_dir, straight):
     """Written by FSDP on 2 (selective activation checkpointing), resumed by one process (DDP's
     layout), then by FSDP on 2 again (full activation checkpointing): load_model reads the FSDP
-    checkpoint, and the losses and final weights are the straight run's, to 1e-5 (gradient norms 1e-4)."""
+    checkpoint, and the losses and final weights are the straight run's, to 1e-5 (gradient norms
+    2e-4)."""
     run(tmp_path, data_dir, "--parallel=fsdp", "--activation_checkpointing=selective", "--stop_step=5", nproc=2)
     written = checkpoint.load_model(tmp_path / "step_0000005").state_dict()
     assert_close(written, checkpoint.load_model(straight / "step_0000005").state_dict(), 1e-5)
@@ -78,7 +79,7 @@ def test_checkpoints_move_between_fsdp_and_ddp(tmp_path, data_dir, straight):
     proc = run(tmp_path, data_dir, "--parallel=fsdp", "--activation_checkpointing=full", nproc=2)
     assert "written by 1 processes" in proc.stdout and "| fsdp" in proc.stdout
     assert_close(losses(tmp_path), losses(straight), 1e-5)
-    assert_close(grad_norms(tmp_path), grad_norms(straight), 1e-4)
+    assert_close(grad_norms(tmp_path), grad_norms(straight), 2e-4)
     assert_close(weights(tmp_path), weights(straight), 1e-5)
 
 
@@ -107,12 +108,12 @@ def test_compiled_on_cpu_matches_eager(tmp_path, data_dir, straight, mode):
 ], ids=["hsdp", "fsdp_keep_gathered", "fsdp_reduce_every_micro_step", "ddp_bf16_compress"])
 def test_other_parallel_settings_train_like_one_process(tmp_path, data_dir, straight, extra):
     """HSDP (2-D mesh: replicated over 2, sharded over 1), FSDP keeping gathered parameters, FSDP
-    reducing every micro-step: the losses to 1e-5, gradient norms to 1e-4; DDP with gradients
+    reducing every micro-step: the losses to 1e-5, gradient norms to 2e-4; DDP with gradients
     all-reduced in bfloat16: both to 1e-3. (What each setting changes: the tests below.)"""
     run(tmp_path, data_dir, *extra, "--stop_step=4", nproc=2)
     bf16 = "--ddp_bf16_compress=true" in extra
     for ours, reference, tol in ((losses(tmp_path), losses(straight), 1e-3 if bf16 else 1e-5),
-                                 (grad_norms(tmp_path), grad_norms(straight), 1e-3 if bf16 else 1e-4)):
+                                 (grad_norms(tmp_path), grad_norms(straight), 1e-3 if bf16 else 2e-4)):
         assert_close(ours, {step: v for step, v in reference.items() if step <= 4}, tol)
 
 
@@ -237,7 +238,8 @@ def test_fsdp_sigterm_saves_a_loadable_checkpoint_and_resumes(tmp_path, data_dir
 
 def test_fsdp_sigkill_then_resume_matches_the_straight_run(tmp_path, data_dir, straight):
     """SIGKILL to torchrun and both FSDP ranks at a random moment (checkpoints every step): the
-    newest checkpoint loads, and the resumed run ends with the straight run's losses (to 1e-5) and gradient norms (1e-4)."""
+    newest checkpoint loads, and the resumed run ends with the straight run's losses (to 1e-5) and
+    gradient norms (2e-4)."""
     proc = launch_fsdp(tmp_path, data_dir, "--save_interval=1", "--keep_last=2")
     wait_for_loss_rows(tmp_path, 4, proc)
     time.sleep(random.Random(0).uniform(0.0, 0.5))
@@ -249,7 +251,7 @@ def test_fsdp_sigkill_then_resume_matches_the_straight_run(tmp_path, data_dir, s
     run(tmp_path, data_dir, "--parallel=fsdp", "--save_interval=1", "--keep_last=2", nproc=2)
     assert not list(tmp_path.glob(".tmp_*"))
     assert_close(losses(tmp_path), losses(straight), 1e-5)
-    assert_close(grad_norms(tmp_path), grad_norms(straight), 1e-4)
+    assert_close(grad_norms(tmp_path), grad_norms(straight), 2e-4)
 
 
 @pytest.mark.parametrize("knob,message", [

@@ -281,10 +281,10 @@ def test_micro_batch_change_on_resume_equals_straight(tmp_path, small):
     train_small(small, tmp_path / "resumed", "clean", "--micro_batch=8", "--max_steps=6", "--stop_step=3")
     proc = train_small(small, tmp_path / "resumed", "clean", "--micro_batch=4", "--max_steps=6")
     assert "at step 3" in proc.stdout
-    for of in (losses, grad_norms):
+    for of, tol in ((losses, 1e-5), (grad_norms, 1e-4)):
         straight, resumed = of(tmp_path / "straight"), of(tmp_path / "resumed")
         assert straight.keys() == resumed.keys()
-        assert all(abs(straight[s] - resumed[s]) <= (1e-5 if of is losses else 1e-4) for s in straight), of.__name__
+        assert all(abs(straight[s] - resumed[s]) <= tol for s in straight), of.__name__
 
 
 def test_dtype_change_on_resume_warns(tmp_path, small):

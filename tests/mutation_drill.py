@@ -65,9 +65,10 @@ MUTATIONS = [
     Mutation("fsdp reduce-every-micro-step ignored", "train_llama.py",
              "reduce_every_micro_step=cfg.fsdp_reduce_every_micro_step,", "reduce_every_micro_step=False,",
              ("tests/test_parallel.py::test_fsdp_reduce_every_micro_step_reshards_after_each_backward",)),
-    Mutation("compile traces the float32 loss branch", "model.py",
-             "if torch.is_autocast_enabled(h.device.type):",
-             "if torch.is_autocast_enabled(h.device.type) and not torch.compiler.is_compiling():",
+    Mutation("compiled loss head in float32, eager in bfloat16", "model.py",
+             "logits = (h_c @ w.t()).float()",
+             "logits = (torch.autocast(h.device.type, enabled=False)(lambda: h_c.float() @ w.t().float())()"
+             " if torch.compiler.is_compiling() else h_c @ w.t()).float()",
              ("tests/test_compile.py::test_compiled_loss_is_one_graph_under_bf16_autocast",)),
     Mutation("summing all-reduce of the step's loss and norm", "train_llama.py",
              "values[3:] /= run.dist.world_size", "values[3:] /= 1",

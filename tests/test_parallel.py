@@ -155,7 +155,7 @@ def micro_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-@pytest.mark.filterwarnings("ignore:`broadcast_buffers` is deprecated:FutureWarning")  # parallel.replicate's, as in training
+@pytest.mark.filterwarnings("ignore:`broadcast_buffers` is deprecated:FutureWarning")  # as in training
 def test_bf16_compression_hook_rounds_the_reduced_gradients(one_rank):
     """--ddp_bf16_compress=true: the gradients DDP hands back are the bfloat16-rounded mean (with
     one rank, the rounded gradient itself), not the float32 one."""

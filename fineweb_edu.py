@@ -477,10 +477,12 @@ def _summary(manifest: dict, out_dir: str) -> str:
                if "decontaminated_documents" in manifest else ""))
 
 
-def build_local_corpus(out_dir: str, max_tokens: int = 1_000_000, log: Log = print) -> str:
-    """Build a small corpus offline from the Python standard library's own .py files (sorted, so
-    deterministic): a val shard and nine train shards of max_tokens // 10 tokens, for the tiny
-    config on a machine with no network. Returns out_dir at once if it is already complete."""
+def build_local_corpus(out_dir: str, max_tokens: int = 1_000_000, log: Log = print,
+                       sources: str | None = None) -> str:
+    """Build a small corpus offline from the Python standard library's own .py files, or the files
+    the glob `sources` names (sorted, so deterministic): a val shard and nine train shards of
+    max_tokens // 10 tokens, for the tiny config on a machine with no network. Returns out_dir at
+    once if it is already complete."""
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
@@ -488,10 +490,10 @@ def build_local_corpus(out_dir: str, max_tokens: int = 1_000_000, log: Log = pri
         if manifest.get("complete") and manifest.get("max_tokens") == max_tokens and all(
                 os.path.isfile(os.path.join(out_dir, s["file"])) for s in manifest["shards"]):
             return out_dir
-    stdlib = os.path.dirname(os.__file__)
+    sources = sources or os.path.join(os.path.dirname(os.__file__), "*.py")
     # streaming local files leaves nothing worth caching: keep datasets' lock files out of ~/.cache
     with tempfile.TemporaryDirectory() as cache_dir:
-        argv = ["--local", os.path.join(stdlib, "*.py"), "--out", out_dir, "--cache_dir", cache_dir,
+        argv = ["--local", sources, "--out", out_dir, "--cache_dir", cache_dir,
                 "--shard_size", str(max(max_tokens // 10, 1)), "--max_tokens", str(max_tokens)]
         build(parse_args(argv), log)
     return out_dir

@@ -96,6 +96,13 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metric_rows(out_dir) if "loss" in r and "event" not in r}
 
 
+def grad_norms(out_dir: Path) -> dict[int, float]:
+    """step -> pre-clip gradient norm of the applied steps (as `losses`). Equivalence tests compare
+    it too: AdamW and clipping at 1.0 largely cancel a uniform gradient scale, which the losses and
+    weights then hide."""
+    return {r["step"]: r["grad_norm"] for r in metric_rows(out_dir) if "grad_norm" in r and "event" not in r}
+
+
 def val_losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in metric_rows(out_dir) if "val_loss" in r}
 

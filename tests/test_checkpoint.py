@@ -5,15 +5,17 @@ from __future__ import annotations
 import errno
 import json
 import pickle
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import make_tiny_model
 from llama_fineweb import checkpoint
 from llama_fineweb.checkpoint import CheckpointError, ModelState, OptimizerState
-from runs import call_main
+from runs import call_main, run_here
 
 
 class Counter:
@@ -255,3 +257,14 @@ def test_overwritten_bytes_are_refused_outside_training(tmp_path, data_dir, entr
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "does not match its recorded checksum" in lines[0], proc.stderr
     call_main(main, [*argv, "--verify", "size"])
+
+
+def test_checkpoint_restores_the_runs_random_states(tmp_path, data_dir):
+    """A training checkpoint holds the Python, NumPy and torch RNG states of the step it saved:
+    loading its "rng" puts back what the run (here, in this process) had when it saved."""
+    run_here(tmp_path, data_dir, "--max_steps=2", "--save_interval=2")
+    saved = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    torch.manual_seed(12345), np.random.seed(12345), random.seed(12345)
+    checkpoint.load(checkpoint.resolve(tmp_path), {"rng": checkpoint.RNGState()}, verify_files="none")
+    assert torch.equal(torch.get_rng_state(), saved[0])
+    assert np.array_equal(np.random.get_state()[1], saved[1]) and random.getstate() == saved[2]

@@ -176,15 +176,15 @@ def test_fine_tuning_logs_a_new_epoch_once():
 
 def test_unreachable_hub_switches_evaluation_to_the_cache(monkeypatch):
     """No connection to the hub (or HF_HUB_OFFLINE set): eval_suite.py says why and sets the offline
-    switches, so lm-eval reads its cache at once instead of retrying."""
+    switches, so lm-eval reads its cache at once instead of retrying. The discard port refuses the
+    connection: the reason is that refusal, not a timeout waited out."""
     import eval_suite
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    started = time.monotonic()
-    assert "127.0.0.1 unreachable" in eval_suite.hub_offline()
-    assert time.monotonic() - started < 5 and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert eval_suite.hub_offline() == "127.0.0.1 unreachable (Connection refused)"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert eval_suite.hub_offline() == "HF_HUB_OFFLINE is set"
 
 

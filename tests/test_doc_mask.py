@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_model
 from llama_fineweb.doc_mask import document_ids, document_mask
 from llama_fineweb.tokenizer import EOT
-from runs import assert_close, losses, metric_rows, run, run_here
+from runs import assert_close, grad_norms, losses, metric_rows, run, run_here
 
 SEQ = 32
 VOCAB, TEST_EOT = 512, 500  # a small vocabulary keeps the output layer cheap; its EOT stands for 50256
@@ -123,8 +123,9 @@ def test_training_with_doc_mask_changes_training_not_validation(tmp_path, docume
 
 def test_doc_mask_under_fsdp_on_two_processes_matches_one(tmp_path, documents_dir):
     """--doc_mask through FSDP2 on two gloo processes (the mask passed through the wrapper, each rank
-    its own rows) trains the one-process run's losses to 1e-5."""
+    its own rows) trains the one-process run's losses to 1e-5, its gradient norms to 2e-4."""
     args = ["--doc_mask=true", "--max_steps=3"]
     run_here(tmp_path / "one", documents_dir, *args)
     run(tmp_path / "fsdp", documents_dir, *args, "--parallel=fsdp", nproc=2)
     assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), 1e-5)
+    assert_close(grad_norms(tmp_path / "fsdp"), grad_norms(tmp_path / "one"), 2e-4)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,18 +35,23 @@ def fineweb_table(texts: list[str]):
     })
 
 
-def stdlib_texts(chars: int, piece: int = 3000) -> list[str]:
-    """Real text from this machine: the standard library's source, cut into document-sized pieces."""
-    texts, total = [], 0
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py"))):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            source = f.read()
-        for i in range(0, len(source), piece):
-            texts.append(source[i:i + piece])
-            total += len(texts[-1])
-            if total >= chars:
-                return texts
-    return texts
+CORPUS = Path(__file__).parent / "data" / "corpus"
+
+
+def corpus_texts(chars: int, piece: int = 3000) -> list[str]:
+    """Real text shipped with the tests (tests/data/corpus), cut into document-sized pieces: pass
+    n over it rotates each file's lines by n, so no two passes give the same documents."""
+    files = [path.read_text(encoding="utf-8").splitlines(keepends=True) for path in sorted(CORPUS.iterdir())]
+    texts, total, n = [], 0, 0
+    while True:
+        for lines in files:
+            source = "".join(lines[n % len(lines):] + lines[:n % len(lines)])
+            for i in range(0, len(source), piece):
+                texts.append(source[i:i + piece])
+                total += len(texts[-1])
+                if total >= chars:
+                    return texts
+        n += 1
 
 
 def expected_stream(texts: list[str]) -> np.ndarray:
@@ -73,12 +79,12 @@ def corpus(tmp_path_factory):
     import pyarrow.parquet as pq
 
     root = tmp_path_factory.mktemp("corpus")
-    long_doc = " ".join(stdlib_texts(40_000))  # more tokens than a shard
+    long_doc = " ".join(corpus_texts(40_000))  # more tokens than a shard
     special = [
         "", "   \n\t  ", "naïve café — 日本語のテキスト, Ελληνικά, emoji 🤖🚀",
         "special strings stay text: <|endoftext|> and <|endoftext|>", long_doc,
     ]
-    texts = special + stdlib_texts(150_000, piece=1500)
+    texts = special + corpus_texts(150_000, piece=1500)
     pq.write_table(fineweb_table(texts[:40]), root / "part-000.parquet", row_group_size=7)
     pq.write_table(fineweb_table(texts[40:]), root / "part-001.parquet", row_group_size=50)
     return {"glob": str(root / "*.parquet"), "texts": texts, "root": root}
@@ -160,7 +166,7 @@ def big(corpus, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("big")
     parquet = root / "big.parquet"
-    pq.write_table(fineweb_table(corpus["texts"] + stdlib_texts(4_500_000, piece=4000)), parquet,
+    pq.write_table(fineweb_table(corpus["texts"] + corpus_texts(4_500_000, piece=4000)), parquet,
                    row_group_size=100)
     build(root / "straight", [str(parquet)], cache=root / "cache", shard=100_000)
     return {"parquet": str(parquet), "straight": root / "straight", "cache": root / "cache"}
@@ -314,18 +320,24 @@ def test_help_documents_every_option():
     assert all(a.help and len(a.help) > 10 for a in options)
 
 
-def test_local_corpus_from_the_standard_library(tmp_path):
-    """build_local_corpus makes a val and train shards from the stdlib offline, loads, and is idempotent."""
-    out = fineweb_edu.build_local_corpus(str(tmp_path / "stdlib"), max_tokens=200_000, log=lambda s: None)
+def test_local_corpus_builds_once(tmp_path, monkeypatch):
+    """build_local_corpus makes a val and nine train shards offline (here from tests/data/corpus), which
+    load; called again on the complete corpus it returns at once: it reads and tokenizes nothing."""
+    out = fineweb_edu.build_local_corpus(str(tmp_path / "local"), max_tokens=1000, log=lambda s: None,
+                                         sources=str(CORPUS / "*"))
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    assert manifest["complete"] and manifest["tokens"] == 200_000 and len(manifest["shards"]) == 10
-    loader = TrainLoader(out, 128, 4, 8, vocab_size=50257, log=lambda s: None)
+    assert manifest["complete"] and manifest["tokens"] == 1000 and len(manifest["shards"]) == 10
+    loader = TrainLoader(out, 16, 2, 8, vocab_size=50257, log=lambda s: None)
     x, _ = loader.next_batch()
-    assert x.shape == (4, 128)
+    assert x.shape == (2, 16)
     stamp = os.stat(os.path.join(out, "manifest.json")).st_mtime_ns
-    started = time.perf_counter()
-    assert fineweb_edu.build_local_corpus(out, max_tokens=200_000) == out
-    assert time.perf_counter() - started < 0.5
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a complete corpus was built again")
+
+    monkeypatch.setattr(fineweb_edu, "build", refuse)
+    monkeypatch.setattr(fineweb_edu, "get_encoding", refuse)
+    assert fineweb_edu.build_local_corpus(out, max_tokens=1000, sources=str(CORPUS / "*")) == out
     assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == stamp
 
 

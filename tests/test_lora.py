@@ -93,11 +93,12 @@ def make_base(base: Path) -> torch.nn.Module:
 
 
 def test_resume_equals_straight_run(tmp_path, base, straight):
-    """3 steps, then a resumed 3: bitwise the same losses, validation losses and adapters."""
+    """3 steps, then a resumed 3: bitwise the same losses, gradient norms, validation losses and adapters."""
     lora_run(tmp_path, base, "--stop_step=3")
     proc = lora_run(tmp_path, base)
     assert "resumed from" in proc.stdout and "at step 3" in proc.stdout
     assert metrics(tmp_path, "loss") == metrics(straight, "loss")
+    assert metrics(tmp_path, "grad_norm") == metrics(straight, "grad_norm")
     assert metrics(tmp_path, "val_loss") == metrics(straight, "val_loss")
     ours, reference = adapter_tensors(tmp_path), adapter_tensors(straight)
     assert ours.keys() == reference.keys() and len(ours) == 2 * 7 * 4

@@ -1,7 +1,6 @@
 """The LLaMa model: preset shapes, loss, generation, RoPE, init and input checks (CPU)."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -16,11 +15,10 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
 
 
 def test_1p7b_preset_on_meta_has_paper_shapes_and_parameter_count():
-    """`1p7b` builds on the meta device in seconds with the paper's shapes and 1,716,144,128 parameters."""
-    start = time.perf_counter()
+    """`1p7b` builds on the meta device (no storage, no initialization) with the paper's shapes and
+    1,716,144,128 parameters."""
     with torch.device("meta"):
         model = Transformer(model_config("1p7b"))
-    assert time.perf_counter() - start < 10
     assert all(p.is_meta for p in model.parameters())
     cfg = model.config
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim) == (36, 2048, 32, 8, 5120)

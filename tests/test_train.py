@@ -17,16 +17,17 @@ import train_llama
 from llama_fineweb import checkpoint, metrics
 from llama_fineweb.continuation import lr_at
 from model import Transformer, build_model
-from runs import BASE, EVAL, ROOT, SEQ, assert_close, losses, refusal, run, run_here, weights
+from runs import BASE, EVAL, ROOT, SEQ, assert_close, grad_norms, losses, refusal, run, run_here, weights
 
 
 def test_resume_equals_straight_run(tmp_path, data_dir, straight):
-    """6 steps, then a resumed 6: bitwise the same losses, val losses and final weights."""
+    """6 steps, then a resumed 6: bitwise the same losses, gradient norms, val losses and final weights."""
     run(tmp_path, data_dir, *EVAL, "--stop_step=6")
     assert sorted(losses(tmp_path)) == list(range(1, 7))
     proc = run(tmp_path, data_dir, *EVAL)
     assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
     assert losses(tmp_path) == losses(straight)
+    assert grad_norms(tmp_path) == grad_norms(straight)
     val = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val_ref = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["val_loss"]) for r in val if "val_loss" in r] == \
@@ -37,13 +38,14 @@ def test_resume_equals_straight_run(tmp_path, data_dir, straight):
 
 def test_resume_on_another_world_size(tmp_path, data_dir, straight):
     """Written by 2 processes, resumed on 1, then by 1 and resumed on 2: the straight run's
-    losses and weights. (2 processes from the start: tests/test_parallel.py.)"""
+    losses and weights (to 1e-5) and gradient norms (1e-4). (2 processes from the start: tests/test_parallel.py.)"""
     run(tmp_path, data_dir, "--stop_step=4", nproc=2)
     proc = run(tmp_path, data_dir, "--stop_step=8")
     assert "written by 2 processes" in proc.stdout
     proc = run(tmp_path, data_dir, nproc=2)
     assert "written by 1 processes" in proc.stdout
     assert_close(losses(tmp_path), losses(straight), 1e-5)
+    assert_close(grad_norms(tmp_path), grad_norms(straight), 1e-4)
     assert_close(weights(tmp_path), weights(straight), 1e-5)
 
 

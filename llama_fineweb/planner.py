@@ -309,8 +309,9 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     terms["loss"] = loss_bytes(c, s, seq_len)
     terms["transient"] = backward_transient_bytes(c, s, seq_len)
     # CUDA runs fused AdamW (no temporaries); the CPU's foreach AdamW makes sqrt(v), one float32
-    # copy of the (local) parameters it steps. Muon steps one matrix at a time (a few copies of one).
-    terms["optimizer_transient"] = 0 if s.device == "cuda" else 4 * (total - s.muon_params) / g
+    # copy of the (local) parameters. With Muon beside it the CPU's step peaks as high (measured
+    # with benchmarks/bench_plan.py --optimizer=muon), though Muon itself steps one matrix at a time.
+    terms["optimizer_transient"] = 0 if s.device == "cuda" else 4 * total / g
     # Gradients alive when backward starts: DDP's buckets always; under FSDP the sharded ones
     # only once a micro-step has reduce-scattered (zero_grad frees them after each step); one
     # process without DDP has only the output weight's, which the loss makes first.

@@ -21,9 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama_fineweb.step import StepSettings, build_optimizer, optimizer_step  # noqa: E402
-from llama_fineweb.train_config import TrainConfig  # noqa: E402
-from model import build_model, model_config  # noqa: E402
+from llama_fineweb.step import StepSettings, build_optimizer, optimizer_step
+from llama_fineweb.train_config import TrainConfig
+from model import build_model, model_config
 
 
 def median_ms(fns: dict, repeats: int) -> dict[str, float]:

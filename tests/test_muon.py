@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
+from runs import ROOT, losses, refusal, run, run_here, weights
 
 from llama_fineweb.continuation import lr_at
 from llama_fineweb.step import build_optimizer, set_lr
 from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig
-from runs import ROOT, losses, refusal, run, run_here, weights
 
 MUON = ["--optimizer=muon", "--muon_lr=0.02"]
 

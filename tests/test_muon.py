@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
 from runs import ROOT, losses, refusal, run, run_here, weights
 
+from llama_fineweb import planner
 from llama_fineweb.continuation import lr_at
-from llama_fineweb.step import build_optimizer, set_lr
+from llama_fineweb.step import build_optimizer, muon_parameters, set_lr
 from llama_fineweb.train_config import ConfigError, SFTConfig, TrainConfig
+from model import Transformer
 
 MUON = ["--optimizer=muon", "--muon_lr=0.02"]
 
@@ -43,6 +46,30 @@ def test_muon_lr_follows_the_schedule(tiny_model):
         muon_group, *adamw_groups = optimizer.param_groups
         assert muon_group["lr"] == pytest.approx(lr_at(step, cfg) * 0.02 / 6e-4)
         assert [g["lr"] for g in adamw_groups] == [lr_at(step, cfg)] * 2
+
+
+def test_planner_counts_one_buffer_per_muon_parameter():
+    """plan.py's optimizer term: 8 bytes per parameter with AdamW, 4 per Muon parameter with Muon."""
+    cfg = TrainConfig(model="124m", optimizer="muon", micro_batch=1, total_batch_tokens=1024 * 1024)
+    c = cfg.model_config()
+    muon = planner.memory(c, planner.setting_from_config(cfg, 1, "cuda"), cfg.seq_len)["optimizer"]
+    adamw = planner.memory(c, planner.setting_from_config(TrainConfig(model="124m", micro_batch=1,
+                                                                      total_batch_tokens=1024 * 1024), 1, "cuda"),
+                           cfg.seq_len)["optimizer"]
+    with torch.device("meta"):
+        model = Transformer(c)
+    assert adamw - muon == 4 * planner.muon_parameter_count(c) == 4 * sum(p.numel() for p in muon_parameters(model))
+
+
+def test_micro_batch_auto_try_leaves_muon_as_it_was(tiny_model):
+    """--micro_batch=auto's confirming step with Muon beside AdamW: no step taken, no state left."""
+    model = tiny_model(vocab_size=512)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert planner.fits_one_step(model, model, optimizer, 2, 16, nullcontext())
+    assert all(not part.state for part in optimizer.optimizers)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW's second-moment decay
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    max_skipped_steps: int = 5  # stop after this many skipped steps in a row, non-finite or above the divergence limit
     # Muon (docs/optimizers.md): torch.optim.Muon for the blocks' 2-D weights, AdamW above for the rest
     optimizer: Literal["adamw", "muon"] = "adamw"  # adamw (the paper's) or muon: Muon for the blocks' matrices, AdamW for embedding, head and norms
     muon_lr: float = 0.02  # Muon's LR after warmup; it follows the schedule as max_lr does (times lr / max_lr)
@@ -81,7 +82,6 @@ class TrainConfig:
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay: each step scales its weights by 1 - lr x this
     muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalize each Muon update
     muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"  # Muon's LR per matrix shape: original (x sqrt(max(1, rows/cols))) or match_rms_adamw (x 0.2 sqrt(max(rows, cols)), AdamW-sized LRs)
-    max_skipped_steps: int = 5  # stop after this many skipped steps in a row, non-finite or above the divergence limit
     # stability (docs/stability.md): what a loss or gradient-norm spike does
     on_spike: Literal["off", "warn", "skip", "rollback"] = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
     spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes

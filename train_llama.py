@@ -36,7 +36,8 @@ from llama_fineweb.dataloader import TrainLoader, ValLoader
 from llama_fineweb.metrics import LOG_FILE, Logger, Throughput, flops_per_token, format_duration, peak_flops
 from llama_fineweb.mixture import MixtureLoader, MixtureVal, parse_data_mix
 from llama_fineweb.stability import Stability, StepStats
-from llama_fineweb.step import StepSettings, build_optimizer, gradient_accumulation, optimizer_step
+from llama_fineweb.step import (StepSettings, build_optimizer, gradient_accumulation, optimizer_step,
+                                 set_lr)
 from llama_fineweb.tokenizer import EOT, get_encoding
 from llama_fineweb.train_config import ConfigError, TrainConfig, training_cli
 from llama_fineweb.utils import DTYPES, Dist, paths_to_create, remove_created, setup_distributed
@@ -201,8 +202,7 @@ def train(cfg: TrainConfig, make_data: Callable | None = None) -> dict:
 
 def set_learning_rate(run: Run) -> float:
     lr = lr_at(run.progress.step, run.cfg)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer, lr)
     return lr
 
 

@@ -4,8 +4,8 @@
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_plan.py --cases tiny:128:4 124m:16:1:none+full
 
 Each case (preset:seq_len:micro_batch) runs under DDP and FSDP with each activation-checkpointing
-mode: the model wrapped as train_llama wraps it, AdamW's state made up front (as after a first
-step), then one train_llama.optimizer_step, the step training takes (two micro-steps, so FSDP
+mode: the model wrapped as train_llama wraps it, the optimizer's state made up front (as after a
+first step; --optimizer=muon: Muon's beside AdamW's), then one train_llama.optimizer_step, the step training takes (two micro-steps, so FSDP
 accumulates unsharded gradients as a real run does), under torch's MemTracker, whose peak counts
 every tensor alive on this rank, parameters, gradients and optimizer state included. One process
 group serves every case. --cpu_autocast measures the bf16 autocast path (train_llama's).
@@ -28,19 +28,12 @@ sys.path.insert(0, str(REPO))
 
 import train_llama  # noqa: E402
 from llama_fineweb import parallel, planner  # noqa: E402
+from llama_fineweb.step import make_state, optimizers_of  # noqa: E402
 from llama_fineweb.train_config import TrainConfig  # noqa: E402
 from llama_fineweb.utils import setup_distributed, teardown_distributed  # noqa: E402
 from model import Transformer, rope_table  # noqa: E402
 
 ACCUM = 2
-
-
-def make_state(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW's moments as its first step would make them, so the measured step is a steady one."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
 
 
 def step_tracker():
@@ -71,12 +64,13 @@ def zero_model(mc, device: torch.device) -> Transformer:
     return model
 
 
-def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d, cpu_autocast: bool = False) -> float:
+def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d, cpu_autocast: bool = False,
+            optimizer: str = "adamw") -> float:
     """The peak bytes on this rank of one training step."""
     cfg = TrainConfig(model=preset, seq_len=seq_len, micro_batch=micro_batch,
                       total_batch_tokens=micro_batch * seq_len * d.world_size * ACCUM, parallel=par,
                       activation_checkpointing=ac, device="cpu", compile=False, benchmark=1,
-                      eval_interval=0, sample_interval=0, cpu_autocast=cpu_autocast)
+                      eval_interval=0, sample_interval=0, cpu_autocast=cpu_autocast, optimizer=optimizer)
     model = zero_model(cfg.model_config(), d.device)
     train_model, eval_model = parallel.parallelize(model, cfg, d)
     optimizer = train_llama.build_optimizer(model, cfg, d.device)
@@ -88,7 +82,7 @@ def measure(preset: str, seq_len: int, micro_batch: int, par: str, ac: str, d, c
     tokens = [torch.randint(0, cfg.model_config().vocab_size, (micro_batch, seq_len + 1), generator=generator)
               for _ in range(ACCUM)]
     tracker = step_tracker()
-    tracker.track_external(model, optimizer)
+    tracker.track_external(model, *optimizers_of(optimizer))
     with tracker:
         train_llama.optimizer_step(model, train_model, optimizer, ((t[:, :-1], t[:, 1:]) for t in tokens), settings)
     peak = tracker.get_tracker_snapshot("peak")[d.device]["Total"]
@@ -104,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"])
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"])
     parser.add_argument("--cpu_autocast", action="store_true", help="bf16 autocast, as train_llama --cpu_autocast")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="as train_llama --optimizer")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     d = setup_distributed("cpu")
@@ -113,11 +108,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             preset, seq_len, micro_batch, *modes = case.split(":")
             for par in args.parallel:
                 for ac in (modes[0].split("+") if modes else args.ac):
-                    measured = measure(preset, int(seq_len), int(micro_batch), par, ac, d, args.cpu_autocast)
+                    measured = measure(preset, int(seq_len), int(micro_batch), par, ac, d, args.cpu_autocast,
+                                       args.optimizer)
                     cfg = TrainConfig(model=preset, seq_len=int(seq_len), micro_batch=int(micro_batch),
                                       total_batch_tokens=int(micro_batch) * int(seq_len) * d.world_size * ACCUM,
                                       parallel=par, activation_checkpointing=ac, device="cpu", compile=False,
-                                      cpu_autocast=args.cpu_autocast)
+                                      cpu_autocast=args.cpu_autocast, optimizer=args.optimizer)
                     s = planner.setting_from_config(cfg, d.world_size, "cpu")
                     row = {"case": case, "parallel": par, "ac": ac, "rank": d.rank, "world_size": d.world_size,
                            **planner.compare_measured(cfg.model_config(), s, int(seq_len), measured)}

@@ -580,6 +580,53 @@ def row_doc_mask(plan: Plan) -> dict:
             "verdict": f"ok: {doc / plain:.2f}x the plain step" if finite else f"mismatch: losses {losses}"}
 
 
+def row_muon(plan: Plan) -> dict:
+    """The compiled training step with --optimizer=muon and with AdamW, on the same model and batches,
+    timed alternately in one process, and each optimizer's step alone on fixed gradients: what
+    Muon's Newton-Schulz costs per step at the measured preset (bf16 matmuls of each block matrix)."""
+    from llama_fineweb.step import build_optimizer
+    from llama_fineweb.train_config import TrainConfig
+    from llama_fineweb.utils import Dist
+    from model import build_model, model_config
+
+    device, micro_batch = torch.device(plan.device), plan.micro_batch
+    cfg = model_config(plan.model, max_seq_len=plan.seq_len)
+    torch.manual_seed(0)
+    model = build_model(cfg, device)
+    train_model = wrap_like_training(model, plan, plan.seq_len, Dist(device=device), compile=True,
+                                     compile_mode="blocks")
+    optimizers = {name: build_optimizer(model, TrainConfig(optimizer=name), device) for name in ("adamw", "muon")}
+    batches = make_batches(cfg.vocab_size, micro_batch, plan.seq_len, plan.accum, device)
+    for name in optimizers:  # compiles, and makes each optimizer's state
+        train_step(train_model, model, optimizers[name], batches, plan)
+    times, losses = {name: [] for name in optimizers}, {}
+    for _ in range(plan.steps):
+        for name, optimizer in optimizers.items():
+            t0 = time.perf_counter()
+            losses[name] = train_step(train_model, model, optimizer, batches, plan)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
+
+    def optimizer_only(optimizer):
+        def fn():
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g
+            optimizer.step()
+        return fn
+
+    alone = {name: time_ms(optimizer_only(optimizer), device, plan.steps) for name, optimizer in optimizers.items()}
+    step = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    finite = all(np.isfinite(v) for v in losses.values())
+    ratio = step["muon"] / step["adamw"]
+    return {"config": f"{plan.model} compiled per block, --optimizer=muon vs adamw, seq {plan.seq_len} x "
+                      f"{plan.accum} accum", "micro_batch": micro_batch, "ms_per_step": step["muon"],
+            "ms_per_step_adamw": step["adamw"], "ratio": ratio, "optimizer_ms": alone,
+            "newton_schulz_ms": alone["muon"] - alone["adamw"],
+            "tokens_per_s": micro_batch * plan.seq_len * plan.accum / step["muon"] * 1000, "peak_gib": peak_gib(device),
+            "verdict": f"ok: {ratio:.2f}x AdamW's step" if finite else f"mismatch: losses {losses}"}
+
+
 def row_train_llama(plan: Plan) -> dict:
     """The real script's --benchmark path (synthetic tokens, nothing written), as a user runs it,
     at the headline's shape and compile mode: the same graph, loaded from the inductor cache."""
@@ -952,6 +999,8 @@ ROWS: dict[str, Row] = {
                   beside_others=True),
     "doc_mask_mb16": Row(row_doc_mask, "compiled step with --doc_mask vs without (flex_attention on CUDA)",
                          call=2, cold_s=150),
+    "muon_mb16": Row(row_muon, "compiled step with --optimizer=muon vs adamw, and the optimizer steps alone",
+                     call=2, cold_s=150),
     "hellaswag": Row(row_hellaswag, "hellaswag.py (--compile on CUDA) on the fixture, fresh checkpoint",
                      call=2, cold_s=90, beside_others=True),
     "recompile": Row(row_recompile, "no recompile of the train step after validation and HellaSwag",

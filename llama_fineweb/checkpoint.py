@@ -148,18 +148,21 @@ class ModelState:
 
 
 class OptimizerState:
-    """AdamW's moments and step counts. The hyperparameters (lr, betas, weight decay) stay those
-    of the optimizer as built from this run's config, so a deliberate change on resume holds."""
+    """AdamW's moments and step counts (with --optimizer=muon, Muon's momentum buffers beside them:
+    one state dict keyed by parameter name, so an AdamW run's checkpoint is as before). The
+    hyperparameters (lr, betas, weight decay) stay those of the optimizer as built from this run's
+    config, so a deliberate change on resume holds."""
 
     def __init__(self, model: Transformer, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
+        self.parts = getattr(optimizer, "optimizers", optimizer)  # step.MuonAdamW: (Muon, AdamW)
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return get_optimizer_state_dict(self.model, self.parts)
 
     def load_state_dict(self, state: dict) -> None:
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        set_optimizer_state_dict(self.model, self.optimizer, state)
+        set_optimizer_state_dict(self.model, self.parts, state)
         for group, fresh in zip(self.optimizer.param_groups, configured):
             group.update(fresh)
 

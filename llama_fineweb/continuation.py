@@ -26,10 +26,11 @@ from .train_config import ConfigError, TrainConfig
 from .utils import Dist, UserError
 
 # Knobs whose change would alter the data order or the model: a resume must not change them.
-FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle")
+FIXED_ON_RESUME = ("model", "model_overrides", "seq_len", "total_batch_tokens", "seed", "shuffle", "optimizer")
 # Knobs that define the run's length and schedule: changing them on resume is allowed, with a warning.
 SCHEDULE_KNOBS = ("max_steps", "warmup_steps", "max_lr", "min_lr", "lr_schedule", "decay_steps",
-                  "decay_fraction", "decay_shape", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+                  "decay_fraction", "decay_shape", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+                  "muon_lr", "muon_momentum", "muon_weight_decay", "muon_ns_steps", "muon_adjust_lr")
 # Knobs that change the arithmetic: allowed on resume (a smaller card may need float16), with a warning
 # that the losses will no longer match a straight run's exactly.
 ARITHMETIC_KNOBS = ("dtype", "cpu_autocast", "z_loss")

@@ -30,6 +30,7 @@ from model import ModelConfig, Transformer
 
 from . import lora, metrics, parallel
 from .lora import LoraSpec
+from .step import clear_state, make_state
 from .train_config import TrainConfig
 from .utils import UserError
 
@@ -142,6 +143,7 @@ class Setting:
     compiled: bool = True  # CUDA compiles by default; the CPU does not
     cpu_autocast: bool = False  # --cpu_autocast: the CPU steps under autocast too
     lora_params: int = 0  # > 0: only these adapter parameters train, the base is frozen (LoRA)
+    muon_params: int = 0  # --optimizer=muon: parameters with one momentum buffer instead of AdamW's two
 
     @property
     def low_precision(self) -> bool:
@@ -176,7 +178,8 @@ def setting_from_config(cfg: TrainConfig, world_size: int, device: str, micro_ba
                    micro_batch=mb, world_size=world_size, shard_size=cfg.fsdp_shard_size,
                    accum=max(1, cfg.total_batch_tokens // per_step), device=device, dtype=cfg.dtype,
                    compiled=cfg.compile and (device == "cuda" or cfg.compile_cpu), cpu_autocast=cfg.cpu_autocast,
-                   lora_params=lora_parameters(cfg.model_config(), cfg.lora_spec()))
+                   lora_params=lora_parameters(cfg.model_config(), cfg.lora_spec()),
+                   muon_params=muon_parameter_count(cfg.model_config()) if cfg.optimizer == "muon" else 0)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -187,6 +190,11 @@ def parameter_counts(c: ModelConfig) -> dict[str, int]:
     block = 2 * c.dim + c.dim * (c.dim + 2 * kv) + c.dim * c.dim + 3 * c.dim * c.ffn_dim
     root = 2 * c.vocab_size * c.dim + c.dim
     return {"block": block, "root": root, "total": c.n_layers * block + root, "embedding": c.vocab_size * c.dim}
+
+
+def muon_parameter_count(c: ModelConfig) -> int:
+    """The blocks' 2-D weights, which --optimizer=muon gives to Muon (step.muon_parameters)."""
+    return c.n_layers * (parameter_counts(c)["block"] - 2 * c.dim)
 
 
 def lora_parameters(c: ModelConfig, spec: LoraSpec | None) -> int:
@@ -294,7 +302,8 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     deferred = s.sharded and s.accum > 1 and not s.reduce_every_micro_step
     if s.lora_params:
         return lora_memory(c, s, seq_len)
-    terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": 8 * total / g}
+    # AdamW: two float32 moments a parameter; Muon: one momentum buffer for its matrices
+    terms = {"params": 4 * total / g, "grads": 4 * total / g, "optimizer": (8 * total - 4 * s.muon_params) / g}
     if not s.sharded:
         # autocast keeps a bf16 copy of every weight from its first use to backward
         terms["weights_extra"] = 2 * total if s.low_precision else 0
@@ -309,7 +318,8 @@ def memory(c: ModelConfig, s: Setting, seq_len: int) -> dict[str, float]:
     terms["loss"] = loss_bytes(c, s, seq_len)
     terms["transient"] = backward_transient_bytes(c, s, seq_len)
     # CUDA runs fused AdamW (no temporaries); the CPU's foreach AdamW makes sqrt(v), one float32
-    # copy of the (local) parameters.
+    # copy of the (local) parameters. With Muon beside it the CPU's step peaks as high (measured
+    # with benchmarks/bench_plan.py --optimizer=muon), though Muon itself steps one matrix at a time.
     terms["optimizer_transient"] = 0 if s.device == "cuda" else 4 * total / g
     # Gradients alive when backward starts: DDP's buckets always; under FSDP the sharded ones
     # only once a micro-step has reduce-scattered (zero_grad frees them after each step); one
@@ -560,11 +570,8 @@ def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimize
     device = next(model.parameters()).device
     ok = True
     try:
-        if made:  # as AdamW's first step makes them
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        if made:  # as the first step makes them
+            make_state(optimizer)
         tokens = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len + 1), device=device)
         parallel.set_gradient_sync(model, train_model, False)
         with parallel.attention_backend(sdpa_backend), autocast:
@@ -577,7 +584,7 @@ def fits_one_step(model: torch.nn.Module, train_model: torch.nn.Module, optimize
         parallel.set_gradient_sync(model, train_model, True)
         optimizer.zero_grad(set_to_none=True)
         if made:
-            optimizer.state.clear()
+            clear_state(optimizer)
     gc.collect()
     torch.cuda.empty_cache()
     if torch.distributed.is_initialized():  # one rank out of memory: all take the smaller micro-batch

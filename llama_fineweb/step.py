@@ -1,5 +1,6 @@
 """The optimizer step that training and benchmarks/gpu_check.py both take, and what it is built
-from: the step's settings, the gradient accumulation a GPU count implies, and AdamW's groups."""
+from: the step's settings, the gradient accumulation a GPU count implies, and the optimizer (AdamW,
+or Muon for the blocks' matrices beside AdamW for the rest)."""
 
 from __future__ import annotations
 
@@ -101,13 +102,83 @@ def gradient_accumulation(cfg: TrainConfig, world_size: int) -> int:
     return cfg.total_batch_tokens // per_micro_step
 
 
-def build_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW | MuonAdamW:
     """AdamW with weight decay on 2-D weights only (not on norms), over the parameters that train
-    (all of them, or a LoRA run's adapters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    (all of them, or a LoRA run's adapters); with --optimizer=muon, torch.optim.Muon takes the
+    blocks' 2-D weights (muon_parameters) and AdamW the rest."""
+    muon = muon_parameters(model) if cfg.optimizer == "muon" else []
+    taken = {id(p) for p in muon}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                              fused=device.type == "cuda")
+    if not muon:
+        return adamw
+    # lr_scale: set_lr gives this group muon_lr/max_lr times the schedule's LR (warmup, decay, WSD)
+    return MuonAdamW(torch.optim.Muon(
+        [{"params": muon, "lr_scale": cfg.muon_lr / cfg.max_lr}], lr=cfg.muon_lr,
+        weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
+        ns_steps=cfg.muon_ns_steps, adjust_lr_fn=cfg.muon_adjust_lr), adamw)
+
+
+def muon_parameters(model: Transformer) -> list[nn.Parameter]:
+    """What Muon orthogonalizes: the trained 2-D weights inside the blocks (attention and SwiGLU
+    projections). The embedding is a lookup and the output head a classifier, not hidden
+    matrices, and norm gains are 1-D: those stay with AdamW, as Muon's authors advise."""
+    return [p for block in model.layers for p in block.parameters() if p.requires_grad and p.dim() == 2]
+
+
+class MuonAdamW:
+    """torch.optim.Muon and torch.optim.AdamW stepped as one optimizer: what training, the planner
+    and the checkpoint use of an optimizer (param_groups, state to read, step, zero_grad), Muon's first;
+    `optimizers` for torch.distributed.checkpoint, which takes a list."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.optimizers = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> dict:
+        """Both optimizers' state, to read: each optimizer's own is a defaultdict, and a lookup
+        through a view of both would plant empty entries in the first."""
+        return {p: state for optimizer in self.optimizers for p, state in optimizer.state.items()}
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def optimizers_of(optimizer: torch.optim.Optimizer | MuonAdamW) -> tuple[torch.optim.Optimizer, ...]:
+    return getattr(optimizer, "optimizers", (optimizer,))
+
+
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
+    """The schedule's LR on every group, times the group's lr_scale (Muon's muon_lr/max_lr)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_state(optimizer: torch.optim.Optimizer | MuonAdamW) -> None:
+    """The state a first step makes (AdamW: step and two moments; Muon: one momentum buffer), so
+    that memory is measured or tried as in a steady step."""
+    for part in optimizers_of(optimizer):
+        for group in part.param_groups:
+            for p in group["params"]:
+                part.state[p] = ({"momentum_buffer": torch.zeros_like(p)} if isinstance(part, torch.optim.Muon)
+                                 else {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                       "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+
+
+def clear_state(optimizer: torch.optim.Optimizer | MuonAdamW) -> None:
+    for part in optimizers_of(optimizer):
+        part.state.clear()

@@ -75,6 +75,13 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW's epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     max_skipped_steps: int = 5  # stop after this many skipped steps in a row, non-finite or above the divergence limit
+    # Muon (docs/optimizers.md): torch.optim.Muon for the blocks' 2-D weights, AdamW above for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"  # adamw (the paper's) or muon: Muon for the blocks' matrices, AdamW for embedding, head and norms
+    muon_lr: float = 0.02  # Muon's LR after warmup; it follows the schedule as max_lr does (times lr / max_lr)
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay: each step scales its weights by 1 - lr x this
+    muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalize each Muon update
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"  # Muon's LR per matrix shape: original (x sqrt(max(1, rows/cols))) or match_rms_adamw (x 0.2 sqrt(max(rows, cols)), AdamW-sized LRs)
     # stability (docs/stability.md): what a loss or gradient-norm spike does
     on_spike: Literal["off", "warn", "skip", "rollback"] = "skip"  # off | warn | skip (the update) | rollback (to the last good checkpoint)
     spike_threshold: float = 10.0  # a step whose robust z-score (loss or grad norm) exceeds this spikes
@@ -148,11 +155,13 @@ class TrainConfig:
         """ConfigError naming the first knob whose value cannot work, and what would."""
         positive = ("seq_len", "total_batch_tokens", "max_steps", "max_lr", "eps",
                     "log_interval", "max_skipped_steps", "spike_threshold", "spike_window",
-                    "spike_min_history", "spike_jump", "spike_adopt_after", "loss_scale_growth_interval")
+                    "spike_min_history", "spike_jump", "spike_adopt_after", "loss_scale_growth_interval",
+                    "muon_lr", "muon_ns_steps")
         at_least_zero = ("warmup_steps", "min_lr", "weight_decay", "grad_clip", "eval_interval",
                          "sample_interval", "sample_tokens", "hellaswag_interval", "hellaswag_limit",
                          "sample_temperature", "save_interval", "keep_last", "stop_step", "peak_tflops",
-                         "benchmark", "max_rollbacks", "rollback_margin", "z_loss", "layer_stats_interval")
+                         "benchmark", "max_rollbacks", "rollback_margin", "z_loss", "layer_stats_interval",
+                         "muon_weight_decay")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be positive")
@@ -161,7 +170,7 @@ class TrainConfig:
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be 0 or more")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name}={getattr(self, name)!r} must be in [0, 1)")
         if self.min_lr > self.max_lr:
@@ -516,6 +525,9 @@ class SFTConfig(TrainConfig):
             parse_targets(self.lora_targets)
         except ValueError as e:
             raise ConfigError(f"--lora_targets={self.lora_targets!r}: {e}") from None
+        if self.optimizer == "muon":
+            raise ConfigError("--optimizer=muon with --lora_rank: Muon orthogonalizes whole weight matrices, and a "
+                              "LoRA adapter's low-rank factors are not ones: use --optimizer=adamw (or full fine-tuning)")
         if self.parallel == "fsdp":
             # Sharding pays for itself on the trained weights, their gradients and AdamW state: under
             # LoRA those are the small adapters, and the frozen base replicates as in inference.

@@ -16,6 +16,7 @@ import torch
 import train_llama
 from llama_fineweb import checkpoint, metrics
 from llama_fineweb.continuation import lr_at
+from llama_fineweb.train_config import load_config
 from model import Transformer, build_model
 from runs import BASE, EVAL, ROOT, SEQ, assert_close, grad_norms, losses, refusal, run, run_here, weights
 
@@ -167,7 +168,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, data_dir, monkeypatch):
 
 
 def weights_and_optimizer(out_dir: Path, step: int, flat: bool = True) -> dict:
-    cfg = train_llama.load_config(["--config", str(ROOT / "configs" / "tiny.py"), f"--seq_len={SEQ}"])
+    cfg = load_config(["--config", str(ROOT / "configs" / "tiny.py"), f"--seq_len={SEQ}"])
     model = build_model(cfg.model_config())
     optimizer = train_llama.build_optimizer(model, cfg, torch.device("cpu"))
     checkpoint.load(checkpoint.step_dir(out_dir, step), {"model": checkpoint.ModelState(model),
@@ -210,7 +211,7 @@ def test_extending_a_finished_run_with_new_schedule_knobs(tmp_path, data_dir):
     assert sorted(losses(tmp_path)) == list(range(1, 9))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if r["step"] == 5 and "lr" in r] == [pytest.approx(lr_at(
-        4, train_llama.load_config([*BASE, "--max_steps=8", "--max_lr=1e-3"])))]
+        4, load_config([*BASE, "--max_steps=8", "--max_lr=1e-3"])))]
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["step"] == 8
 
 

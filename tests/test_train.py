@@ -168,7 +168,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, data_dir, monkeypatch):
 
 
 def weights_and_optimizer(out_dir: Path, step: int, flat: bool = True) -> dict:
-    cfg = load_config(["--config", str(ROOT / "configs" / "tiny.py"), f"--seq_len={SEQ}"])
+    cfg = load_config(["--config", str(ROOT / "configs" / "tiny.py"), f"--seq_len={SEQ}", "--sample_interval=0"])
     model = build_model(cfg.model_config())
     optimizer = train_llama.build_optimizer(model, cfg, torch.device("cpu"))
     checkpoint.load(checkpoint.step_dir(out_dir, step), {"model": checkpoint.ModelState(model),

@@ -47,3 +47,30 @@ def test_bench_generate_runs_on_the_tiny_model():
                                   "--repeats=1", "--device=cpu"])
     assert result["match"] == {"ours_eager": True, "ours_compiled": True, "transformers": True}
     assert set(result["tokens_per_s"]) == {"ours_eager", "ours_compiled", "transformers"}
+
+
+def test_eager_decode_attends_only_to_the_filled_part_of_the_cache():
+    """With every cache slot poisoned (NaN) before decoding, the eager decode still gives the full
+    forward's last-position logits at every step and generate the uncached tokens: the slots not
+    yet written are never read."""
+    model = make_tiny_model(n_layers=2, max_seq_len=64)
+    idx = torch.tensor([get_encoding().encode_ordinary("The capital of France is Paris, and")])
+    T, n = idx.size(1), 8
+
+    def poison():
+        model.setup_cache(1, T + n)
+        for layer in model.layers:
+            layer.attention.cache.k.fill_(float("nan"))
+            layer.attention.cache.v.fill_(float("nan"))
+
+    expected = model.generate(idx, n, temperature=0, use_cache=False)
+    poison()  # generate keeps a cache of the shape it needs
+    assert torch.equal(model.generate(idx, n, temperature=0), expected)
+    poison()
+    with torch.no_grad():
+        logits = model.step(idx, 0)
+        for i in range(n):
+            full = model(expected[:, : T + i])[:, -1, :]
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            logits = model.step(expected[:, T + i : T + i + 1], T + i)
+    model.clear_cache()

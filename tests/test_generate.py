@@ -74,3 +74,16 @@ def test_eager_decode_attends_only_to_the_filled_part_of_the_cache():
             torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
             logits = model.step(expected[:, T + i : T + i + 1], T + i)
     model.clear_cache()
+
+
+def test_benchmark_verdict_names_no_winner_when_the_spread_exceeds_the_difference():
+    """benchmarks/compare.py: medians 1.00 vs 1.05 s with a 0.2 s spread name no winner; with tight
+    times the faster way is named."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import summary, verdict
+
+    noisy, other = summary([0.9, 1.0, 1.1]), summary([1.05, 1.05, 1.05])
+    assert verdict("ours", noisy, "theirs", other).startswith("no winner")
+    tight, slow = summary([1.0, 1.0, 1.01]), summary([1.2, 1.21, 1.2])
+    assert verdict("ours", tight, "theirs", slow).startswith("ours faster than theirs")
+    assert verdict("theirs", slow, "ours", tight).startswith("ours faster than theirs")

@@ -5,7 +5,7 @@ layers' matrix products (prompt and decoded tokens apart), the attention kernel 
     OMP_NUM_THREADS=1 python benchmarks/profile_generate.py --model 124m --new_tokens 32
 
 One thread (torch.set_num_threads(1)), float32, random seeded weights, one warm-up call of each
-way, then one profiled call of each; the two ways' token counts are the same and so are their tokens.
+way, then one profiled call of each; it prints whether both gave the same tokens.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, tempe
                   top_k: int | None = None, generator: torch.Generator | None = None,
                   stop: int | None = EOT, compile: bool | str = False) -> Iterator[int]:
     """Yield up to max_new_tokens token ids continuing `ids`, one at a time, stopping after
-    `stop`. The prompt is one forward pass into the KV cache, then one `model.decode` per token
+    `stop`. The prompt is one forward pass into the KV cache, then one `model.decoder` call per token
     (compiled with `compile`: one graph for every turn, its cache kept between them, as in
     model.generate). Ids past GPT-2's vocabulary (the model's padding rows) are never picked:
     they have no text."""
@@ -51,7 +51,7 @@ def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, tempe
     model.setup_cache(1, None if compile else len(ids) + max_new_tokens)
     decode = model.decoder(compile)
     try:
-        logits = model(idx, start_pos=0)[:, -1, :]  # (1, vocab)
+        logits = model.step(idx, 0)  # (1, vocab)
         pos = len(ids)
         for i in range(max_new_tokens):
             logits = logits.float()
@@ -60,7 +60,7 @@ def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, tempe
             yield int(token)
             if int(token) == stop or i == max_new_tokens - 1:
                 return
-            logits = decode(token, torch.tensor([pos], device=device))
+            logits = decode(token, pos)
             pos += 1
     finally:
         if not compile:

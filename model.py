@@ -400,17 +400,29 @@ class Transformer(nn.Module):
         prompt (doc_mask.py: attention within each packed document only)."""
         if not torch.compiler.is_compiling():
             self.check_input(idx, start_pos)
-        T = idx.size(1)
-        rope = self.rope[start_pos : start_pos + T]
-        h = self.tok_embeddings(idx)  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, rope, start_pos, mask)
-        h = self.norm(h)
+        h = self.hidden(idx, start_pos, mask)
         if targets is None:
             return self.output(h)
         return chunked_cross_entropy(
             h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size, z_loss
         )
+
+    def hidden(self, idx: torch.Tensor, start_pos: int = 0, mask: BlockMask | torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """The final normed hidden states (B, T, dim) of idx: (B, T) at start_pos, before the output head."""
+        T = idx.size(1)
+        rope = self.rope[start_pos : start_pos + T]
+        h = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            h = layer(h, rope, start_pos, mask)
+        return self.norm(h)
+
+    def step(self, idx: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (B, vocab) of the last position of idx: (B, T) at start_pos (a prompt at 0, then one
+        token at a time), through the KV cache. The eager decode: keys and values of the filled
+        part of the cache only, no mask; the output head on the last position only (a prompt's other
+        positions would cost T - 1 more head products, the largest matrix of a small model)."""
+        return self.output(self.hidden(idx, start_pos)[:, -1, :])
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None) -> None:
         """Allocate a KV cache per layer for generation (kept if one of that shape is already
@@ -436,11 +448,13 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))[:, -1, :]
 
     def decoder(self, compile: bool | str = False):
-        """decode, or its compiled graph (made once per model: static shapes, no recompile per token
-        or per prompt; CUDA graphs on a GPU, where launching kernels one by one is the cost).
-        `compile` True means inductor; a string names another torch.compile backend."""
+        """A function (token: (B, 1), pos: int) -> logits (B, vocab) after the prompt is in the cache.
+        Eager: `step`, over the filled part of the cache. Compiled: `decode`'s graph (made once per
+        model: static shapes over the whole cache, no recompile per token or per prompt; CUDA graphs
+        on a GPU, where launching kernels one by one is the cost). `compile` True means inductor; a
+        string names another torch.compile backend."""
         if not compile:
-            return self.decode
+            return self.step
         if self.compiled_decode is None:
             cuda = self.output.weight.device.type == "cuda"
             backend = "inductor" if compile is True else compile
@@ -448,7 +462,8 @@ class Transformer(nn.Module):
                                   mode="reduce-overhead" if cuda and backend == "inductor" else None)
             # A CUDA graph's output is overwritten by its next replay: callers get their own copy.
             self.compiled_decode = (lambda token, pos: graph(token, pos).clone()) if cuda else graph
-        return self.compiled_decode
+        compiled, device = self.compiled_decode, self.output.weight.device
+        return lambda token, pos: compiled(token, torch.tensor([pos], device=device))
 
     @torch.no_grad()
     def generate(
@@ -480,12 +495,12 @@ class Transformer(nn.Module):
         self.setup_cache(idx.size(0), None if compile else T + max_new_tokens)
         decode = self.decoder(compile)
         try:
-            logits = self(idx)[:, -1, :]  # the prompt: (B, vocab)
+            logits = self.step(idx, 0)  # the prompt: (B, vocab)
             tokens = []
             for i in range(max_new_tokens):
                 tokens.append(pick_next_token(logits.float(), temperature, top_k, generator))
                 if i < max_new_tokens - 1:
-                    logits = decode(tokens[-1], torch.tensor([T + i], device=idx.device))
+                    logits = decode(tokens[-1], T + i)
         finally:
             if not compile:
                 self.clear_cache()

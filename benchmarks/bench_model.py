@@ -4,7 +4,9 @@ CPU: for each preset, both models get the same config, the same weights (ours, c
 export_hf) and the same tokens. Each measurement runs in a fresh subprocess so that one model's
 allocations cannot hide the other's peak; the peak is the high-water mark of resident memory
 during the timed steps, above what the process held just before them (weights, and on the HF
-side also whatever it keeps between steps). Runs alternate ours/HF so drift hits both alike.
+side also whatever it keeps between steps). Runs alternate ours/HF so drift hits both alike; the
+load is printed first, and a winner is named per case only where the medians differ by more than
+either spread (benchmarks/compare.py).
 With CUDA, a second table: the 1p7b preset, bf16 autocast, torch.compile, one training step
 (forward, backward, fused AdamW) at micro-batches 8 and 16 x 1024: tokens/s, MFU, peak memory
 and the attention kernel that ran.
@@ -20,7 +22,6 @@ import gc
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import load_line, summary, verdict  # noqa: E402
 from export_hf import save_weights  # noqa: E402
 from llama_fineweb import metrics  # noqa: E402
 from llama_fineweb.hf_io import hf_config, load_weights, to_hf_state_dict  # noqa: E402
@@ -111,10 +114,9 @@ def run_case(impl: str, weights_dir: str, batch: int, seq_len: int, steps: int) 
 
 def cpu_table(cases: list[str], steps: int, rounds: int) -> None:
     print(f"CPU: forward+backward, float32, {torch.get_num_threads()} threads, {steps} steps x "
-          f"{rounds} rounds per model, each run in a fresh process; load average "
-          f"{os.getloadavg()[0]:.1f} at start")
-    print(f"{'preset':>7} {'batch':>7} {'impl':>5} {'best ms':>9} {'median ms':>10} {'tokens/s':>9} "
-          f"{'peak MiB':>9} {'loss':>8}")
+          f"{rounds} rounds per model (ours and hf alternating), each run in a fresh process; {load_line()}")
+    print(f"{'preset':>7} {'batch':>7} {'impl':>5} {'best ms':>9} {'median ms':>10} {'spread ms':>10} "
+          f"{'tokens/s':>9} {'peak MiB':>9} {'loss':>8}")
     peak_reset_worked = True
     for case in cases:
         preset, shape = case.split(":")
@@ -134,15 +136,17 @@ def cpu_table(cases: list[str], steps: int, rounds: int) -> None:
                     if out.returncode:
                         raise SystemExit(f"{impl} {case} failed:\n{out.stderr[-2000:]}")
                     results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        stats = {}
         for impl, runs in results.items():
             peak_reset_worked &= all(run["peak_is_delta_from_reset"] for run in runs)
-            seconds = [s for run in runs for s in run["seconds"]]
-            best, median = min(seconds), statistics.median(seconds)
+            stats[impl] = summary([s for run in runs for s in run["seconds"]])
+            best, median, spread = stats[impl]["best"], stats[impl]["median"], stats[impl]["spread"]
             peak = max(run["peak_delta"] for run in runs) / 2**20
             print(f"{preset:>7} {shape:>7} {impl:>5} {best * 1000:>9.0f} {median * 1000:>10.0f} "
-                  f"{batch * seq_len / best:>9.0f} {peak:>9.0f} {runs[-1]['loss']:>8.4f}")
+                  f"{spread * 1000:>10.0f} {batch * seq_len / best:>9.0f} {peak:>9.0f} {runs[-1]['loss']:>8.4f}")
+        print(f"{case}: {verdict('ours', stats['ours'], 'hf', stats['hf'])}")
     print(f"load average {os.getloadavg()[0]:.1f} at end. best: the fastest step (other processes "
-          "only add time); tokens/s from best")
+          "only add time); spread: slowest - fastest step; tokens/s from best")
     print("peak MiB: resident-memory high-water mark during the timed steps minus the resident "
           "memory just before them (weights and anything kept between steps)")
     if not peak_reset_worked:

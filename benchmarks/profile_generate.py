@@ -1,0 +1,84 @@
+"""Where greedy decoding spends its time: torch.profiler's self CPU time of our KV-cache generate and
+of transformers' generate on our export of the same weights, grouped into the output head and the
+layers' matrix products (prompt and decoded tokens apart), the attention kernel and everything else.
+
+    OMP_NUM_THREADS=1 python benchmarks/profile_generate.py --model 124m --new_tokens 32
+
+One thread (torch.set_num_threads(1)), float32, random seeded weights, one warm-up call of each
+way, then one profiled call of each; it prints whether both gave the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_generate import load_transformers, prompt_ids  # noqa: E402
+from compare import load_line  # noqa: E402
+from model import build_model, model_config  # noqa: E402
+
+
+def category(event, vocab_size: int) -> str:
+    if event.key == "aten::mm":
+        rows, cols = event.input_shapes[0][0], event.input_shapes[1][1]
+        return ("output head" if cols == vocab_size else "layer matmuls") + (", prompt rows" if rows > 1 else ", one row")
+    if "scaled_dot_product" in event.key:
+        return "attention (SDPA)"
+    return "all other ops"
+
+
+def profile_way(fn, vocab_size: int) -> tuple[dict[str, list[float]], torch.Tensor]:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = fn()
+    groups: dict[str, list[float]] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        group = groups.setdefault(category(event, vocab_size), [0.0, 0])
+        group[0] += event.self_cpu_time_total / 1000
+        group[1] += event.count
+    return groups, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="124m", help="a model.py preset: tiny, 124m, 978m, 1p7b")
+    parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(load_line())
+    torch.manual_seed(0)
+    cfg = model_config(args.model)
+    model = build_model(cfg, "cpu").eval()
+    idx = prompt_ids(args.prompt_tokens, torch.device("cpu"))
+    n = args.new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = load_transformers(model, torch.float32, torch.device("cpu"), Path(tmp))
+    ways = {"ours": lambda: model.generate(idx, n, temperature=0),
+            "transformers": lambda: hf.generate(idx, max_new_tokens=n, do_sample=False, pad_token_id=0)}
+    results, outputs = {}, {}
+    with torch.inference_mode():
+        for fn in ways.values():
+            fn()
+        for name, fn in ways.items():
+            results[name], outputs[name] = profile_way(fn, cfg.vocab_size)
+    print(f"same tokens: {torch.equal(outputs['ours'], outputs['transformers'])}")
+    print("| self CPU ms (calls) | " + " | ".join(ways) + " |")
+    print("| --- |" + " ---: |" * len(ways))
+    for group in sorted({g for r in results.values() for g in r}):
+        cells = [f"{r[group][0]:,.0f} ({r[group][1]:,})" if group in r else "-" for r in results.values()]
+        print(f"| {group} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(t for t, _ in r.values()):,.0f}" for r in results.values()]
+    print("| total | " + " | ".join(totals) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -391,18 +391,19 @@ class Transformer(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0, z_loss: float = 0.0,
-        mask: BlockMask | torch.Tensor | None = None,
+        mask: BlockMask | torch.Tensor | None = None, last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx: (B, T) token ids. Without targets: the logits (B, T, vocab). With targets (B, T;
         -1 = ignore): the mean loss alone, the logits never materialized in full; with z_loss > 0,
         (loss + z-loss term, mean log(Z)^2) (see ChunkedCrossEntropy). One entry point for all,
         so DDP/FSDP and torch.compile wrap a single call. `mask` replaces the causal mask of a
-        prompt (doc_mask.py: attention within each packed document only)."""
+        prompt (doc_mask.py: attention within each packed document only). `last_only`: the
+        logits (B, vocab) of the last position alone (decoding)."""
         if not torch.compiler.is_compiling():
             self.check_input(idx, start_pos)
         h = self.hidden(idx, start_pos, mask)
         if targets is None:
-            return self.output(h)
+            return self.output(h[:, -1, :] if last_only else h)
         return chunked_cross_entropy(
             h.flatten(0, 1), self.output.weight, targets.flatten(), self.config.loss_chunk_size, z_loss
         )
@@ -422,7 +423,8 @@ class Transformer(nn.Module):
         token at a time), through the KV cache. The eager decode: keys and values of the filled
         part of the cache only, no mask; the output head on the last position only (a prompt's other
         positions would cost T - 1 more head products, the largest matrix of a small model)."""
-        return self.output(self.hidden(idx, start_pos)[:, -1, :])
+        # Through __call__, so that wrappers' hooks run (FSDP2 gathers the root's own weights there).
+        return self(idx, start_pos=start_pos, last_only=True)
 
     def setup_cache(self, batch: int, max_seq_len: int | None = None) -> None:
         """Allocate a KV cache per layer for generation (kept if one of that shape is already

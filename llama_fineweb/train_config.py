@@ -191,7 +191,7 @@ class TrainConfig:
     def _validate_sample_and_loggers(self) -> None:
         """What would otherwise fail mid-run or after the run directory exists: the sample's length
         against the context, and the packages --tensorboard / --wandb need."""
-        if self.sample_interval:
+        if self.sample_interval and not self.benchmark:  # benchmark mode never samples
             from .tokenizer import get_encoding  # noqa: PLC0415 - tiktoken only when a sample is due
 
             prompt = len(get_encoding().encode_ordinary(self.sample_prompt))

@@ -324,7 +324,23 @@ def run_tasks(hf_model, manager, args: argparse.Namespace) -> dict:
               # log-probabilities in float32 even when the logits come out of bf16 autocast
               softmax_dtype=torch.float32)
     return simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                           task_manager=manager, log_samples=bool(args.contamination))
+                           task_manager=manager, log_samples=bool(args.contamination or args.log_samples))
+
+
+def sample_rows(results: dict) -> list[dict]:
+    """One row per task and example from lm-eval's logged samples: the document's own id (HellaSwag's
+    `ind`, else lm-eval's doc_id), the target, each choice's log-likelihood (lm-eval's filtered
+    responses: a multiple-choice task's per-choice sums) and the per-example metrics."""
+    rows = []
+    for task, samples in results.get("samples", {}).items():
+        for s in samples:
+            responses = s.get("filtered_resps", s.get("resps", []))
+            loglik = [r[0] if isinstance(r, (list, tuple)) else r for r in responses]
+            rows.append({"task": task, "doc_id": s["doc_id"], "id": s["doc"].get("ind", s["doc_id"]),
+                         "target": s.get("target"),
+                         "loglikelihoods": [float(x) if isinstance(x, (int, float)) else x for x in loglik],
+                         **{m: s[m] for m in ("acc", "acc_norm") if m in s}})
+    return rows
 
 
 # ----------------------------------------------------------------------------- one checkpoint
@@ -357,6 +373,9 @@ def evaluate_model(hf_model, source: Path, meta: dict, out: Path, manager, args:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, json.dumps(record, indent=2, default=handle_non_serializable) + "\n")
     write_atomic(out.with_suffix(".md"), f"# lm-eval: {source}\n\n{table}")
+    if args.log_samples:
+        write_atomic(out.with_suffix(".samples.jsonl"),
+                     "".join(json.dumps(r, default=handle_non_serializable) + "\n" for r in sample_rows(results)))
     record["table"] = table
     return record
 
@@ -529,6 +548,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--contamination", metavar="REPORT", default=None,
                         help="a contamination.py report: also score each task it covers on the examples it "
                              "does not flag (clean_scores in the result)")
+    parser.add_argument("--log_samples", action="store_true",
+                        help="also write each example's per-choice log-likelihoods and metrics to "
+                             "OUT.samples.jsonl (one JSON line per task and example)")
     parser.add_argument("--all_steps", action="store_true",
                         help="evaluate every step_* of a run directory not evaluated yet, then plot")
     args = parser.parse_args(argv)

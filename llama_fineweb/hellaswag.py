@@ -214,7 +214,7 @@ def _ending_losses(
 
 # The scoring options of evaluate(), passed through one level: a dataclass would only rename them.
 @torch.no_grad()
-def predict(
+def ending_losses(
     model,
     examples: list[dict],
     device: torch.device | str,
@@ -222,8 +222,10 @@ def predict(
     autocast_dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
     progress: bool = False,
-) -> tuple[list[int], list[int]]:
-    """Predicted ending per example, in the order given: (by summed loss, by mean loss)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, in the order given, per ending: the summed loss over the ending's tokens
+    (float32, the negated log-likelihood lm-eval reports) and how many tokens it has; two
+    (len(examples), 4) tensors on the CPU."""
     if batch_size < 1:
         raise HellaSwagError(f"batch_size must be a positive number of examples, got {batch_size}")
     device = torch.device(device)
@@ -233,7 +235,8 @@ def predict(
     # Longest first: examples of similar length share a batch (little padding), and a batch too
     # big for memory fails at once rather than at the end.
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
-    pred, pred_norm = [0] * len(examples), [0] * len(examples)
+    sums = torch.zeros(len(examples), N_ENDINGS, dtype=torch.float32)
+    counts = torch.zeros(len(examples), N_ENDINGS, dtype=torch.int64)
     was_training = model.training
     model.eval()
     try:
@@ -256,14 +259,27 @@ def predict(
                 torch._dynamo.mark_static(tokens)
                 sum_loss, n_tokens = _ending_losses(model, tokens, mask, autocast_dtype)
                 n_real = N_ENDINGS * len(batch)
-                sum_loss = sum_loss[:n_real].view(len(batch), N_ENDINGS)
-                mean_loss = sum_loss / n_tokens[:n_real].view(len(batch), N_ENDINGS)
-                for i, p, q in zip(batch, sum_loss.argmin(dim=1).tolist(), mean_loss.argmin(dim=1).tolist()):
-                    pred[i], pred_norm[i] = p, q
+                index = torch.tensor(batch)
+                sums[index] = sum_loss[:n_real].view(len(batch), N_ENDINGS).cpu()
+                counts[index] = n_tokens[:n_real].view(len(batch), N_ENDINGS).cpu()
                 bar.update(len(batch))
     finally:
         model.train(was_training)
-    return pred, pred_norm
+    return sums, counts
+
+
+def predict(
+    model,
+    examples: list[dict],
+    device: torch.device | str,
+    batch_size: int = 16,
+    autocast_dtype: torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    progress: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Predicted ending per example, in the order given: (by summed loss, by mean loss)."""
+    sums, counts = ending_losses(model, examples, device, batch_size, autocast_dtype, max_seq_len, progress)
+    return sums.argmin(dim=1).tolist(), (sums / counts).argmin(dim=1).tolist()
 
 
 def model_max_seq_len(model) -> int | None:

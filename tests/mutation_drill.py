@@ -87,6 +87,13 @@ MUTATIONS = [
     Mutation("RNG state dropped from the checkpoint", "train_llama.py",
              '"rng": checkpoint.RNGState(), ', "",
              ("tests/test_checkpoint.py::test_checkpoint_restores_the_runs_random_states",)),
+    Mutation("hellaswag losses filed under the wrong examples", "llama_fineweb/hellaswag.py",
+             "sums[index] = sum_loss", "sums[index.flip(0)] = sum_loss",
+             ("tests/test_hellaswag.py::test_per_example_losses_match_one_at_a_time_reference",)),
+    Mutation("lm-eval's model built with another RMSNorm epsilon", "eval_suite.py",
+             "config = LlamaConfig(**config, name_or_path=source)",
+             'config = LlamaConfig(**{**config, "rms_norm_eps": 1e-4}, name_or_path=source)',
+             ("tests/test_evaluate.py::test_per_example_logliks_equal_our_models",)),
 ]
 
 

@@ -63,40 +63,73 @@ def scores(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def mc_run(tmp_path_factory):
-    """A tiny checkpoint and a 24-example local task, evaluated once by eval_suite.py."""
+    """A tiny checkpoint and a 24-example local task, evaluated once by eval_suite.py with the
+    per-example log-likelihoods logged. The wide init makes the endings' losses differ by far more
+    than float noise, so the scores depend on which example is which."""
     tmp = tmp_path_factory.mktemp("mc")
-    model = make_tiny_model()
+    model = make_tiny_model(init_std=0.1)
     ckpt = tmp / "weights"
     export_hf.save_weights(model, ckpt)  # our weights and config: --checkpoint reads them too
     data = write_task(tmp / "tasks", "local_mc", make_examples(24))
     out = tmp / "result.json"
     run_main("--checkpoint", str(ckpt), "--tasks", "local_mc", "--include_path", str(tmp / "tasks"),
-             "--out", str(out))
+             "--out", str(out), "--log_samples")
     return {"model": model, "data": data, "out": out, "ckpt": ckpt}
 
 
-def test_acc_equals_summed_ending_loss(mc_run):
-    """acc and acc_norm equal an independent computation: summed ending-token loss of our model,
-    the ending with a leading space, acc_norm divided by the ending's characters."""
-    enc, model = get_encoding(), mc_run["model"]
-    examples = hellaswag.load_examples(str(mc_run["data"]))
-    correct = correct_norm = 0
+def logged_samples(out: Path) -> dict:
+    rows = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    return {row["id"]: row for row in rows}
+
+
+def reference_logliks(model, examples: list[dict]) -> np.ndarray:
+    """Per example and ending, an independent computation of lm-eval's multiple-choice score: the
+    summed float64 log-probability of the ending's tokens (" " + ending) after the context."""
+    enc = get_encoding()
+    rows = []
     with torch.no_grad():
         for ex in examples:
             ctx = enc.encode_ordinary(ex["ctx"])
             loglik = []
             for ending in ex["endings"]:
                 tokens = ctx + enc.encode_ordinary(" " + ending)
-                logits = model(torch.tensor([tokens]))[0, :-1]
-                logprobs = F.log_softmax(logits.double(), dim=-1)
+                logprobs = F.log_softmax(model(torch.tensor([tokens]))[0, :-1].double(), dim=-1)
                 targets = torch.tensor(tokens[1:])
                 loglik.append(logprobs[torch.arange(len(targets)), targets][len(ctx) - 1:].sum().item())
-            correct += int(np.argmax(loglik) == ex["label"])
-            chars = np.array([len(e) for e in ex["endings"]], dtype=float)
-            correct_norm += int(np.argmax(np.array(loglik) / chars) == ex["label"])
-    got = scores(mc_run["out"])["local_mc"]
-    assert got["acc"] == pytest.approx(correct / len(examples), abs=1e-12)
-    assert got["acc_norm"] == pytest.approx(correct_norm / len(examples), abs=1e-12)
+            rows.append(loglik)
+    return np.array(rows)
+
+
+def test_per_example_logliks_equal_our_models(mc_run):
+    """Each example's logged per-choice log-likelihoods equal the independent float64 computation
+    to 1e-6 (relative), matched by the example's own id; acc and acc_norm, per example and in
+    total, are the argmax of those (acc_norm over the ending's characters)."""
+    examples = hellaswag.load_examples(str(mc_run["data"]))
+    reference = reference_logliks(mc_run["model"], examples)
+    logged = logged_samples(mc_run["out"])
+    assert sorted(logged) == [ex["ind"] for ex in examples]
+    got = np.array([logged[ex["ind"]]["loglikelihoods"] for ex in examples])
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=0)
+    # The model tells the examples apart: the endings' scores differ by far more than the tolerance.
+    assert np.ptp(reference, axis=1).min() > 0.1
+    chars = np.array([[len(e) for e in ex["endings"]] for ex in examples], dtype=float)
+    acc = [int(np.argmax(row) == ex["label"]) for row, ex in zip(reference, examples)]
+    acc_norm = [int(np.argmax(row / c) == ex["label"]) for row, c, ex in zip(reference, chars, examples)]
+    assert [logged[ex["ind"]]["acc"] for ex in examples] == acc
+    assert [logged[ex["ind"]]["acc_norm"] for ex in examples] == acc_norm
+    total = scores(mc_run["out"])["local_mc"]
+    assert total["acc"] == pytest.approx(np.mean(acc), abs=1e-12)
+    assert total["acc_norm"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
+
+
+def test_per_example_logliks_equal_hellaswag_py(mc_run):
+    """The same examples in HellaSwag's jsonl form: eval_suite.py's per-choice log-likelihoods are
+    hellaswag.py's summed ending losses, negated, to 1e-6."""
+    examples = hellaswag.load_examples(str(mc_run["data"]))
+    sums, _ = hellaswag.ending_losses(mc_run["model"], examples, "cpu", batch_size=4)
+    logged = logged_samples(mc_run["out"])
+    got = np.array([logged[ex["ind"]]["loglikelihoods"] for ex in examples])
+    np.testing.assert_allclose(got, -sums.double().numpy(), rtol=1e-6, atol=0)
 
 
 def test_acc_equals_hellaswag_py(mc_run):

@@ -30,24 +30,30 @@ FIXTURE = REPO / "tests" / "data" / "hellaswag_sample.jsonl"
 WIDE = {"init_std": 0.1}
 
 
-def reference_predictions(model: nn.Module, examples: list[dict]) -> tuple[list[int], list[int]]:
-    """build-nanogpt's scoring, one unpadded row at a time: the plain version to compare with."""
+def reference_losses(model: nn.Module, examples: list[dict]) -> torch.Tensor:
+    """build-nanogpt's scoring, one unpadded row at a time, in float64 from the model's logits:
+    the plain version to compare with. (len(examples), 4) summed ending losses."""
     enc = get_encoding()
-    preds, preds_norm = [], []
+    rows = []
     with torch.no_grad():
         for example in examples:
             ctx = enc.encode(example["ctx"])
-            sums, means = [], []
+            sums = []
             for ending in example["endings"]:
                 ending_tokens = enc.encode(" " + ending)
                 logits = model(torch.tensor([ctx + ending_tokens]))
-                predicting = logits[0, len(ctx) - 1 : -1]  # the positions that predict the ending
-                losses = F.cross_entropy(predicting, torch.tensor(ending_tokens), reduction="none")
-                sums.append(losses.sum().item())
-                means.append(losses.mean().item())
-            preds.append(min(range(4), key=sums.__getitem__))
-            preds_norm.append(min(range(4), key=means.__getitem__))
-    return preds, preds_norm
+                predicting = logits[0, len(ctx) - 1 : -1].double()  # the positions that predict the ending
+                sums.append(F.cross_entropy(predicting, torch.tensor(ending_tokens), reduction="sum").item())
+            rows.append(sums)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def reference_predictions(model: nn.Module, examples: list[dict]) -> tuple[list[int], list[int]]:
+    """The reference's predictions: lowest summed loss, lowest mean loss per ending token."""
+    enc = get_encoding()
+    sums = reference_losses(model, examples)
+    counts = torch.tensor([[len(enc.encode(" " + e)) for e in ex["endings"]] for ex in examples])
+    return sums.argmin(dim=1).tolist(), (sums / counts).argmin(dim=1).tolist()
 
 
 def test_render_masks_cover_exactly_the_endings():
@@ -74,6 +80,23 @@ def test_batched_predictions_match_one_at_a_time_reference(tiny_model):
     # 5 does not divide 16: the last batch is padded with empty rows.
     batched = hellaswag.predict(model, examples, "cpu", batch_size=5, max_seq_len=model.config.max_seq_len)
     assert batched == reference_predictions(model, examples)
+
+
+def test_per_example_losses_match_one_at_a_time_reference(tiny_model):
+    """Each example's four summed ending losses (the negated log-likelihoods) from the batched,
+    padded, bucketed scorer equal the unpadded one-row reference to 1e-6, on a model whose losses
+    tell the examples and endings apart (a near-uniform model would pass with any example order)."""
+    model = tiny_model(**WIDE)
+    examples = hellaswag.load_examples(str(FIXTURE), limit=16)
+    sums, counts = hellaswag.ending_losses(model, examples, "cpu", batch_size=5, max_seq_len=model.config.max_seq_len)
+    reference = reference_losses(model, examples)
+    torch.testing.assert_close(sums.double(), reference, rtol=1e-6, atol=0)
+    enc = get_encoding()
+    assert counts.tolist() == [[len(enc.encode(" " + e)) for e in ex["endings"]] for ex in examples]
+    # The model tells them apart: within an example the endings differ by far more than the
+    # tolerance, and no two examples have the same four losses.
+    assert (reference.max(dim=1).values - reference.min(dim=1).values).min() > 0.1
+    assert len({tuple(round(x, 3) for x in row) for row in reference.tolist()}) == len(examples)
 
 
 def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str, limit: int) -> None:

@@ -436,6 +436,18 @@ class Transformer(nn.Module):
             if att.cache is None or not att.cache.fits(batch, max_seq_len, dtype, device):
                 att.cache = KVCache(batch, max_seq_len, att.n_kv_heads, att.head_dim, dtype, device)
 
+    def cache_length(self, needed: int, compile: bool | str = False) -> int:
+        """Cache slots for a request of `needed` positions (prompt + new tokens). Eager: exactly
+        those. Compiled: the next power of two from 64 (capped at max_seq_len), so the compiled
+        decode, one graph per cache length, attends over at most twice the positions it needs, from
+        a handful of graphs (64 ... 1,024 at 124m: 5), instead of over the whole context always."""
+        if not compile:
+            return needed
+        length = 64
+        while length < needed:
+            length *= 2
+        return min(length, self.config.max_seq_len)
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
@@ -451,10 +463,10 @@ class Transformer(nn.Module):
 
     def decoder(self, compile: bool | str = False):
         """A function (token: (B, 1), pos: int) -> logits (B, vocab) after the prompt is in the cache.
-        Eager: `step`, over the filled part of the cache. Compiled: `decode`'s graph (made once per
-        model: static shapes over the whole cache, no recompile per token or per prompt; CUDA graphs
-        on a GPU, where launching kernels one by one is the cost). `compile` True means inductor; a
-        string names another torch.compile backend."""
+        Eager: `step`, over the filled part of the cache. Compiled: `decode`'s graph (static shapes
+        over the whole cache, whose length `cache_length` picks from a few: no recompile per token,
+        one graph per cache length; CUDA graphs on a GPU, where launching kernels one by one is the
+        cost). `compile` True means inductor; a string names another torch.compile backend."""
         if not compile:
             return self.step
         if self.compiled_decode is None:
@@ -481,7 +493,7 @@ class Transformer(nn.Module):
         """Continue idx: (B, T) by max_new_tokens. temperature 0 is greedy; otherwise sample from
         the top_k most likely tokens (all if None), drawing from `generator` for reproducibility.
         The prompt is one forward pass into the KV cache, then one `decode` per token; with
-        compile, a compiled decode over a cache of the model's whole context, kept for the next call."""
+        compile, a compiled decode over a cache of `cache_length` slots, kept for the next call."""
         T = idx.size(1)
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
@@ -494,7 +506,7 @@ class Transformer(nn.Module):
                 logits = self(out)[:, -1, :]
                 out = torch.cat([out, pick_next_token(logits.float(), temperature, top_k, generator)], dim=1)
             return out
-        self.setup_cache(idx.size(0), None if compile else T + max_new_tokens)
+        self.setup_cache(idx.size(0), self.cache_length(T + max_new_tokens, compile))
         decode = self.decoder(compile)
         try:
             logits = self.step(idx, 0)  # the prompt: (B, vocab)

@@ -87,3 +87,22 @@ def test_benchmark_verdict_names_no_winner_when_the_spread_exceeds_the_differenc
     tight, slow = summary([1.0, 1.0, 1.01]), summary([1.2, 1.21, 1.2])
     assert verdict("ours", tight, "theirs", slow).startswith("ours faster than theirs")
     assert verdict("theirs", slow, "ours", tight).startswith("ours faster than theirs")
+
+
+def test_compiled_decode_cache_is_sized_to_the_request():
+    """The compiled decode's cache is the request's length rounded up to a power of two from 64, not
+    the model's whole context: one graph per such length (two requests of one length: no
+    recompile; a longer request: one more graph), the eager decode's tokens in each."""
+    model = make_tiny_model(n_layers=2, max_seq_len=512)
+    idx = torch.tensor([get_encoding().encode_ordinary("The capital of France is Paris, and the capital of")])
+    T = idx.size(1)
+    assert [model.cache_length(n, True) for n in (1, 64, 65, 200, 512, 600)] == [64, 64, 128, 256, 512, 512]
+    assert model.cache_length(77, False) == 77
+    torch._dynamo.reset()
+    counters.clear()
+    for n in (10, 20, 100):  # T + 10 and T + 20 share a length, T + 100 needs the next one
+        compiled = model.generate(idx, n, temperature=0, compile=True)
+        assert model.layers[0].attention.cache.k.size(2) == model.cache_length(T + n, True) < 512
+        assert torch.equal(compiled, model.generate(idx, n, temperature=0))
+    assert model.cache_length(T + 10, True) == model.cache_length(T + 20, True) < model.cache_length(T + 100, True)
+    assert counters["stats"]["unique_graphs"] == 2

@@ -5,7 +5,10 @@ layers' matrix products (prompt and decoded tokens apart), the attention kernel 
     OMP_NUM_THREADS=1 python benchmarks/profile_generate.py --model 124m --new_tokens 32
 
 One thread (torch.set_num_threads(1)), float32, random seeded weights, one warm-up call of each
-way, then one profiled call of each; it prints whether both gave the same tokens.
+way, then one profiled call of each; it prints whether both gave the same tokens. Last, the floor
+any decoder of these float32 weights pays per token: every weight matrix of the model (the layers'
+and the output head) times one row, those products alone in a loop, unprofiled, as tokens/s; and
+the memory those weights occupy, read once per token.
 """
 
 from __future__ import annotations
@@ -47,6 +50,24 @@ def profile_way(fn, vocab_size: int) -> tuple[dict[str, list[float]], torch.Tens
     return groups, out
 
 
+def matmul_floor(model, repeats: int = 20) -> tuple[float, int]:
+    """(seconds per token of the model's one-row matrix products alone, bytes of those weights):
+    each 2-D weight but the embedding times one vector, median of `repeats` passes."""
+    import statistics
+    import time
+
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "tok_embeddings" not in name]
+    x = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 2):
+            t0 = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(x[w.shape[1]], w)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:]), sum(w.numel() * w.element_size() for w in weights)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="124m", help="a model.py preset: tiny, 124m, 978m, 1p7b")
@@ -78,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {group} | " + " | ".join(cells) + " |")
     totals = [f"{sum(t for t, _ in r.values()):,.0f}" for r in results.values()]
     print("| total | " + " | ".join(totals) + " |")
+    seconds, nbytes = matmul_floor(model)
+    print(f"floor: the one-row products alone take {seconds * 1000:.1f} ms per token ({1 / seconds:.1f} tok/s), "
+          f"reading {nbytes / 2**20:,.0f} MiB of weights: {nbytes / seconds / 1e9:.1f} GB/s")
 
 
 if __name__ == "__main__":

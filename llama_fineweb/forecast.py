@@ -22,8 +22,10 @@ settled rate). The interval: the fit
 repeated on points resampled with replacement, each refit's final loss plus a resampled residual
 (the noise of the one final measurement), its 5th and 95th percentiles: a 90% interval.
 
-Before any annealing has been seen (a WSD run still in its stable stage) C cannot be fit: it is 0
-and the forecast is the loss at max_steps without the decay's gain. The forecast says so.
+Before any annealing has been seen (a WSD run still in its stable stage, or fewer than
+MIN_ANNEALING_POINTS points into its decay: one or two points fit C anywhere, forecasts below zero
+were seen) C is not fit: it is 0 and the forecast is the loss at max_steps without the decay's gain.
+The forecast says so.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .train_config import TrainConfig
 DECAY_MEMORY = 0.999  # lambda of Tissue et al.: how long an LR drop keeps lowering the loss
 ALPHAS = np.geomspace(0.05, 3.0, 90)  # the exponents tried
 MIN_POINTS = 4  # fewer validation losses after warmup: no forecast
+MIN_ANNEALING_POINTS = 3  # fewer points after the rate began to drop: C is not fit (one or two pin it nowhere)
 RESAMPLES = 200
 LEVEL = 0.90  # the interval's coverage
 
@@ -100,6 +103,11 @@ def _solve(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coef, ((np.einsum("ank,ak->an", x, coef) - y) ** 2).sum(axis=1)
 
 
+def annealing_seen(s2: np.ndarray) -> bool:
+    """Whether MIN_ANNEALING_POINTS of the points lie after the learning rate began to drop (S2 > 0)."""
+    return int((s2 > 1e-9).sum()) >= MIN_ANNEALING_POINTS
+
+
 def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray) -> tuple[float, float, float, float] | None:
     """(L0, A, alpha, C) of least squared error, A and C >= 0; None if no alpha gives A >= 0."""
     power = s1[None, :] ** -ALPHAS[:, None]  # (n_alpha, n)
@@ -107,7 +115,7 @@ def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray) -> tuple[float, float,
     two, err_two = _solve(np.stack([ones, power], axis=2), loss)
     err_two[two[:, 1] < 0] = np.inf
     candidates = [(err_two, np.concatenate([two, np.zeros((len(ALPHAS), 1))], axis=1))]
-    if np.ptp(s2) > 1e-9:  # C is only fit once the learning rate has dropped among the points
+    if annealing_seen(s2):  # C is only fit once the learning rate has dropped over several points
         three, err_three = _solve(np.stack([ones, power, -np.broadcast_to(s2, power.shape)], axis=2), loss)
         err_three[(three[:, 1] < 0) | (three[:, 2] < 0)] = np.inf
         candidates.append((err_three, three))
@@ -150,7 +158,7 @@ def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms=None, resa
     low, high = (np.quantile(finals, [tail, 1 - tail]) if finals else (final, final))
     return Forecast(step=int(steps[-1]), target_step=cfg.max_steps, loss=final, low=float(min(low, final)),
                     high=float(max(high, final)), params=params, points=len(used),
-                    annealing_seen=bool(np.ptp(s2) > 1e-9), resampled=refits)
+                    annealing_seen=annealing_seen(s2), resampled=refits)
 
 
 def band(fc: Forecast, cfg: TrainConfig, terms=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -56,6 +56,18 @@ def test_wsd_forecast_before_the_decay_says_the_decay_is_not_in_it():
     assert not fc.annealing_seen and fc.params[3] == 0 and "not in it" in fc.line()
 
 
+def test_one_or_two_points_into_the_decay_do_not_fit_the_annealing_term():
+    """A WSD run fewer than MIN_ANNEALING_POINTS validation losses into its decay is still forecast
+    without C (two points pin C nowhere: forecasts below zero were seen); one more point and C is fit."""
+    cfg = cosine(lr_schedule="wsd", decay_steps=300)  # the decay starts at step 700
+    points, final = synthetic(cfg)
+    stable = [p for p in points if p[0] <= 700]
+    early = forecast.forecast(points[: len(stable) + forecast.MIN_ANNEALING_POINTS - 1], cfg)
+    assert not early.annealing_seen and early.params[3] == 0 and "not in it" in early.line()
+    seen = forecast.forecast(points[: len(stable) + forecast.MIN_ANNEALING_POINTS], cfg)
+    assert seen.annealing_seen and seen.params[3] > 0
+
+
 def test_too_few_points_give_no_forecast():
     """Fewer than MIN_POINTS validation losses after warmup: no forecast rather than a wild one."""
     cfg = cosine()

@@ -105,6 +105,19 @@ def test_chunked_loss_and_gradients_equal_full_cross_entropy():
     torch.testing.assert_close(grad_w, w_ref.grad, atol=1e-5, rtol=0)
 
 
+def test_chunked_loss_refuses_a_second_backward_instead_of_scaling_twice():
+    """The weight gradient is scaled in place in backward: a second backward through the same loss
+    (retain_graph) is an error, never a silently doubled scale; one chunk or several."""
+    for chunk in (8, 64):
+        torch.manual_seed(0)
+        h = torch.randn(37, 16, requires_grad=True)
+        weight = torch.randn(101, 16, requires_grad=True)
+        loss = chunked_cross_entropy(h, weight, torch.randint(0, 101, (37,)), chunk=chunk)
+        (3 * loss).backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_chunked_loss_under_bf16_autocast_is_close_with_float32_gradients():
     """Under bf16 autocast (the training path) the loss stays close to float32 and the
     gradients keep the parameters' dtype."""

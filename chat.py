@@ -44,8 +44,8 @@ def stream_tokens(model: Transformer, ids: list[int], max_new_tokens: int, tempe
     """Yield up to max_new_tokens token ids continuing `ids`, one at a time, stopping after
     `stop`. The prompt is one forward pass into the KV cache, then one `model.decoder` call per token
     (compiled with `compile`: one graph per cache length, `model.cache_length`'s few, so a long
-    conversation compiles a handful of graphs, not one per turn, as in model.generate). Ids past GPT-2's vocabulary (the model's padding rows) are never picked:
-    they have no text."""
+    conversation compiles a handful of graphs, not one per turn, as in model.generate). Ids past
+    GPT-2's vocabulary (the model's padding rows) are never picked: they have no text."""
     device = model.output.weight.device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     model.setup_cache(1, model.cache_length(len(ids) + max_new_tokens, compile))
@@ -221,8 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--verify", choices=("full", "size"), default="full",
                         help="check a checkpoint's files against their recorded sha256 (full) or sizes only (size)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="decode with torch.compile (static KV caches of a few lengths, one graph each; "
-                             "the first answer of each length waits for its compile): auto = on CUDA only, where it pays back at once")
+                        help="decode with torch.compile (static KV caches of a few lengths, one graph each; the "
+                             "first answer of each length waits for its compile): auto = on CUDA only, where it "
+                             "pays back at once")
     return parser.parse_args(argv)
 
 

@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data_dir", help="a directory of token shards (its train shards are read)")
     source.add_argument("--data_mix", help="DIR:WEIGHT,... as train_llama.py takes it: every DIR's train shards")
-    parser.add_argument("--tasks", default="hellaswag", help=f"comma-separated, of {', '.join(contamination.TASKS)}")
+    parser.add_argument("--tasks", default="hellaswag",
+                        help="comma-separated: hellaswag (hellaswag.py's files) and lm-eval task names, e.g. "
+                             "hellaswag_local or arc_easy (their data must be local: see --include_path)")
+    parser.add_argument("--include_path", default=None,
+                        help="a directory of lm-eval task YAMLs (e.g. tasks/, whose YAMLs read local files)")
     parser.add_argument("--hellaswag_data", help="a local HellaSwag jsonl, as hellaswag.py --data reads "
                                                  "(default: its cached validation split)")
     parser.add_argument("--out", required=True, help="the JSON report")
@@ -61,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
         dirs = [args.data_dir] if args.data_dir else [d for d, _ in parse_data_mix(args.data_mix)]
         paths = contamination.train_shards(dirs)
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        data = {"hellaswag": args.hellaswag_data}
+        data = {"hellaswag": args.hellaswag_data, "include_path": args.include_path}
         index = contamination.build_index(tasks, data, args.n)
         report = contamination.scan(index, paths)
-        report["data"] = {"dirs": dirs, "eval": {t: data.get(t) for t in tasks}}
+        report["data"] = {"dirs": dirs, "eval": {t: data.get(t) for t in tasks}, "include_path": args.include_path}
         if args.tokenizer_speed:
             report["tokenizer_tokens_per_s"] = tokenizer_speed(paths)
         write_atomic(args.out, json.dumps(report, indent=1) + "\n")

@@ -110,6 +110,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "the manifest counts the documents dropped")
     parser.add_argument("--hellaswag_data", help="with --decontaminate: a local HellaSwag jsonl (default: "
                         "the report's, else hellaswag.py's cached validation split)")
+    parser.add_argument("--include_path", help="with --decontaminate: a directory of lm-eval task YAMLs for "
+                        "its lm-eval tasks (default: the report's)")
     parser.add_argument("--workers", type=int, default=_cpu_count(),
                         help="tokenizer threads (default: all cores); the shards do not depend on it")
     return parser
@@ -382,7 +384,8 @@ def build(args: argparse.Namespace, log: Log = print) -> dict:
     }
     leave_out = None
     if args.decontaminate:  # part of the identity: a resumed build must drop what the first part dropped
-        leave_out, identity["decontaminate"] = contamination.index_for(args.decontaminate, args.hellaswag_data)
+        leave_out, identity["decontaminate"] = contamination.index_for(
+            args.decontaminate, args.hellaswag_data, args.include_path)
     manifest = resume_state(args.out, identity, args.max_tokens, log, args.truncate)
     if manifest["complete"]:
         log(f"{args.out} is already complete: {_summary(manifest, args.out)}")

@@ -11,7 +11,11 @@ words the same way. One streaming pass holds only the evaluation n-grams in memo
 by word tuples: exact, no hash collisions) and intersects each document's n-grams with them.
 
 A HellaSwag example's text is its context followed by its correct ending: the source sentence the
-web may quote. The three wrong endings are machine-written, not quoted from anywhere.
+web may quote. The three wrong endings are machine-written, not quoted from anywhere. Any other task
+is an lm-eval task (a local YAML under an include path, or one whose dataset is in the local cache):
+each evaluation document's prompt (doc_to_text), the task's target delimiter, then its correct
+answer (the target choice of a multiple-choice task, else doc_to_target), identified as eval_suite.py's
+per-sample scores identify it (the document's `ind` if it has one, else its index).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from .utils import UserError
 N = 13
 PUNCTUATION = re.compile(r"[^\w\s]|_")
 MAX_PLACES = 5  # occurrences listed per example in the report (all are counted)
-TASKS = ("hellaswag",)
+TASKS = ("hellaswag",)  # built in (hellaswag.py's files); any other name is an lm-eval task
 
 
 def words(text: str) -> list[str]:
@@ -68,10 +72,44 @@ def hellaswag_items(path: str | None) -> list[tuple[str, str]]:
             for i, ex in enumerate(load_examples(path))]
 
 
+def lm_eval_items(task: str, include_path: str | None) -> list[tuple[str, str]]:
+    """(id, text) of each evaluation document of an lm-eval task: its prompt, the target delimiter
+    and its correct answer; the id is the document's `ind`, else its index among the task's
+    evaluation documents (lm-eval's doc_id)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=include_path)
+    if task not in manager.all_tasks:
+        where = f" or under --include_path {include_path}" if include_path else " (--include_path adds local YAMLs)"
+        raise UserError(f"--tasks: {task!r} is neither a built-in task ({', '.join(TASKS)}) nor an lm-eval task "
+                        f"known to lm-eval{where}")
+    try:
+        loaded = get_task_dict([task], manager)
+    except Exception as e:  # lm-eval raises what `datasets` raises: offline with no cache, a bad data file
+        raise UserError(f"--tasks: lm-eval could not load {task!r} ({type(e).__name__}: {str(e)[:200]}): its data "
+                        f"must be local (a YAML with data_files, or the dataset in the Hugging Face cache)") from None
+    obj = loaded.get(task)
+    if obj is None or isinstance(obj, dict) or not hasattr(obj, "eval_docs"):
+        raise UserError(f"--tasks: {task!r} is an lm-eval group: name its tasks one by one")
+    items = []
+    for i, doc in enumerate(obj.eval_docs):
+        prompt, target = obj.doc_to_text(doc), obj.doc_to_target(doc)
+        if obj.OUTPUT_TYPE == "multiple_choice":
+            choices = obj.doc_to_choice(doc)
+            target = choices[target] if isinstance(target, int) else target
+        if isinstance(target, list):
+            target = target[0] if target else ""
+        doc_id = doc.get("ind", i) if isinstance(doc, dict) else i
+        items.append((str(doc_id), f"{prompt}{obj.config.target_delimiter}{target}"))
+    return items
+
+
 def task_items(task: str, data: dict[str, str | None]) -> list[tuple[str, str]]:
+    """(id, text) of each example: HellaSwag from hellaswag.py's files (data["hellaswag"]), any other
+    name from lm-eval (local YAMLs under data["include_path"])."""
     if task == "hellaswag":
         return hellaswag_items(data.get("hellaswag"))
-    raise UserError(f"--tasks: unknown task {task!r}: choose from {', '.join(TASKS)}")
+    return lm_eval_items(task, data.get("include_path"))
 
 
 @dataclass
@@ -231,17 +269,22 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def index_for(spec: str, hellaswag_data: str | None = None) -> tuple[Index, dict]:
+def index_for(spec: str, hellaswag_data: str | None = None, include_path: str | None = None) -> tuple[Index, dict]:
     """The index that --decontaminate=REPORT_OR_TASKS names: a report's tasks and evaluation data
     (every n-gram of them, not only those the report found), or a comma-separated task list; and
     its description for a manifest."""
     if spec.endswith(".json"):
         report = read_report(spec)
         tasks, n = list(report["tasks"]), int(report.get("n", N))
-        data = {**report.get("data", {}).get("eval", {})}
+        data = {**report.get("data", {}).get("eval", {}), "include_path": report.get("data", {}).get("include_path")}
     else:
         tasks, n, data = [t.strip() for t in spec.split(",") if t.strip()], N, {}
     if hellaswag_data:
         data["hellaswag"] = hellaswag_data
+    if include_path:
+        data["include_path"] = include_path
     index = build_index(tasks, data, n)
-    return index, {"tasks": tasks, "n": n, "eval": {t: data.get(t) for t in tasks}, "ngrams": len(index.grams)}
+    described = {"tasks": tasks, "n": n, "eval": {t: data.get(t) for t in tasks}, "ngrams": len(index.grams)}
+    if data.get("include_path"):  # only then: a build's identity from before lm-eval tasks stays the same
+        described["include_path"] = data["include_path"]
+    return index, described

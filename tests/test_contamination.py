@@ -73,6 +73,30 @@ def test_audit_finds_exactly_the_planted_examples(corpus):
     assert "| hellaswag | 32 | 3 | 9.4% |" in corpus["stdout"]
 
 
+def test_lm_eval_task_is_audited_like_the_built_in_hellaswag(corpus, tmp_path):
+    """The same examples as a local lm-eval task (a YAML over a jsonl, --include_path): the audit
+    flags the same examples by their `ind`, at the same places; an unknown task is one line naming
+    --include_path."""
+    write_task(tmp_path / "tasks", "hellaswag_toy", EXAMPLES)
+    report = tmp_path / "report.json"
+    proc = call_main(contamination_script.main, ["--data_dir", str(corpus["data"]), "--tasks", "hellaswag_toy",
+                                                 "--include_path", str(tmp_path / "tasks"), "--out", str(report)])
+    assert "| hellaswag_toy | 32 | 3 | 9.4% |" in proc.stdout
+    via_lm_eval = json.loads(report.read_text())["tasks"]["hellaswag_toy"]["contaminated_examples"]
+    built_in = corpus["report"]["tasks"]["hellaswag"]["contaminated_examples"]
+    assert sorted(via_lm_eval, key=lambda e: e["id"]) == sorted(built_in, key=lambda e: e["id"])
+    # Its report decontaminates a build as the built-in one does (the YAMLs' place read from the report).
+    out = tmp_path / "clean"
+    build(out, [str(corpus["root"] / "text" / "*.txt")], "--decontaminate", str(report), shard=550)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["decontaminated_documents"] == len(PLANTED)
+    assert manifest["decontaminate"]["include_path"] == str(tmp_path / "tasks")
+    bad = call_main(contamination_script.main, ["--data_dir", str(corpus["data"]), "--tasks", "no_such_task",
+                                                "--out", str(tmp_path / "bad.json")], check=False)
+    assert bad.returncode == 2 and "no_such_task" in bad.stderr and "--include_path" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_audit_places_each_overlap_at_its_token_offset(corpus):
     """Each reported place (shard, token offset) decodes to text starting with its n-gram's first word,
     also for the document that a shard's end cuts."""

@@ -12,7 +12,7 @@ DEMO_STEPS = 300
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt
 
-# Two pytest-xdist workers: 512 tests in 11 min 56 s on 2 cores against 15 min 53 s in one process.
+# Two pytest-xdist workers: 512 tests in 11 min 56 s on 2 cores, against 15 min 53 s for 507 in one process.
 test: install
 	$(PYTHON) -m pytest -q -n 2
 

@@ -39,15 +39,32 @@ def category(event, vocab_size: int) -> str:
     return "all other ops"
 
 
+def self_times(events, key, into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """{key(event): [self CPU ms, calls]} summed over the profiler's averaged events (added to `into`)."""
+    groups = {} if into is None else into
+    for event in events:
+        group = groups.setdefault(key(event), [0.0, 0])
+        group[0] += event.self_cpu_time_total / 1000
+        group[1] += event.count
+    return groups
+
+
+def print_table(first: str, results: dict[str, dict[str, list[float]]], scale: float = 1.0) -> None:
+    """A markdown table: a row per group, a column per way, `ms (calls)` times `scale`, and the total."""
+    print(f"| {first} | " + " | ".join(results) + " |")
+    print("| --- |" + " ---: |" * len(results))
+    for group in sorted({g for r in results.values() for g in r}):
+        cells = [f"{r[group][0] * scale:,.0f} ({round(r[group][1] * scale):,})" if group in r else "-"
+                 for r in results.values()]
+        print(f"| {group} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(t for t, _ in r.values()) * scale:,.0f}" for r in results.values()]
+    print("| total | " + " | ".join(totals) + " |")
+
+
 def profile_way(fn, vocab_size: int) -> tuple[dict[str, list[float]], torch.Tensor]:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         out = fn()
-    groups: dict[str, list[float]] = {}
-    for event in prof.key_averages(group_by_input_shape=True):
-        group = groups.setdefault(category(event, vocab_size), [0.0, 0])
-        group[0] += event.self_cpu_time_total / 1000
-        group[1] += event.count
-    return groups, out
+    return self_times(prof.key_averages(group_by_input_shape=True), lambda e: category(e, vocab_size)), out
 
 
 def matmul_floor(model, repeats: int = 20) -> tuple[float, int]:
@@ -92,13 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, fn in ways.items():
             results[name], outputs[name] = profile_way(fn, cfg.vocab_size)
     print(f"same tokens: {torch.equal(outputs['ours'], outputs['transformers'])}")
-    print("| self CPU ms (calls) | " + " | ".join(ways) + " |")
-    print("| --- |" + " ---: |" * len(ways))
-    for group in sorted({g for r in results.values() for g in r}):
-        cells = [f"{r[group][0]:,.0f} ({r[group][1]:,})" if group in r else "-" for r in results.values()]
-        print(f"| {group} | " + " | ".join(cells) + " |")
-    totals = [f"{sum(t for t, _ in r.values()):,.0f}" for r in results.values()]
-    print("| total | " + " | ".join(totals) + " |")
+    print_table("self CPU ms (calls)", results)
     seconds, nbytes = matmul_floor(model)
     print(f"floor: the one-row products alone take {seconds * 1000:.1f} ms per token ({1 / seconds:.1f} tok/s), "
           f"reading {nbytes / 2**20:,.0f} MiB of weights: {nbytes / seconds / 1e9:.1f} GB/s")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from compare import load_line  # noqa: E402
+from profile_generate import print_table, self_times  # noqa: E402
 from llama_fineweb.hf_io import hf_config, to_hf_state_dict  # noqa: E402
 from model import build_model, model_config  # noqa: E402
 
@@ -48,20 +49,12 @@ def category(event, vocab_size: int) -> str:
     return "elementwise and other ops"
 
 
-def profile_step(fn, vocab_size: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def profile_step(fn, vocab_size: int, groups: dict, ops: dict) -> None:
+    """One profiled step of `fn`: its self CPU times added to `groups` (by category) and `ops` (by operator)."""
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    groups: dict[str, list[float]] = {}
-    for event in prof.key_averages(group_by_input_shape=True):
-        group = groups.setdefault(category(event, vocab_size), [0.0, 0])
-        group[0] += event.self_cpu_time_total / 1000
-        group[1] += event.count
-    ops: dict[str, list[float]] = {}
-    for event in prof.key_averages():
-        op = ops.setdefault(event.key, [0.0, 0])
-        op[0] += event.self_cpu_time_total / 1000
-        op[1] += event.count
-    return groups, ops
+    self_times(prof.key_averages(group_by_input_shape=True), lambda e: category(e, vocab_size), groups)
+    self_times(prof.key_averages(), lambda e: e.key, ops)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,32 +90,23 @@ def main(argv: list[str] | None = None) -> None:
             "transformers": step(hf, lambda: hf(input_ids=idx, labels=targets, shift_labels=targets).loss)}
     losses = {name: fn() for name, fn in ways.items()}  # warm-up
     print("loss: " + ", ".join(f"{name} {loss:.6f}" for name, loss in losses.items()))
-    groups = {name: {} for name in ways}
+    groups = {name: {} for name in ways}  # summed over the repeats; printed per step
     ops = {name: {} for name in ways}
     for _ in range(args.repeats):
         for name, fn in ways.items():
-            g, o = profile_step(fn, cfg.vocab_size)
-            for table, new in ((groups[name], g), (ops[name], o)):
-                for key, (ms, calls) in new.items():
-                    cell = table.setdefault(key, [0.0, 0])
-                    cell[0] += ms / args.repeats
-                    cell[1] += calls // args.repeats
+            profile_step(fn, cfg.vocab_size, groups[name], ops[name])
     print(f"\n{args.model}, batch {args.batch} x {args.seq_len}, forward + backward, float32, one thread; "
           f"self CPU ms per step (calls), mean of {args.repeats}")
-    print("| group | " + " | ".join(ways) + " |")
-    print("| --- |" + " ---: |" * len(ways))
-    for group in sorted({g for r in groups.values() for g in r}):
-        cells = [f"{r[group][0]:,.0f} ({r[group][1]:,})" if group in r else "-" for r in groups.values()]
-        print(f"| {group} | " + " | ".join(cells) + " |")
-    totals = [f"{sum(t for t, _ in r.values()):,.0f}" for r in groups.values()]
-    print("| total | " + " | ".join(totals) + " |")
+    per_step = 1 / args.repeats
+    print_table("group", groups, scale=per_step)
     names = sorted(set(ops["ours"]) | set(ops["transformers"]),
                    key=lambda k: -abs(ops["ours"].get(k, [0])[0] - ops["transformers"].get(k, [0])[0]))
     print(f"\nThe {args.top} operators whose time differs most (ms per step, calls):")
     print("| operator | ours | transformers |")
     print("| --- | ---: | ---: |")
     for key in names[: args.top]:
-        cells = [f"{ops[w][key][0]:,.1f} ({ops[w][key][1]:,})" if key in ops[w] else "-" for w in ways]
+        cells = [f"{ops[w][key][0] * per_step:,.1f} ({round(ops[w][key][1] * per_step):,})" if key in ops[w] else "-"
+                 for w in ways]
         print(f"| `{key}` | " + " | ".join(cells) + " |")
 
 

@@ -21,6 +21,7 @@ per-sample scores identify it (the document's `ind` if it has one, else its inde
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import re
@@ -72,13 +73,21 @@ def hellaswag_items(path: str | None) -> list[tuple[str, str]]:
             for i, ex in enumerate(load_examples(path))]
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    """lm-eval's task index (seconds to build: it reads every task YAML), once per include path."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def lm_eval_items(task: str, include_path: str | None) -> list[tuple[str, str]]:
     """(id, text) of each evaluation document of an lm-eval task: its prompt, the target delimiter
     and its correct answer; the id is the document's `ind`, else its index among the task's
     evaluation documents (lm-eval's doc_id)."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    manager = TaskManager(include_path=include_path)
+    manager = _task_manager(include_path)
     if task not in manager.all_tasks:
         where = f" or under --include_path {include_path}" if include_path else " (--include_path adds local YAMLs)"
         raise UserError(f"--tasks: {task!r} is neither a built-in task ({', '.join(TASKS)}) nor an lm-eval task "

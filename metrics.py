@@ -6,6 +6,7 @@ checkpoints record its schedule.
     python metrics.py out/tiny --out a.png
     python metrics.py out/tiny --forecast_at 150    # the forecast as it stood at step 150
     python metrics.py out/tiny --backtest           # forecasts at 25/50/75% against the final loss
+    python metrics.py out/wsd --with out/wsd_branch # fit with a decay branch: its decay's gain in the forecast
 
 The logging itself (the log line, metrics.jsonl, MFU) is llama_fineweb/metrics.py.
 """
@@ -19,8 +20,8 @@ from llama_fineweb.metrics import plot, read_metrics
 from llama_fineweb.utils import cli_errors, closed_output_survives
 
 
-def backtest_table(run: str) -> str:
-    rows = forecast.backtest(run)
+def backtest_table(run: str, others=()) -> str:
+    rows = forecast.backtest(run, others=others)
     lines = ["| at | step | forecast [90% interval] | final | error | covered |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r["forecast"] is None:
@@ -46,12 +47,16 @@ def _main(argv: list[str] | None) -> None:
                                                         "step only (default: all of them)")
     parser.add_argument("--backtest", action="store_true", help="print a table of the forecasts made at "
                                                                 "25/50/75%% of a finished run against its final loss")
+    parser.add_argument("--with", dest="with_runs", nargs="+", default=[], metavar="RUN",
+                        help="other runs of the same model and data fit with this one (a decay branch of it, "
+                             "say): one law, each run under its own schedule, so a WSD run still in its stable "
+                             "stage gets its decay's gain from a branch that has decayed")
     args = parser.parse_args(argv)
     with cli_errors("metrics.py", (CheckpointError,)):
         run = Path(args.run)
         run_dir = run if run.is_dir() else run.parent
         if args.backtest:
-            print(backtest_table(str(run_dir)))
+            print(backtest_table(str(run_dir), args.with_runs))
             return
         rows = read_metrics(args.run)
         extrapolation = None
@@ -61,11 +66,15 @@ def _main(argv: list[str] | None) -> None:
             print(f"no forecast: {e}")
         else:
             terms = forecast.schedule_terms(cfg)
-            fc = forecast.forecast(forecast.run_points(run_dir, cfg, up_to=args.forecast_at), cfg, terms)
+            others = [([(s, v) for s, v in pts if args.forecast_at is None or s <= args.forecast_at], c)
+                      for pts, c in forecast.other_runs(args.with_runs)]  # as they stood at that step too
+            fc = forecast.forecast(forecast.run_points(run_dir, cfg, up_to=args.forecast_at), cfg, terms,
+                                   others=others)
             if fc is None:
                 print(f"no forecast: fewer than {forecast.MIN_POINTS} validation losses after warmup")
             else:
-                print(f"from {fc.points} validation losses up to step {fc.step}: {fc.line()}")
+                more = f" and {fc.other_points} of {', '.join(args.with_runs)}" if fc.other_points else ""
+                print(f"from {fc.points} validation losses (steps {fc.first_step}-{fc.step}){more}: {fc.line()}")
                 extrapolation = forecast.band(fc, cfg, terms)
         out = args.out or run_dir / "metrics.png"
         plot(rows, out, extrapolation)

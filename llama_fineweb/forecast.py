@@ -7,7 +7,7 @@ Annealing"), in steps:
 
 - S1(s): the learning rates summed over the steps before s, in units of max_lr (the "forward area":
   a step at half the peak counts half). It carries the power law's progress.
-- S2(s): the annealing area, sum over steps i < s of m_i, where m_i = DECAY_MEMORY * m_{i-1} +
+- S2(s): the annealing area, sum over steps i < s of m_i, where m_i = lambda * m_{i-1} +
   (eta_{i-1} - eta_i): each drop of the learning rate keeps lowering the loss for a while. It is why
   a cosine run's end lies below the continuation of its early power law, and why a WSD run falls in
   its decay. Warmup counts as the peak here (its rising rate is not an annealing).
@@ -15,17 +15,30 @@ Annealing"), in steps:
 Both come from continuation.lr_at, so a cosine, linear or WSD run and a decay branch (whose config's
 max_steps and decay start are its own) are each forecast by their own schedule.
 
-The fit: for each alpha of a grid the law is linear in (L0, A, C), solved by least squares (with C
-and without it, keeping A and C >= 0); the alpha and form with the smallest squared error win.
-Points before the end of warmup are left out (the law describes the decay of the loss under a
-settled rate). The interval: the fit
-repeated on points resampled with replacement, each refit's final loss plus a resampled residual
-(the noise of the one final measurement), its 5th and 95th percentiles: a 90% interval.
+Three choices make it a forecaster of one run from its own first half (each measured in
+docs/instruments.md, "Back-test"):
+- The fit's window. The loss's first fall after warmup is steeper than any power law the rest of the
+  run follows, and least squares spends alpha on it (alpha ~2, the whole later fall then put down to
+  C). The points before twice the warmup, and the first third of the steps seen, are left out.
+- lambda is fit, from a grid of memories (1 / (1 - lambda)) of 2 steps up to MAX_MEMORY_SHARE of
+  the run (the paper's 0.999, a 1,000-step memory, is 5% of the 124m config's 19,073 steps). A longer
+  memory makes S2 grow with the square of the steps in a cosine run, which the run's first half cannot
+  tell from the power law's progress: on the tiny demo such fits ran 6% below the end.
+- alpha <= 1: a steeper power law is again the first fall, not the run's.
+
+The fit: for each (alpha, lambda) of the grids the law is linear in (L0, A, C), solved by least
+squares (with C and without it, keeping A and C >= 0); the smallest squared error wins. The interval:
+the fit repeated on the fitted curve plus its own residuals resampled in blocks (neighbouring
+validation losses share the model's state, so their errors are not independent; blocks of ~sqrt(n)
+keep that), each refit's final loss plus a drawn residual (the noise of the one final measurement);
+the 5th and 95th percentiles: a 90% interval.
 
 Before any annealing has been seen (a WSD run still in its stable stage, or fewer than
 MIN_ANNEALING_POINTS points into its decay: one or two points fit C anywhere, forecasts below zero
 were seen) C is not fit: it is 0 and the forecast is the loss at max_steps without the decay's gain.
-The forecast says so.
+The forecast says so. Other runs of the same model and data (a decay branch of this run, say) can
+be fit together with it (`others`): one law, each run's points under its own schedule, so a WSD
+run's forecast gets its decay's gain from a branch that has decayed already.
 """
 
 from __future__ import annotations
@@ -37,15 +50,20 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint
-from .continuation import lr_at, saved_schedule
+from .continuation import SCHEDULE_KNOBS, lr_at, saved_schedule
 from .train_config import TrainConfig
 
-DECAY_MEMORY = 0.999  # lambda of Tissue et al.: how long an LR drop keeps lowering the loss
-ALPHAS = np.geomspace(0.05, 3.0, 90)  # the exponents tried
-MIN_POINTS = 4  # fewer validation losses after warmup: no forecast
+MEMORIES = 1 - 1 / np.geomspace(2, 2000, 13)  # lambda: an LR drop's effect settles over 2 to 2,000 steps
+MAX_MEMORY_SHARE = 0.05  # ... at most this share of the run's steps
+ALPHAS = np.geomspace(0.05, 1.0, 60)  # the exponents tried
+FIRST_FALL_WARMUPS = 2  # points before twice the warmup are the loss's first fall, not the law's
+FIRST_FALL_SHARE = 1 / 3  # ... and so are the first third of the steps seen so far
+MIN_POINTS = 4  # fewer validation losses in the fit's window: no forecast
 MIN_ANNEALING_POINTS = 3  # fewer points after the rate began to drop: C is not fit (one or two pin it nowhere)
 RESAMPLES = 200
 LEVEL = 0.90  # the interval's coverage
+
+Params = tuple[float, float, float, float, float]  # L0, A, alpha, C, lambda (nan while C is not fit)
 
 
 @dataclasses.dataclass
@@ -55,10 +73,12 @@ class Forecast:
     loss: float  # the forecast final validation loss
     low: float
     high: float
-    params: tuple[float, float, float, float]  # L0, A, alpha, C
-    points: int  # validation losses fitted
+    params: Params
+    points: int  # this run's validation losses fitted
+    first_step: int  # the first of them (the ones before are the loss's first fall)
     annealing_seen: bool  # False: no LR drop among the fitted points, so C is not in the forecast
-    resampled: list[tuple[float, float, float, float]]  # the refits' params, for the band
+    resampled: list[Params]  # the refits' params, for the band
+    other_points: int = 0  # validation losses of other runs fitted with them
 
     def line(self) -> str:
         note = "" if self.annealing_seen else " (no LR decay seen yet: its gain is not in it)"
@@ -71,30 +91,68 @@ class Forecast:
                 "forecast_step": self.target_step}
 
 
-def schedule_terms(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(S1, S2) at every step 0..max_steps, the loss after s steps being L(s)."""
-    n = cfg.max_steps
-    eta = np.array([lr_at(s, cfg) for s in range(n)], dtype=np.float64) / cfg.max_lr
-    s1 = np.concatenate([[0.0], np.cumsum(eta)])
-    settled = eta.copy()
-    settled[: cfg.warmup_steps] = 1.0
-    drops = np.concatenate([[0.0], settled[:-1] - settled[1:]])
-    momentum = np.empty(n)
-    m = 0.0
-    for i, d in enumerate(drops):  # a first-order filter; n is at most ~1e5 steps
-        m = DECAY_MEMORY * m + d
-        momentum[i] = m
-    s2 = np.concatenate([[0.0], np.cumsum(momentum)])
-    return s1, s2
+@dataclasses.dataclass
+class Terms:
+    """A schedule's S1 at every step 0..max_steps, and its S2 for each lambda of `memories`."""
+    s1: np.ndarray  # (max_steps + 1,)
+    s2: np.ndarray  # (len(memories), max_steps + 1)
+    memories: np.ndarray  # the lambdas of MEMORIES the run's length allows
+
+    def at(self, params: Params, steps) -> tuple[np.ndarray, np.ndarray]:
+        """(S1, S2) at these steps, S2 of the params' lambda (zeros where C is not fit)."""
+        steps = np.asarray(steps)
+        if not params[3]:
+            return self.s1[steps], np.zeros(steps.shape)
+        return self.s1[steps], self.s2[int(np.argmin(np.abs(self.memories - params[4])))][steps]
 
 
-def law(params: tuple[float, float, float, float], s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    l0, a, alpha, c = params
+_TERMS: dict[tuple, Terms] = {}
+
+
+def allowed_memories(max_steps: int) -> np.ndarray:
+    return MEMORIES[1 / (1 - MEMORIES) <= max(MAX_MEMORY_SHARE * max_steps, 2.0)]
+
+
+def schedule_terms(cfg: TrainConfig, memories: np.ndarray | None = None) -> Terms:
+    """S1 and S2 of cfg's schedule, the loss after s steps being L(s); S2 for `memories` (default:
+    those cfg's length allows). Computed once per schedule."""
+    memories = allowed_memories(cfg.max_steps) if memories is None else memories
+    key = tuple(getattr(cfg, k) for k in SCHEDULE_KNOBS) + tuple(memories)
+    if key not in _TERMS:
+        n = cfg.max_steps
+        eta = np.array([lr_at(s, cfg) for s in range(n)], dtype=np.float64) / cfg.max_lr
+        settled = eta.copy()
+        settled[: cfg.warmup_steps] = 1.0
+        drops = np.concatenate([[0.0], settled[:-1] - settled[1:]])
+        # m_i = lambda m_(i-1) + drop_i, one column per lambda; between drops it only decays, so the
+        # loop runs over the steps where the rate drops (all of a cosine, the decay of a WSD run).
+        momentum = np.zeros((n, len(memories)))
+        m, last = np.zeros(len(memories)), 0
+        for i in np.flatnonzero(drops):
+            momentum[last:i] = m * memories ** np.arange(i - last)[:, None]
+            m = m * memories ** (i - last) + drops[i]
+            last = i
+        momentum[last:] = m * memories ** np.arange(n - last)[:, None]
+        if len(_TERMS) >= 4:  # a run and its branches is what the loop and metrics.py need
+            _TERMS.pop(next(iter(_TERMS)))
+        _TERMS[key] = Terms(s1=np.concatenate([[0.0], np.cumsum(eta)]),
+                            s2=np.concatenate([np.zeros((1, len(memories))), np.cumsum(momentum, axis=0)]).T,
+                            memories=memories)
+    return _TERMS[key]
+
+
+def law(params: Params, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    l0, a, alpha, c = params[:4]
     return l0 + a * s1 ** -alpha - c * s2
 
 
+def curve(params: Params, terms: Terms, steps) -> np.ndarray:
+    """The law at these steps under the schedule whose terms these are."""
+    return law(params, *terms.at(params, steps))
+
+
 def _solve(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares for a stack of designs x (n_alpha, n, k): (coefficients, squared errors)."""
+    """Least squares for a stack of designs x (m, n, k): (coefficients, squared errors)."""
     scale = np.abs(x).max(axis=1, keepdims=True)  # columns of very different size (S2 ~ 1e3, S1^-a ~ 1e-3)
     scale[scale == 0] = 1.0
     xs = x / scale
@@ -105,70 +163,98 @@ def _solve(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def annealing_seen(s2: np.ndarray) -> bool:
     """Whether MIN_ANNEALING_POINTS of the points lie after the learning rate began to drop (S2 > 0)."""
-    return int((s2 > 1e-9).sum()) >= MIN_ANNEALING_POINTS
+    return int((np.asarray(s2) > 1e-9).sum()) >= MIN_ANNEALING_POINTS
 
 
-def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray) -> tuple[float, float, float, float] | None:
-    """(L0, A, alpha, C) of least squared error, A and C >= 0; None if no alpha gives A >= 0."""
+def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray, memories: np.ndarray) -> Params | None:
+    """(L0, A, alpha, C, lambda) of least squared error, A and C >= 0, over the grids of alpha and
+    lambda; s2 is (len(memories), n), a row per lambda. None if no alpha gives A >= 0."""
     power = s1[None, :] ** -ALPHAS[:, None]  # (n_alpha, n)
     ones = np.ones_like(power)
-    two, err_two = _solve(np.stack([ones, power], axis=2), loss)
-    err_two[two[:, 1] < 0] = np.inf
-    candidates = [(err_two, np.concatenate([two, np.zeros((len(ALPHAS), 1))], axis=1))]
-    if annealing_seen(s2):  # C is only fit once the learning rate has dropped over several points
-        three, err_three = _solve(np.stack([ones, power, -np.broadcast_to(s2, power.shape)], axis=2), loss)
-        err_three[(three[:, 1] < 0) | (three[:, 2] < 0)] = np.inf
-        candidates.append((err_three, three))
-    err = np.stack([e for e, _ in candidates])  # (forms, n_alpha)
-    form, i = np.unravel_index(np.argmin(err), err.shape)
-    if not np.isfinite(err[form, i]):
-        return None
-    l0, a, c = candidates[form][1][i]
-    return float(l0), float(a), float(ALPHAS[i]), float(c)
+    two, err = _solve(np.stack([ones, power], axis=2), loss)
+    err[two[:, 1] < 0] = np.inf
+    i = int(np.argmin(err))
+    best = (err[i], (float(two[i, 0]), float(two[i, 1]), float(ALPHAS[i]), 0.0, float("nan")))
+    if annealing_seen(s2[0]):  # C is only fit once the learning rate has dropped over several points
+        k = len(memories)
+        design = np.stack([np.tile(ones, (k, 1)), np.tile(power, (k, 1)), -np.repeat(s2, len(ALPHAS), axis=0)],
+                          axis=2)  # (lambda x alpha, n, 3)
+        three, err3 = _solve(design, loss)
+        err3[(three[:, 1] < 0) | (three[:, 2] < 0)] = np.inf
+        j = int(np.argmin(err3))
+        if err3[j] < best[0]:
+            best = (err3[j], (float(three[j, 0]), float(three[j, 1]), float(ALPHAS[j % len(ALPHAS)]),
+                              float(three[j, 2]), float(memories[j // len(ALPHAS)])))
+    return best[1] if np.isfinite(best[0]) else None
 
 
-def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms=None, resamples: int = RESAMPLES,
-             seed: int = 0) -> Forecast | None:
+def window(points: list[tuple[int, float]], cfg: TrainConfig) -> list[tuple[int, float]]:
+    """The points the law is fit to: up to max_steps, from the later of twice the warmup and a third
+    of the last step seen (the loss's first fall, fast and of another shape, is left out)."""
+    seen = sorted((s, v) for s, v in points if 1 <= s <= cfg.max_steps)
+    if not seen:
+        return []
+    start = max(FIRST_FALL_WARMUPS * cfg.warmup_steps, FIRST_FALL_SHARE * seen[-1][0], 1)
+    return [(s, v) for s, v in seen if s >= start]
+
+
+def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms: Terms | None = None,
+             resamples: int = RESAMPLES, seed: int = 0,
+             others: list[tuple[list[tuple[int, float]], TrainConfig]] = ()) -> Forecast | None:
     """The final validation loss of a run with schedule `cfg`, from its (step, val_loss) points so
-    far; None with fewer than MIN_POINTS after warmup."""
-    s1_all, s2_all = terms if terms is not None else schedule_terms(cfg)
-    used = sorted((s, v) for s, v in points if max(1, cfg.warmup_steps) <= s <= cfg.max_steps)
+    far; None with fewer than MIN_POINTS in the fit's window. `others`: (points, schedule) of other
+    runs of the same model and data (a decay branch's own points, after its branch step), fit with
+    this run's as one law."""
+    terms = terms if terms is not None else schedule_terms(cfg)
+    used = window(points, cfg)
     if len(used) < MIN_POINTS:
         return None
-    steps = np.array([s for s, _ in used])
-    loss = np.array([v for _, v in used], dtype=np.float64)
-    s1, s2 = s1_all[steps], s2_all[steps]
-    params = fit(s1, s2, loss)
+    parts = [(used, terms)] + [([(s, v) for s, v in pts if 1 <= s <= c.max_steps],
+                                schedule_terms(c, terms.memories)) for pts, c in others]
+    parts = [(pts, t) for pts, t in parts if pts]
+    s1 = np.concatenate([t.s1[[s for s, _ in pts]] for pts, t in parts])
+    s2 = np.concatenate([t.s2[:, [s for s, _ in pts]] for pts, t in parts], axis=1)
+    loss = np.array([v for pts, _ in parts for _, v in pts], dtype=np.float64)
+    params = fit(s1, s2, loss, terms.memories)
     if params is None:
         return None
-    end = (s1_all[cfg.max_steps:cfg.max_steps + 1], s2_all[cfg.max_steps:cfg.max_steps + 1])
-    final = float(law(params, *end)[0])
-    residuals = loss - law(params, s1, s2)
+    final = float(curve(params, terms, [cfg.max_steps])[0])
+    fitted = law(params, s1, s2[int(np.argmin(np.abs(terms.memories - params[4])))] if params[3] else 0 * s1)
+    residuals = loss - fitted
+    bounds = np.cumsum([0] + [len(pts) for pts, _ in parts])
     rng = np.random.default_rng(seed)
     finals, refits = [], []
-    for _ in range(resamples):
-        pick = rng.integers(0, len(used), len(used))
-        if len(set(pick.tolist())) < MIN_POINTS:
-            continue
-        refit = fit(s1[pick], s2[pick], loss[pick])
+    for _ in range(resamples):  # each run's residuals resampled in blocks, within that run
+        noise = np.concatenate([_blocks(residuals[a:b], rng) for a, b in zip(bounds[:-1], bounds[1:])])
+        refit = fit(s1, s2, fitted + noise, terms.memories)
         if refit is not None:
             refits.append(refit)
-            finals.append(float(law(refit, *end)[0]) + float(rng.choice(residuals)))
+            finals.append(float(curve(refit, terms, [cfg.max_steps])[0]) + float(rng.choice(residuals[:len(used)])))
     tail = (1 - LEVEL) / 2
     low, high = (np.quantile(finals, [tail, 1 - tail]) if finals else (final, final))
-    return Forecast(step=int(steps[-1]), target_step=cfg.max_steps, loss=final, low=float(min(low, final)),
-                    high=float(max(high, final)), params=params, points=len(used),
-                    annealing_seen=annealing_seen(s2), resampled=refits)
+    return Forecast(step=used[-1][0], target_step=cfg.max_steps, loss=final, low=float(min(low, final)),
+                    high=float(max(high, final)), params=params, points=len(used), first_step=used[0][0],
+                    annealing_seen=annealing_seen(s2[0]), resampled=refits,
+                    other_points=len(loss) - len(used))
 
 
-def band(fc: Forecast, cfg: TrainConfig, terms=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _blocks(residuals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A moving-block resample of a run's residuals: blocks of ~sqrt(n) neighbours, to length n."""
+    n = len(residuals)
+    block = max(1, int(round(n ** 0.5)))
+    starts = rng.integers(0, n - block + 1, n // block + 1)
+    return np.concatenate([residuals[b:b + block] for b in starts])[:n]
+
+
+def band(fc: Forecast, cfg: TrainConfig, terms: Terms | None = None
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, forecast, low, high) from the forecast's last point to max_steps, for the plot."""
-    s1, s2 = terms if terms is not None else schedule_terms(cfg)
+    terms = terms if terms is not None else schedule_terms(cfg)
     steps = np.unique(np.linspace(fc.step, cfg.max_steps, 100).round().astype(int))
-    mean = law(fc.params, s1[steps], s2[steps])
+    mean = curve(fc.params, terms, steps)
     if not fc.resampled:
         return steps, mean, mean, mean
-    curves = np.stack([law(p, s1[steps], s2[steps]) for p in fc.resampled])
+    curves = np.stack([curve(p, terms, steps) for p in fc.resampled])
     tail = (1 - LEVEL) / 2
     return steps, mean, np.quantile(curves, tail, axis=0), np.quantile(curves, 1 - tail, axis=0)
 
@@ -190,17 +276,36 @@ def val_points(metrics_file: Path, up_to: int | None = None) -> dict[int, float]
     return found
 
 
+def branch_step(cfg: TrainConfig) -> int | None:
+    """The step a decay branch started from (its checkpoint's), or None for a run of its own."""
+    if not cfg.decay_from:
+        return None
+    start = checkpoint.resolve(cfg.decay_from)
+    return None if start is None else int(checkpoint.read_meta(start)["step"])
+
+
 def run_points(out_dir: str | Path, cfg: TrainConfig, up_to: int | None = None) -> list[tuple[int, float]]:
     """A run's validation losses; a decay branch's include its main run's up to the branch point
     (the same steps under the same stable rate), its own taking over from there."""
     found = {}
-    if cfg.decay_from:
-        start = checkpoint.resolve(cfg.decay_from)
-        if start is not None:
-            branch_step = checkpoint.read_meta(start)["step"]
-            found = val_points(start.parent / "metrics.jsonl", min(branch_step, up_to or branch_step))
+    start = branch_step(cfg)
+    if start is not None:
+        main_run = checkpoint.resolve(cfg.decay_from).parent
+        found = val_points(main_run / "metrics.jsonl", start if up_to is None else min(start, up_to))
     found.update(val_points(Path(out_dir) / "metrics.jsonl", up_to))
     return sorted(found.items())
+
+
+def other_runs(run_dirs) -> list[tuple[list[tuple[int, float]], TrainConfig]]:
+    """(own validation losses, schedule) of runs to fit with another of the same model and data: a
+    decay branch's own points only (the ones before its branch step are its main run's)."""
+    found = []
+    for run_dir in run_dirs:
+        cfg = run_schedule(run_dir)
+        own = sorted(val_points(Path(run_dir) / "metrics.jsonl").items())
+        start = branch_step(cfg)
+        found.append(([(s, v) for s, v in own if start is None or s > start], cfg))
+    return found
 
 
 def run_schedule(run_dir: str | Path) -> TrainConfig:
@@ -226,8 +331,11 @@ def at_evaluation(cfg: TrainConfig, log, step: int) -> Forecast | None:
     return fc
 
 
-def backtest(run_dir: str | Path, fractions=(0.25, 0.5, 0.75)) -> list[dict]:
-    """Forecasts made with the points up to each fraction of a finished run, against its final loss."""
+def backtest(run_dir: str | Path, fractions=(0.25, 0.5, 0.75), others=()) -> list[dict]:
+    """Forecasts made with the points up to each fraction of a finished run, against its final loss.
+    A decay branch's fractions are of its own steps (from its branch step to its end). `others`: run
+    directories fit with it (other_runs), each with its points up to the same step only, as they
+    stood when this run was there."""
     cfg = run_schedule(run_dir)
     points = run_points(run_dir, cfg)
     final = dict(points).get(cfg.max_steps)
@@ -235,12 +343,15 @@ def backtest(run_dir: str | Path, fractions=(0.25, 0.5, 0.75)) -> list[dict]:
         raise checkpoint.CheckpointError(f"{run_dir} has no validation loss at its last step {cfg.max_steps}: "
                                          f"back-test a finished run")
     terms = schedule_terms(cfg)
+    start = branch_step(cfg) or 0
+    more = other_runs(others)
     rows = []
     for fraction in fractions:
-        cut = int(fraction * cfg.max_steps)
-        fc = forecast([(s, v) for s, v in points if s <= cut], cfg, terms)
+        cut = start + int(fraction * (cfg.max_steps - start))
+        fc = forecast([(s, v) for s, v in points if s <= cut], cfg, terms,
+                      others=[([(s, v) for s, v in pts if s <= cut], c) for pts, c in more])
         rows.append({"fraction": fraction, "step": cut, "final": final, "forecast": fc and fc.loss,
                      "low": fc and fc.low, "high": fc and fc.high,
                      "error": fc and (fc.loss - final) / final, "covered": fc and fc.low <= final <= fc.high,
-                     "points": fc and fc.points})
+                     "points": fc and fc.points, "other_points": fc and fc.other_points})
     return rows

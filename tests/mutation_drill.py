@@ -94,6 +94,14 @@ MUTATIONS = [
              "config = LlamaConfig(**config, name_or_path=source)",
              'config = LlamaConfig(**{**config, "rms_norm_eps": 1e-4}, name_or_path=source)',
              ("tests/test_evaluate.py::test_per_example_logliks_equal_our_models",)),
+    Mutation("forecast fit from the warmup's end, first fall and all", "llama_fineweb/forecast.py",
+             "start = max(FIRST_FALL_WARMUPS * cfg.warmup_steps, FIRST_FALL_SHARE * seen[-1][0], 1)",
+             "start = max(cfg.warmup_steps, 1)",
+             ("tests/test_forecast.py::test_the_first_fall_is_left_out_of_the_fit",)),
+    Mutation("forecast drops the branch it is fit with", "llama_fineweb/forecast.py",
+             "parts = [(pts, t) for pts, t in parts if pts]", "parts = parts[:1]",
+             ("tests/test_forecast.py::test_a_wsd_run_fit_with_its_decay_branch_gets_the_decays_gain",
+              "tests/test_forecast.py::test_metrics_script_fits_a_run_with_its_branch")),
 ]
 
 

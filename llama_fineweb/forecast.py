@@ -33,10 +33,13 @@ validation losses share the model's state, so their errors are not independent; 
 keep that), each refit's final loss plus a drawn residual (the noise of the one final measurement);
 the 5th and 95th percentiles: a 90% interval.
 
-Before any annealing has been seen (a WSD run still in its stable stage, or fewer than
-MIN_ANNEALING_POINTS points into its decay: one or two points fit C anywhere, forecasts below zero
-were seen) C is not fit: it is 0 and the forecast is the loss at max_steps without the decay's gain.
-The forecast says so. Other runs of the same model and data (a decay branch of this run, say) can
+The interval also pools refits from windows starting at a quarter and a half of the steps seen.
+
+Before enough annealing has been seen (a WSD run still in its stable stage or fewer than
+MIN_ANNEALING_POINTS points into its decay, a cosine run whose rate has not gone MIN_DROP_SHARE of
+its way down: C fit from an S2 that has barely moved is extrapolated to one many times larger, and
+forecasts below zero were seen) C is not fit: it is 0 and the forecast is the loss at max_steps
+without the decay's gain, an upper bound. The forecast says so. Other runs of the same model and data (a decay branch of this run, say) can
 be fit together with it (`others`): one law, each run's points under its own schedule, so a WSD
 run's forecast gets its decay's gain from a branch that has decayed already.
 """
@@ -58,8 +61,10 @@ MAX_MEMORY_SHARE = 0.05  # ... at most this share of the run's steps
 ALPHAS = np.geomspace(0.05, 1.0, 60)  # the exponents tried
 FIRST_FALL_WARMUPS = 2  # points before twice the warmup are the loss's first fall, not the law's
 FIRST_FALL_SHARE = 1 / 3  # ... and so are the first third of the steps seen so far
+WINDOW_SHARES = (1 / 4, 1 / 3, 1 / 2)  # the interval refits from these shares too: the choice is uncertain
 MIN_POINTS = 4  # fewer validation losses in the fit's window: no forecast
 MIN_ANNEALING_POINTS = 3  # fewer points after the rate began to drop: C is not fit (one or two pin it nowhere)
+MIN_DROP_SHARE = 0.2  # ... nor before the rate has gone a fifth of its way down (S2 barely moved: forecasts < 0)
 RESAMPLES = 200
 LEVEL = 0.90  # the interval's coverage
 
@@ -81,7 +86,7 @@ class Forecast:
     other_points: int = 0  # validation losses of other runs fitted with them
 
     def line(self) -> str:
-        note = "" if self.annealing_seen else " (no LR decay seen yet: its gain is not in it)"
+        note = "" if self.annealing_seen else " (too little LR decay seen yet: its gain is not in it)"
         return (f"final val loss forecast {self.loss:.3f} [{self.low:.3f}, {self.high:.3f}] "
                 f"at step {self.target_step}{note}")
 
@@ -97,13 +102,14 @@ class Terms:
     s1: np.ndarray  # (max_steps + 1,)
     s2: np.ndarray  # (len(memories), max_steps + 1)
     memories: np.ndarray  # the lambdas of MEMORIES the run's length allows
+    drop: np.ndarray  # (max_steps + 1,): the share of the schedule's whole drop the rate has gone at each step
 
     def at(self, params: Params, steps) -> tuple[np.ndarray, np.ndarray]:
         """(S1, S2) at these steps, S2 of the params' lambda (zeros where C is not fit)."""
         steps = np.asarray(steps)
         if not params[3]:
             return self.s1[steps], np.zeros(steps.shape)
-        return self.s1[steps], self.s2[int(np.argmin(np.abs(self.memories - params[4])))][steps]
+        return self.s1[steps], self.s2[_row(self, params)][steps]
 
 
 _TERMS: dict[tuple, Terms] = {}
@@ -135,9 +141,11 @@ def schedule_terms(cfg: TrainConfig, memories: np.ndarray | None = None) -> Term
         momentum[last:] = m * memories ** np.arange(n - last)[:, None]
         if len(_TERMS) >= 4:  # a run and its branches is what the loop and metrics.py need
             _TERMS.pop(next(iter(_TERMS)))
+        span = 1.0 - cfg.min_lr / cfg.max_lr
+        drop = (1.0 - settled) / span if span > 0 else np.zeros(n)
         _TERMS[key] = Terms(s1=np.concatenate([[0.0], np.cumsum(eta)]),
                             s2=np.concatenate([np.zeros((1, len(memories))), np.cumsum(momentum, axis=0)]).T,
-                            memories=memories)
+                            memories=memories, drop=np.append(drop, 1.0 if span > 0 else 0.0))
     return _TERMS[key]
 
 
@@ -161,21 +169,24 @@ def _solve(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return coef, ((np.einsum("ank,ak->an", x, coef) - y) ** 2).sum(axis=1)
 
 
-def annealing_seen(s2: np.ndarray) -> bool:
-    """Whether MIN_ANNEALING_POINTS of the points lie after the learning rate began to drop (S2 > 0)."""
-    return int((np.asarray(s2) > 1e-9).sum()) >= MIN_ANNEALING_POINTS
+def annealing_seen(s2: np.ndarray, drop: np.ndarray) -> bool:
+    """Whether the points show enough annealing to fit C: MIN_ANNEALING_POINTS of them after the
+    learning rate began to drop (S2 > 0), the last a MIN_DROP_SHARE of the way down."""
+    return (int((np.asarray(s2) > 1e-9).sum()) >= MIN_ANNEALING_POINTS
+            and float(np.max(drop, initial=0.0)) >= MIN_DROP_SHARE - 1e-9)
 
 
-def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray, memories: np.ndarray) -> Params | None:
+def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray, memories: np.ndarray, anneal: bool) -> Params | None:
     """(L0, A, alpha, C, lambda) of least squared error, A and C >= 0, over the grids of alpha and
-    lambda; s2 is (len(memories), n), a row per lambda. None if no alpha gives A >= 0."""
+    lambda; s2 is (len(memories), n), a row per lambda; C is 0 unless `anneal`. None if no alpha
+    gives A >= 0."""
     power = s1[None, :] ** -ALPHAS[:, None]  # (n_alpha, n)
     ones = np.ones_like(power)
     two, err = _solve(np.stack([ones, power], axis=2), loss)
     err[two[:, 1] < 0] = np.inf
     i = int(np.argmin(err))
     best = (err[i], (float(two[i, 0]), float(two[i, 1]), float(ALPHAS[i]), 0.0, float("nan")))
-    if annealing_seen(s2[0]):  # C is only fit once the learning rate has dropped over several points
+    if anneal:  # C is only fit once the learning rate has dropped far enough, over several points
         k = len(memories)
         design = np.stack([np.tile(ones, (k, 1)), np.tile(power, (k, 1)), -np.repeat(s2, len(ALPHAS), axis=0)],
                           axis=2)  # (lambda x alpha, n, 3)
@@ -188,14 +199,25 @@ def fit(s1: np.ndarray, s2: np.ndarray, loss: np.ndarray, memories: np.ndarray) 
     return best[1] if np.isfinite(best[0]) else None
 
 
-def window(points: list[tuple[int, float]], cfg: TrainConfig) -> list[tuple[int, float]]:
-    """The points the law is fit to: up to max_steps, from the later of twice the warmup and a third
+def window(points: list[tuple[int, float]], cfg: TrainConfig, share: float = FIRST_FALL_SHARE
+           ) -> list[tuple[int, float]]:
+    """The points the law is fit to: up to max_steps, from the later of twice the warmup and `share`
     of the last step seen (the loss's first fall, fast and of another shape, is left out)."""
     seen = sorted((s, v) for s, v in points if 1 <= s <= cfg.max_steps)
     if not seen:
         return []
-    start = max(FIRST_FALL_WARMUPS * cfg.warmup_steps, FIRST_FALL_SHARE * seen[-1][0], 1)
+    start = max(FIRST_FALL_WARMUPS * cfg.warmup_steps, share * seen[-1][0], 1)
     return [(s, v) for s, v in seen if s >= start]
+
+
+def _stack(parts: list[tuple[list[tuple[int, float]], Terms]]):
+    """(S1, S2 rows, losses, each run's bounds) of runs' points, each under its own schedule's terms."""
+    parts = [(pts, t) for pts, t in parts if pts]
+    s1 = np.concatenate([t.s1[[s for s, _ in pts]] for pts, t in parts])
+    s2 = np.concatenate([t.s2[:, [s for s, _ in pts]] for pts, t in parts], axis=1)
+    loss = np.array([v for pts, _ in parts for _, v in pts], dtype=np.float64)
+    drop = np.concatenate([t.drop[[s for s, _ in pts]] for pts, t in parts])
+    return s1, s2, loss, np.cumsum([0] + [len(pts) for pts, _ in parts]), annealing_seen(s2[0], drop)
 
 
 def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms: Terms | None = None,
@@ -209,33 +231,42 @@ def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms: Terms | N
     used = window(points, cfg)
     if len(used) < MIN_POINTS:
         return None
-    parts = [(used, terms)] + [([(s, v) for s, v in pts if 1 <= s <= c.max_steps],
-                                schedule_terms(c, terms.memories)) for pts, c in others]
-    parts = [(pts, t) for pts, t in parts if pts]
-    s1 = np.concatenate([t.s1[[s for s, _ in pts]] for pts, t in parts])
-    s2 = np.concatenate([t.s2[:, [s for s, _ in pts]] for pts, t in parts], axis=1)
-    loss = np.array([v for pts, _ in parts for _, v in pts], dtype=np.float64)
-    params = fit(s1, s2, loss, terms.memories)
+    more = [([(s, v) for s, v in pts if 1 <= s <= c.max_steps], schedule_terms(c, terms.memories))
+            for pts, c in others]
+    s1, s2, loss, _, anneal = _stack([(used, terms)] + more)
+    params = fit(s1, s2, loss, terms.memories, anneal)
     if params is None:
         return None
     final = float(curve(params, terms, [cfg.max_steps])[0])
-    fitted = law(params, s1, s2[int(np.argmin(np.abs(terms.memories - params[4])))] if params[3] else 0 * s1)
-    residuals = loss - fitted
-    bounds = np.cumsum([0] + [len(pts) for pts, _ in parts])
     rng = np.random.default_rng(seed)
     finals, refits = [], []
-    for _ in range(resamples):  # each run's residuals resampled in blocks, within that run
-        noise = np.concatenate([_blocks(residuals[a:b], rng) for a, b in zip(bounds[:-1], bounds[1:])])
-        refit = fit(s1, s2, fitted + noise, terms.memories)
-        if refit is not None:
-            refits.append(refit)
-            finals.append(float(curve(refit, terms, [cfg.max_steps])[0]) + float(rng.choice(residuals[:len(used)])))
+    for share in WINDOW_SHARES:  # the window's start is a choice too: its spread goes into the interval
+        points_in = window(points, cfg, share)
+        if len(points_in) < MIN_POINTS:
+            continue
+        w1, w2, wloss, bounds, w_anneal = _stack([(points_in, terms)] + more)
+        centre = fit(w1, w2, wloss, terms.memories, w_anneal)
+        if centre is None:
+            continue
+        fitted = law(centre, w1, w2[_row(terms, centre)] if centre[3] else 0 * w1)
+        residuals = wloss - fitted
+        for _ in range(resamples // len(WINDOW_SHARES)):  # each run's residuals resampled in blocks
+            noise = np.concatenate([_blocks(residuals[a:b], rng) for a, b in zip(bounds[:-1], bounds[1:])])
+            refit = fit(w1, w2, fitted + noise, terms.memories, w_anneal)
+            if refit is not None:
+                refits.append(refit)
+                finals.append(float(curve(refit, terms, [cfg.max_steps])[0])
+                              + float(rng.choice(residuals[:len(points_in)])))
     tail = (1 - LEVEL) / 2
     low, high = (np.quantile(finals, [tail, 1 - tail]) if finals else (final, final))
     return Forecast(step=used[-1][0], target_step=cfg.max_steps, loss=final, low=float(min(low, final)),
                     high=float(max(high, final)), params=params, points=len(used), first_step=used[0][0],
-                    annealing_seen=annealing_seen(s2[0]), resampled=refits,
+                    annealing_seen=anneal, resampled=refits,
                     other_points=len(loss) - len(used))
+
+
+def _row(terms: Terms, params: Params) -> int:
+    return int(np.argmin(np.abs(terms.memories - params[4])))
 
 
 def _blocks(residuals: np.ndarray, rng: np.random.Generator) -> np.ndarray:

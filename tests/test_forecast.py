@@ -39,7 +39,7 @@ def test_fit_recovers_the_parameters_of_a_noisy_synthetic_curve():
     terms = forecast.schedule_terms(cfg)
     steps = np.array([s for s, _ in points])
     l0, _, alpha, c, memory = forecast.fit(terms.s1[steps], terms.s2[:, steps], np.array([v for _, v in points]),
-                                           terms.memories)
+                                           terms.memories, anneal=True)
     assert l0 == pytest.approx(TRUE[0], abs=0.1)
     assert alpha == pytest.approx(TRUE[2], rel=0.15)
     assert c == pytest.approx(TRUE[3], rel=0.15)
@@ -66,14 +66,32 @@ def test_wsd_forecast_before_the_decay_says_the_decay_is_not_in_it():
 
 def test_one_or_two_points_into_the_decay_do_not_fit_the_annealing_term():
     """A WSD run fewer than MIN_ANNEALING_POINTS validation losses into its decay is still forecast
-    without C (two points pin C nowhere: forecasts below zero were seen); one more point and C is fit."""
-    cfg = cosine(lr_schedule="wsd", decay_steps=300)  # the decay starts at step 700
+    without C (two points pin C nowhere: forecasts below zero were seen); one more point and C is fit.
+    (The decay is short, so two points are already past a fifth of its drop.)"""
+    cfg = cosine(lr_schedule="wsd", decay_steps=100)  # the decay starts at step 900
     points, final = synthetic(cfg)
-    stable = [p for p in points if p[0] <= 700]
+    stable = [p for p in points if p[0] <= 900]
+    assert forecast.schedule_terms(cfg).drop[stable[-1][0] + 40] >= forecast.MIN_DROP_SHARE
     early = forecast.forecast(points[: len(stable) + forecast.MIN_ANNEALING_POINTS - 1], cfg)
     assert not early.annealing_seen and early.params[3] == 0 and "not in it" in early.line()
     seen = forecast.forecast(points[: len(stable) + forecast.MIN_ANNEALING_POINTS], cfg)
     assert seen.annealing_seen and seen.params[3] > 0
+
+
+def test_c_waits_for_a_fifth_of_the_cosines_drop():
+    """Early in a cosine run the rate has barely dropped and S2 barely moved: a C fit there is
+    extrapolated to an S2 many times larger (a real 3000-step run logged forecasts below zero from
+    17% of it). The forecast leaves C out, and says so, until the rate has gone a fifth of its way
+    down (step ~330 of this 1000-step run, warmup included); then C is fit."""
+    cfg = cosine()
+    points, final = synthetic(cfg)
+    terms = forecast.schedule_terms(cfg)
+    early = forecast.forecast([p for p in points if p[0] <= 250], cfg)
+    assert terms.drop[250] < forecast.MIN_DROP_SHARE
+    assert not early.annealing_seen and early.params[3] == 0 and "not in it" in early.line()
+    assert early.loss > final  # without the decay's gain: above the end
+    later = forecast.forecast([p for p in points if p[0] <= 350], cfg)
+    assert terms.drop[350] >= forecast.MIN_DROP_SHARE and later.annealing_seen and later.params[3] > 0
 
 
 def test_too_few_points_give_no_forecast():

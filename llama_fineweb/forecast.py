@@ -18,30 +18,33 @@ max_steps and decay start are its own) are each forecast by their own schedule.
 Three choices make it a forecaster of one run from its own first half (each measured in
 docs/instruments.md, "Back-test"):
 - The fit's window. The loss's first fall after warmup is steeper than any power law the rest of the
-  run follows, and least squares spends alpha on it (alpha ~2, the whole later fall then put down to
-  C). The points before twice the warmup, and the first third of the steps seen, are left out.
+  run follows; fit to it, least squares spends the power law there and puts the run's later fall
+  down to C, which it then extrapolates far too low (a 600-step cosine run from half-way: 2.450 for
+  an end of 3.816). The points before twice the warmup, and the first third of the steps seen, are
+  left out.
 - lambda is fit, from a grid of memories (1 / (1 - lambda)) of 2 steps up to MAX_MEMORY_SHARE of
   the run (the paper's 0.999, a 1,000-step memory, is 5% of the 124m config's 19,073 steps). A longer
-  memory makes S2 grow with the square of the steps in a cosine run, which the run's first half cannot
-  tell from the power law's progress: on the tiny demo such fits ran 6% below the end.
+  memory makes S2 grow with the square of the steps in a cosine run, which the run's first half
+  cannot tell from the power law's progress.
 - alpha <= 1: a steeper power law is again the first fall, not the run's.
 
 The fit: for each (alpha, lambda) of the grids the law is linear in (L0, A, C), solved by least
 squares (with C and without it, keeping A and C >= 0); the smallest squared error wins. The interval:
 the fit repeated on the fitted curve plus its own residuals resampled in blocks (neighbouring
 validation losses share the model's state, so their errors are not independent; blocks of ~sqrt(n)
-keep that), each refit's final loss plus a drawn residual (the noise of the one final measurement);
-the 5th and 95th percentiles: a 90% interval.
-
-The interval also pools refits from windows starting at a quarter and a half of the steps seen.
+keep that), with the window starting at a quarter, a third and half of the steps seen (its start is
+a choice too), each refit's final loss plus a drawn residual (the noise of the one final
+measurement); the 5th and 95th percentiles: a 90% interval.
 
 Before enough annealing has been seen (a WSD run still in its stable stage or fewer than
 MIN_ANNEALING_POINTS points into its decay, a cosine run whose rate has not gone MIN_DROP_SHARE of
 its way down: C fit from an S2 that has barely moved is extrapolated to one many times larger, and
 forecasts below zero were seen) C is not fit: it is 0 and the forecast is the loss at max_steps
-without the decay's gain, an upper bound. The forecast says so. Other runs of the same model and data (a decay branch of this run, say) can
-be fit together with it (`others`): one law, each run's points under its own schedule, so a WSD
-run's forecast gets its decay's gain from a branch that has decayed already.
+without the decay's gain, an upper bound. The forecast says so.
+
+Other runs of the same model and data (a decay branch of this run, say) can be fit together with it
+(`others`): one law, each run's points under its own schedule, so a WSD run's forecast gets its
+decay's gain from a branch that has decayed already.
 """
 
 from __future__ import annotations

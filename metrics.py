@@ -67,7 +67,7 @@ def _main(argv: list[str] | None) -> None:
         else:
             terms = forecast.schedule_terms(cfg)
             others = [([(s, v) for s, v in pts if args.forecast_at is None or s <= args.forecast_at], c)
-                      for pts, c in forecast.other_runs(args.with_runs)]  # as they stood at that step too
+                      for pts, c in forecast.other_runs(args.with_runs, like=run_dir)]  # as they stood then
             fc = forecast.forecast(forecast.run_points(run_dir, cfg, up_to=args.forecast_at), cfg, terms,
                                    others=others)
             if fc is None:

@@ -330,11 +330,20 @@ def run_points(out_dir: str | Path, cfg: TrainConfig, up_to: int | None = None) 
     return sorted(found.items())
 
 
-def other_runs(run_dirs) -> list[tuple[list[tuple[int, float]], TrainConfig]]:
+def other_runs(run_dirs, like: str | Path | None = None) -> list[tuple[list[tuple[int, float]], TrainConfig]]:
     """(own validation losses, schedule) of runs to fit with another of the same model and data: a
-    decay branch's own points only (the ones before its branch step are its main run's)."""
+    decay branch's own points only (the ones before its branch step are its main run's). With
+    `like` (that other run), a run of another model, data or tokens per step is refused: the law is
+    in steps of one model on one data."""
     found = []
     for run_dir in run_dirs:
+        if like is not None:
+            mine, theirs = _identity(like), _identity(run_dir)
+            differ = [k for k in mine if mine[k] != theirs[k]]
+            if differ:
+                raise checkpoint.CheckpointError(
+                    f"{run_dir} differs from {like} in {', '.join(differ)}: runs fit together must share "
+                    f"the model, the data and the tokens per step (the law is in steps of one model on one data)")
         cfg = run_schedule(run_dir)
         own = sorted(val_points(Path(run_dir) / "metrics.jsonl").items())
         start = branch_step(cfg)
@@ -342,13 +351,26 @@ def other_runs(run_dirs) -> list[tuple[list[tuple[int, float]], TrainConfig]]:
     return found
 
 
-def run_schedule(run_dir: str | Path) -> TrainConfig:
-    """The schedule a finished or running run trains with, from its newest checkpoint's meta.json."""
+def _identity(run_dir: str | Path) -> dict:
+    """What runs fit with one law must share, from a run's newest checkpoint."""
+    meta = _newest_meta(run_dir)
+    saved = meta.get("train_config", {})
+    return {"model": meta.get("model_config", saved.get("model")),
+            "data": (saved.get("data_dir"), saved.get("data_mix")),
+            "tokens per step": saved.get("total_batch_tokens")}
+
+
+def _newest_meta(run_dir: str | Path) -> dict:
     ckpt = checkpoint.resolve(run_dir)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"{run_dir} has no complete checkpoint: the forecast needs the "
                                          f"run's schedule, which its checkpoints record")
-    meta = checkpoint.read_meta(ckpt)
+    return checkpoint.read_meta(ckpt)
+
+
+def run_schedule(run_dir: str | Path) -> TrainConfig:
+    """The schedule a finished or running run trains with, from its newest checkpoint's meta.json."""
+    meta = _newest_meta(run_dir)
     saved = meta.get("train_config", {})
     return dataclasses.replace(TrainConfig(), **saved_schedule(meta), decay_from=saved.get("decay_from", ""))
 
@@ -378,7 +400,7 @@ def backtest(run_dir: str | Path, fractions=(0.25, 0.5, 0.75), others=()) -> lis
                                          f"back-test a finished run")
     terms = schedule_terms(cfg)
     start = branch_step(cfg) or 0
-    more = other_runs(others)
+    more = other_runs(others, like=run_dir)
     rows = []
     for fraction in fractions:
         cut = start + int(fraction * (cfg.max_steps - start))

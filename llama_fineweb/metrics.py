@@ -296,14 +296,19 @@ def plot(rows: list[dict], out_png: str | Path, extrapolation=None) -> list[str]
     fig, axes = plt.subplots(3 if layered else 2, 3 if sources else 2, figsize=(18 if sources else 12,
                                                                                 12 if layered else 8))
     ax = axes[0][0]
-    ax.plot(*series("loss"), label="train", lw=0.8)
+    ax.plot(*series("loss"), label="train", lw=0.8, alpha=0.5)
     ax.plot(*series("val_loss"), "o-", label="validation")
     for name in sources:
         ax.plot(*series(f"val_loss/{name}"), "s--", label=f"validation: {name}", ms=3)
     if extrapolation is not None:
         steps, mean, low, high = extrapolation
-        ax.plot(steps, mean, "--", color="C3", label="forecast (90% band)")
-        ax.fill_between(steps, low, high, color="C3", alpha=0.2)
+        ax.plot(steps, mean, "--", color="C3", label="forecast (90% band)", zorder=4)
+        ax.fill_between(steps, low, high, color="C3", alpha=0.3, zorder=3)
+        # Zoomed on the run's later losses and the band: the first fall (from ~10.8) would flatten both.
+        vals = sorted(series("val_loss")[1])
+        top = max(vals[int(0.75 * (len(vals) - 1))] if vals else float(max(high)), float(max(high)))
+        bottom = min(vals[0] if vals else float(min(low)), float(min(low)))
+        ax.set_ylim(bottom - 0.05 * (top - bottom), top + 0.05 * (top - bottom))
     ax.set(title="loss", xlabel="step")
     ax.legend()
     for row, (key, title) in enumerate([("tokens", "tokens per source"), ("epoch", "epochs per source")]):

@@ -188,7 +188,8 @@ def test_decay_branch_is_fit_on_its_main_runs_points_up_to_the_branch_then_its_o
 def fake_run(run_dir, cfg: TrainConfig, points, step: int):
     """A run directory as the forecast reads it: a checkpoint's meta.json (the schedule) and metrics.jsonl."""
     (run_dir / f"step_{step:07d}").mkdir(parents=True)
-    saved = {k: getattr(cfg, k) for k in forecast.SCHEDULE_KNOBS} | {"decay_from": cfg.decay_from}
+    saved = {k: getattr(cfg, k) for k in (*forecast.SCHEDULE_KNOBS, "decay_from", "model", "data_dir",
+                                          "total_batch_tokens")}
     (run_dir / f"step_{step:07d}" / "meta.json").write_text(json.dumps({"step": step, "train_config": saved}))
     (run_dir / "latest").write_text(f"step_{step:07d}")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": v}) + "\n" for s, v in points))
@@ -228,3 +229,16 @@ def test_metrics_script_fits_a_run_with_its_branch(tmp_path):
     assert float(line.split("forecast ")[1].split()[0]) == pytest.approx(final, rel=0.005)
     table = call_main(metrics_script.main, [str(main_run), "--backtest", "--with", str(branch)]).stdout
     assert "| 75% | 750 |" in table
+
+
+def test_a_run_of_another_model_or_batch_is_not_fit_with_it(tmp_path):
+    """--with a run of another model or another number of tokens per step: a one-line refusal that
+    names what differs (the law is in steps of one model on one data), nothing fitted."""
+    main_run, _, _ = wsd_run_and_branch(tmp_path)
+    for name, change in [("model", {"model": "124m"}), ("tokens per step", {"total_batch_tokens": 2048})]:
+        other_cfg = dataclasses.replace(cosine(max_steps=600), **change)
+        other = fake_run(tmp_path / name.replace(" ", "_"), other_cfg, synthetic(other_cfg)[0], 600)
+        proc = call_main(metrics_script.main, [str(main_run), "--with", str(other), f"--out={tmp_path / 'c.png'}"],
+                         check=False)
+        assert proc.returncode == 2 and f"differs from {main_run} in {name}" in proc.stderr
+        assert not (tmp_path / "c.png").exists()

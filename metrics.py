@@ -71,7 +71,8 @@ def _main(argv: list[str] | None) -> None:
             fc = forecast.forecast(forecast.run_points(run_dir, cfg, up_to=args.forecast_at), cfg, terms,
                                    others=others)
             if fc is None:
-                print(f"no forecast: fewer than {forecast.MIN_POINTS} validation losses after warmup")
+                print(f"no forecast: fewer than {forecast.MIN_POINTS} validation losses in the fit's window "
+                      f"(from twice the warmup and a third of the steps seen)")
             else:
                 more = f" and {fc.other_points} of {', '.join(args.with_runs)}" if fc.other_points else ""
                 print(f"from {fc.points} validation losses (steps {fc.first_step}-{fc.step}){more}: {fc.line()}")

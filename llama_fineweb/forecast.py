@@ -50,6 +50,7 @@ decay's gain from a branch that has decayed already.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -254,7 +255,7 @@ def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms: Terms | N
         fitted = law(centre, w1, w2[_row(terms, centre)] if centre[3] else 0 * w1)
         residuals = wloss - fitted
         for _ in range(resamples // len(WINDOW_SHARES)):  # each run's residuals resampled in blocks
-            noise = np.concatenate([_blocks(residuals[a:b], rng) for a, b in zip(bounds[:-1], bounds[1:])])
+            noise = np.concatenate([_blocks(residuals[a:b], rng) for a, b in itertools.pairwise(bounds)])
             refit = fit(w1, w2, fitted + noise, terms.memories, w_anneal)
             if refit is not None:
                 refits.append(refit)
@@ -275,7 +276,7 @@ def _row(terms: Terms, params: Params) -> int:
 def _blocks(residuals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A moving-block resample of a run's residuals: blocks of ~sqrt(n) neighbours, to length n."""
     n = len(residuals)
-    block = max(1, int(round(n ** 0.5)))
+    block = max(1, round(n ** 0.5))
     starts = rng.integers(0, n - block + 1, n // block + 1)
     return np.concatenate([residuals[b:b + block] for b in starts])[:n]
 

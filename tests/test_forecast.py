@@ -11,6 +11,7 @@ import metrics as metrics_script
 from llama_fineweb import forecast
 from llama_fineweb.train_config import TrainConfig
 
+
 def cosine(**changes) -> TrainConfig:
     return dataclasses.replace(TrainConfig(), **{"max_steps": 1000, "warmup_steps": 50, "max_lr": 1e-3, "min_lr": 1e-4,
                                                  **changes})
@@ -69,7 +70,7 @@ def test_one_or_two_points_into_the_decay_do_not_fit_the_annealing_term():
     without C (two points pin C nowhere: forecasts below zero were seen); one more point and C is fit.
     (The decay is short, so two points are already past a fifth of its drop.)"""
     cfg = cosine(lr_schedule="wsd", decay_steps=100)  # the decay starts at step 900
-    points, final = synthetic(cfg)
+    points, _ = synthetic(cfg)
     stable = [p for p in points if p[0] <= 900]
     assert forecast.schedule_terms(cfg).drop[stable[-1][0] + 40] >= forecast.MIN_DROP_SHARE
     early = forecast.forecast(points[: len(stable) + forecast.MIN_ANNEALING_POINTS - 1], cfg)
@@ -95,7 +96,7 @@ def test_c_waits_for_a_fifth_of_the_cosines_drop():
 
 
 def test_too_few_points_give_no_forecast():
-    """Fewer than MIN_POINTS validation losses after warmup: no forecast rather than a wild one."""
+    """Fewer than MIN_POINTS validation losses in the fit's window: no forecast rather than a wild one."""
     cfg = cosine()
     points, _ = synthetic(cfg, every=100)
     assert forecast.forecast(points[: forecast.MIN_POINTS - 1], cfg) is None

@@ -95,7 +95,7 @@ MUTATIONS = [
              'config = LlamaConfig(**{**config, "rms_norm_eps": 1e-4}, name_or_path=source)',
              ("tests/test_evaluate.py::test_per_example_logliks_equal_our_models",)),
     Mutation("forecast fit from the warmup's end, first fall and all", "llama_fineweb/forecast.py",
-             "start = max(FIRST_FALL_WARMUPS * cfg.warmup_steps, FIRST_FALL_SHARE * seen[-1][0], 1)",
+             "start = max(FIRST_FALL_WARMUPS * cfg.warmup_steps, share * seen[-1][0], 1)",
              "start = max(cfg.warmup_steps, 1)",
              ("tests/test_forecast.py::test_the_first_fall_is_left_out_of_the_fit",)),
     Mutation("forecast drops the branch it is fit with", "llama_fineweb/forecast.py",

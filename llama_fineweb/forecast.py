@@ -111,9 +111,7 @@ class Terms:
     def at(self, params: Params, steps) -> tuple[np.ndarray, np.ndarray]:
         """(S1, S2) at these steps, S2 of the params' lambda (zeros where C is not fit)."""
         steps = np.asarray(steps)
-        if not params[3]:
-            return self.s1[steps], np.zeros(steps.shape)
-        return self.s1[steps], self.s2[_row(self, params)][steps]
+        return self.s1[steps], _s2_of(params, self.memories, self.s2[:, steps])
 
 
 _TERMS: dict[tuple, Terms] = {}
@@ -237,22 +235,21 @@ def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms: Terms | N
         return None
     more = [([(s, v) for s, v in pts if 1 <= s <= c.max_steps], schedule_terms(c, terms.memories))
             for pts, c in others]
-    s1, s2, loss, _, anneal = _stack([(used, terms)] + more)
-    params = fit(s1, s2, loss, terms.memories, anneal)
-    if params is None:
+    main = _fit_window(used, terms, more)
+    if main is None:
         return None
+    params, anneal = main[:2]
     final = float(curve(params, terms, [cfg.max_steps])[0])
     rng = np.random.default_rng(seed)
     finals, refits = [], []
     for share in WINDOW_SHARES:  # the window's start is a choice too: its spread goes into the interval
-        points_in = window(points, cfg, share)
-        if len(points_in) < MIN_POINTS:
+        points_in = used if share == FIRST_FALL_SHARE else window(points, cfg, share)
+        fitted_window = main if share == FIRST_FALL_SHARE else (
+            _fit_window(points_in, terms, more) if len(points_in) >= MIN_POINTS else None)
+        if fitted_window is None:
             continue
-        w1, w2, wloss, bounds, w_anneal = _stack([(points_in, terms)] + more)
-        centre = fit(w1, w2, wloss, terms.memories, w_anneal)
-        if centre is None:
-            continue
-        fitted = law(centre, w1, w2[_row(terms, centre)] if centre[3] else 0 * w1)
+        centre, w_anneal, w1, w2, wloss, bounds = fitted_window
+        fitted = law(centre, w1, _s2_of(centre, terms.memories, w2))
         residuals = wloss - fitted
         for _ in range(resamples // len(WINDOW_SHARES)):  # each run's residuals resampled in blocks
             noise = np.concatenate([_blocks(residuals[a:b], rng) for a, b in itertools.pairwise(bounds)])
@@ -266,11 +263,22 @@ def forecast(points: list[tuple[int, float]], cfg: TrainConfig, terms: Terms | N
     return Forecast(step=used[-1][0], target_step=cfg.max_steps, loss=final, low=float(min(low, final)),
                     high=float(max(high, final)), params=params, points=len(used), first_step=used[0][0],
                     annealing_seen=anneal, resampled=refits,
-                    other_points=len(loss) - len(used))
+                    other_points=len(main[4]) - len(used))
 
 
-def _row(terms: Terms, params: Params) -> int:
-    return int(np.argmin(np.abs(terms.memories - params[4])))
+def _fit_window(points_in: list[tuple[int, float]], terms: Terms, more: list):
+    """The law fit to one window of this run's points and the other runs' (`more`): (params, whether
+    C was fit, S1, S2 rows, losses, each run's bounds), or None where no fit exists."""
+    s1, s2, loss, bounds, anneal = _stack([(points_in, terms)] + more)
+    params = fit(s1, s2, loss, terms.memories, anneal)
+    return None if params is None else (params, anneal, s1, s2, loss, bounds)
+
+
+def _s2_of(params: Params, memories: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """The row of S2 rows (one per lambda of `memories`) for the params' lambda; zeros where C is not fit."""
+    if not params[3]:
+        return np.zeros(s2.shape[1:])
+    return s2[int(np.argmin(np.abs(memories - params[4])))]
 
 
 def _blocks(residuals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -311,22 +319,26 @@ def val_points(metrics_file: Path, up_to: int | None = None) -> dict[int, float]
     return found
 
 
+def _branch_start(cfg: TrainConfig) -> tuple[Path, int] | None:
+    """(checkpoint, step) a decay branch started from, or None for a run of its own."""
+    start = checkpoint.resolve(cfg.decay_from) if cfg.decay_from else None
+    return None if start is None else (start, int(checkpoint.read_meta(start)["step"]))
+
+
 def branch_step(cfg: TrainConfig) -> int | None:
     """The step a decay branch started from (its checkpoint's), or None for a run of its own."""
-    if not cfg.decay_from:
-        return None
-    start = checkpoint.resolve(cfg.decay_from)
-    return None if start is None else int(checkpoint.read_meta(start)["step"])
+    start = _branch_start(cfg)
+    return None if start is None else start[1]
 
 
 def run_points(out_dir: str | Path, cfg: TrainConfig, up_to: int | None = None) -> list[tuple[int, float]]:
     """A run's validation losses; a decay branch's include its main run's up to the branch point
     (the same steps under the same stable rate), its own taking over from there."""
     found = {}
-    start = branch_step(cfg)
+    start = _branch_start(cfg)
     if start is not None:
-        main_run = checkpoint.resolve(cfg.decay_from).parent
-        found = val_points(main_run / "metrics.jsonl", start if up_to is None else min(start, up_to))
+        ckpt, step = start
+        found = val_points(ckpt.parent / "metrics.jsonl", step if up_to is None else min(step, up_to))
     found.update(val_points(Path(out_dir) / "metrics.jsonl", up_to))
     return sorted(found.items())
 
@@ -337,9 +349,10 @@ def other_runs(run_dirs, like: str | Path | None = None) -> list[tuple[list[tupl
     `like` (that other run), a run of another model, data or tokens per step is refused: the law is
     in steps of one model on one data."""
     found = []
+    mine = None if like is None else _identity(like)
     for run_dir in run_dirs:
-        if like is not None:
-            mine, theirs = _identity(like), _identity(run_dir)
+        if mine is not None:
+            theirs = _identity(run_dir)
             differ = [k for k in mine if mine[k] != theirs[k]]
             if differ:
                 raise checkpoint.CheckpointError(
